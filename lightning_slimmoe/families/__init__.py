@@ -1,0 +1,103 @@
+"""Family adapters: where the experts, router and attention of each HF MoE family live.
+
+transformers 5.x stores every supported family's experts the same way — fused 3-D parameters
+``mlp.experts.gate_up_proj [E, 2I, H]`` (gate rows, then up rows) and ``mlp.experts.down_proj
+[E, H, I]`` — and names its router ``mlp.gate`` or ``mlp.router``. What differs between families is a
+handful of config field names and whether the model has a shared expert or pruneable attention, so an
+adapter is a small frozen record and the scorer and slicer are written once against it.
+
+Adding a family: one file in this package that calls :func:`register` with a :class:`MoEFamily`, plus
+a tiny config in ``tests/conftest.py``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from dataclasses import dataclass
+from typing import Iterator
+
+from torch import nn
+
+
+class UnsupportedModelError(ValueError):
+    """The model is not a Mixture-of-Experts family this project knows how to slim."""
+
+
+@dataclass(frozen=True)
+class MoEFamily:
+    model_type: str
+    width_field: str  # config field holding each routed expert's FFN width (d_expert)
+    num_experts_field: str  # config field holding the number of routed experts
+    router_attr: str  # attribute of the sparse MoE block that holds the router
+    shared_expert_width_field: str | None = None  # Qwen2-MoE: an always-on dense expert beside the routed ones
+    attention_prunable: bool = True
+    attention_not_prunable_reason: str = ""
+
+    # --- where things live -------------------------------------------------------------------
+    def decoder_layers(self, model: nn.Module) -> nn.ModuleList:
+        base = getattr(model, "model", model)  # *ForCausalLM.model or the bare *Model
+        return base.layers
+
+    def moe_blocks(self, model: nn.Module) -> Iterator[tuple[int, nn.Module]]:
+        """(layer index, sparse MoE block) for every layer that has routed experts.
+
+        Qwen-MoE can interleave dense MLP layers (``decoder_sparse_step``, ``mlp_only_layers``): those
+        have no experts and are left as they are (they are not part of the SlimMoE recipe).
+        """
+        for i, layer in enumerate(self.decoder_layers(model)):
+            if hasattr(layer.mlp, "experts"):
+                yield i, layer.mlp
+
+    def attention_modules(self, model: nn.Module) -> Iterator[tuple[int, nn.Module]]:
+        for i, layer in enumerate(self.decoder_layers(model)):
+            yield i, layer.self_attn
+
+    def router(self, block: nn.Module) -> nn.Module:
+        return getattr(block, self.router_attr)
+
+    def shared_expert(self, block: nn.Module) -> nn.Module | None:
+        return getattr(block, "shared_expert", None) if self.shared_expert_width_field else None
+
+    # --- config fields ---------------------------------------------------------------------------
+    def expert_width(self, config) -> int:
+        return int(getattr(config, self.width_field))
+
+    def num_experts(self, config) -> int:
+        return int(getattr(config, self.num_experts_field))
+
+    def shared_expert_width(self, config) -> int | None:
+        return int(getattr(config, self.shared_expert_width_field)) if self.shared_expert_width_field else None
+
+
+_REGISTRY: dict[str, MoEFamily] = {}
+
+
+def register(family: MoEFamily) -> MoEFamily:
+    _REGISTRY[family.model_type] = family
+    return family
+
+
+def supported_model_types() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def get_family(config_or_model) -> MoEFamily:
+    """The adapter for a model or its config; an unsupported ``model_type`` fails at once."""
+    config = getattr(config_or_model, "config", config_or_model)
+    model_type = getattr(config, "model_type", None)
+    if model_type not in _REGISTRY:
+        raise UnsupportedModelError(
+            f"model_type={model_type!r} is not supported: lightning_slimmoe slims Mixture-of-Experts models of the "
+            f"families {supported_model_types()} (dense models have no experts to slim)."
+        )
+    return _REGISTRY[model_type]
+
+
+def head_dim(config) -> int:
+    return int(getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads)
+
+
+# One module per family registers itself on import.
+for _mod in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_mod.name}")

@@ -1,0 +1,325 @@
+"""Physical slimming: targets -> keep indices -> smaller tensors and a matching config.
+
+SlimMoE (paper §3) keeps every expert and cuts each expert's GLU width; attention loses whole GQA
+groups (one KV head and the query heads that share it). Widths stay uniform across layers and experts
+so that the result is again a stock transformers model (and vLLM) with ``intermediate_size`` and an
+explicit ``head_dim``. Slicing is physical (gathered tensors, new ``nn.Parameter``s), never a mask.
+
+Shapes: E experts, I expert width, W kept width, H hidden, G KV groups, R query heads per group,
+D head_dim.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from lightning_slimmoe.families import MoEFamily, get_family, head_dim
+
+
+# ---------------------------------------------------------------------------------------------------
+# Uniform view of expert weights (written once for every family)
+# ---------------------------------------------------------------------------------------------------
+def expert_weights(experts: nn.Module) -> tuple[Tensor, Tensor, Tensor]:
+    """Views ``gate [E, I, H]``, ``up [E, I, H]``, ``down [E, H, I]`` into the fused parameters."""
+    w_gate_up_E2IH = experts.gate_up_proj
+    width = w_gate_up_E2IH.shape[1] // 2
+    return w_gate_up_E2IH[:, :width], w_gate_up_E2IH[:, width:], experts.down_proj
+
+
+def shared_expert_weights(mlp: nn.Module) -> tuple[Tensor, Tensor, Tensor]:
+    """The shared dense expert as ``gate [I, H]``, ``up [I, H]``, ``down [H, I]``."""
+    return mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight
+
+
+# ---------------------------------------------------------------------------------------------------
+# Targets
+# ---------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class SlimTarget:
+    """Resolved absolute widths of one stage (uniform over layers and experts)."""
+
+    expert_width: int
+    attention_groups: int
+    shared_expert_width: int | None = None
+
+
+# transformers' default expert kernel (torch grouped_mm, CPU and CUDA) needs 16-byte aligned strides:
+# an expert width that is a multiple of 8 works in bf16 and fp32 alike.
+EXPERT_WIDTH_ALIGNMENT = 8
+
+
+def _resolve_width(name: str, value: int | float | None, current: int, reference: int, round_to: int | None,
+                   alignment: int = 1) -> int:
+    """An absolute int, or a fraction in (0, 1] of the reference (original teacher) width.
+
+    Fractions are rounded down to a multiple of ``round_to`` (or of ``alignment``); absolute ints must
+    already be such a multiple, unless they keep the current width.
+    """
+    if value is None:
+        return current
+    multiple = round_to or alignment
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{name}={value!r}: must be a positive int (absolute width) or a float in (0, 1] (fraction)")
+    if isinstance(value, float):
+        if not 0.0 < value <= 1.0:
+            raise ValueError(f"{name}={value}: a fraction must lie in (0, 1] (of the teacher's width {reference})")
+        width = max(multiple, round(value * reference) // multiple * multiple)
+    else:
+        width = value
+        if round_to and width % round_to:
+            raise ValueError(f"{name}={width}: must be a multiple of round_to={round_to}")
+    if width <= 0:
+        raise ValueError(f"{name}={width}: must be > 0")
+    if width > current:
+        raise ValueError(
+            f"{name}={value} resolves to width {width}, larger than the current width {current}: "
+            f"a stage can only shrink (0 < {name} <= {current})"
+        )
+    if width != current and width % multiple:
+        raise ValueError(f"{name}={width}: must be a multiple of {multiple} (grouped_mm expert kernels need "
+                         "16-byte aligned rows)")
+    return width
+
+
+def resolve_target(
+    config,
+    *,
+    expert_width: int | float | None = None,
+    attention_groups: int | None = None,
+    shared_expert_width: int | float | None = None,
+    round_to: int | None = None,
+    reference_config=None,
+) -> SlimTarget:
+    """Validate a stage's targets against the incoming model's config; fractions are of the reference.
+
+    Every bad value fails here, before any weight is loaded, naming the field, the value and the rule.
+    """
+    family = get_family(config)
+    reference = reference_config if reference_config is not None else config
+    if round_to is not None and (isinstance(round_to, bool) or not isinstance(round_to, int) or round_to <= 0):
+        raise ValueError(f"round_to={round_to!r}: must be a positive int (e.g. 64) or null")
+    width = _resolve_width("expert_width", expert_width, family.expert_width(config),
+                           family.expert_width(reference), round_to, EXPERT_WIDTH_ALIGNMENT)
+    shared = None
+    if family.shared_expert_width_field:
+        shared = _resolve_width("shared_expert_width", shared_expert_width, family.shared_expert_width(config),
+                                family.shared_expert_width(reference), round_to)
+    elif shared_expert_width is not None:
+        raise ValueError(f"shared_expert_width={shared_expert_width!r}: model_type {family.model_type!r} "
+                         "has no shared expert")
+
+    groups_now = int(config.num_key_value_heads)
+    groups = groups_now if attention_groups is None else attention_groups
+    if attention_groups is not None:
+        if isinstance(groups, bool) or not isinstance(groups, int) or groups <= 0:
+            raise ValueError(f"attention_groups={attention_groups!r}: must be a positive int (KV groups per layer)")
+        if groups > groups_now:
+            raise ValueError(f"attention_groups={groups}: exceeds the current {groups_now} KV groups per layer "
+                             f"(0 < attention_groups <= {groups_now})")
+        if groups_now % groups:
+            raise ValueError(f"attention_groups={groups}: must divide the current {groups_now} KV groups per layer")
+        if groups != groups_now and not family.attention_prunable:
+            raise ValueError(f"attention_groups={groups}: not supported for model_type "
+                             f"{family.model_type!r}: {family.attention_not_prunable_reason}")
+    return SlimTarget(expert_width=width, attention_groups=groups, shared_expert_width=shared)
+
+
+def slim_config(config, target: SlimTarget):
+    """A copy of ``config`` describing the model after slimming to ``target`` (no weights touched).
+
+    ``head_dim`` is written explicitly: after group pruning ``num_heads * head_dim != hidden_size``
+    (the SlimMoE authors had to add ``head_dim`` support to vLLM for exactly this).
+    """
+    family = get_family(config)
+    new = copy.deepcopy(config)
+    dim = head_dim(config)
+    heads_per_group = config.num_attention_heads // config.num_key_value_heads
+    setattr(new, family.width_field, target.expert_width)
+    if family.shared_expert_width_field and target.shared_expert_width is not None:
+        setattr(new, family.shared_expert_width_field, target.shared_expert_width)
+    new.num_key_value_heads = target.attention_groups
+    new.num_attention_heads = target.attention_groups * heads_per_group
+    new.head_dim = dim
+    return new
+
+
+# ---------------------------------------------------------------------------------------------------
+# Keep indices
+# ---------------------------------------------------------------------------------------------------
+@dataclass
+class KeepIndices:
+    """What survives a slim: per layer, sorted indices (so keep-all is the identity)."""
+
+    experts: dict[int, Tensor] = field(default_factory=dict)  # layer -> (E, W) neuron ids per expert
+    shared: dict[int, Tensor] = field(default_factory=dict)  # layer -> (W_shared,)
+    groups: dict[int, Tensor] = field(default_factory=dict)  # layer -> (G_kept,) KV group ids
+
+    def digest(self) -> str:
+        """sha256 over every kept index, in a fixed order: the ``kept_index_hash`` of meta.json."""
+        h = hashlib.sha256()
+        for kind, table in (("experts", self.experts), ("shared", self.shared), ("groups", self.groups)):
+            for layer in sorted(table):
+                h.update(f"{kind}:{layer}:{tuple(table[layer].shape)}".encode())
+                h.update(table[layer].to(torch.int64).contiguous().cpu().numpy().tobytes())
+        return h.hexdigest()
+
+    def to_dict(self) -> dict:
+        return {kind: {str(k): v.cpu() for k, v in getattr(self, kind).items()} for kind in ("experts", "shared", "groups")}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "KeepIndices":
+        return cls(**{kind: {int(k): v for k, v in data.get(kind, {}).items()} for kind in ("experts", "shared", "groups")})
+
+
+def _top_sorted(scores: Tensor, k: int) -> Tensor:
+    """Indices of the k largest scores along the last dim, in ascending index order."""
+    return scores.topk(k, dim=-1).indices.sort(dim=-1).values
+
+
+def select_keep(scores, target: SlimTarget) -> KeepIndices:
+    """Rank within each expert (each keeps its own best W neurons) and within each layer (GQA groups)."""
+    keep = KeepIndices()
+    for layer, s_EI in scores.experts.items():
+        keep.experts[layer] = _top_sorted(s_EI.float(), target.expert_width)  # (E, W)
+    if target.shared_expert_width is not None:
+        for layer, s_I in scores.shared.items():
+            keep.shared[layer] = _top_sorted(s_I.float(), target.shared_expert_width)
+    for layer, s_G in scores.groups.items():
+        keep.groups[layer] = _top_sorted(s_G.float(), target.attention_groups)
+    return keep
+
+
+# ---------------------------------------------------------------------------------------------------
+# Physical slicing
+# ---------------------------------------------------------------------------------------------------
+def _new_param(like: nn.Parameter, data: Tensor) -> nn.Parameter:
+    return nn.Parameter(data.contiguous(), requires_grad=like.requires_grad)
+
+
+@torch.no_grad()
+def slice_experts_(experts: nn.Module, keep_EW: Tensor) -> None:
+    """Gather each expert's kept neurons: gate and up rows with the same ids, down columns likewise."""
+    w_gate_EIH, w_up_EIH, w_down_EHI = expert_weights(experts)
+    num_experts, _, hidden = w_gate_EIH.shape
+    if keep_EW.shape[0] != num_experts:
+        raise ValueError(f"keep indices for {keep_EW.shape[0]} experts, model has {num_experts}")
+    idx_EWH = keep_EW.to(w_gate_EIH.device)[:, :, None].expand(-1, -1, hidden)
+    idx_EHW = keep_EW.to(w_down_EHI.device)[:, None, :].expand(-1, hidden, -1)
+    w_gate_up_E2WH = torch.cat([w_gate_EIH.gather(1, idx_EWH), w_up_EIH.gather(1, idx_EWH)], dim=1)
+    experts.gate_up_proj = _new_param(experts.gate_up_proj, w_gate_up_E2WH)
+    experts.down_proj = _new_param(experts.down_proj, w_down_EHI.gather(2, idx_EHW))
+    experts.intermediate_dim = keep_EW.shape[1]
+
+
+def _slice_linear_(linear: nn.Linear, index: Tensor, dim: int) -> None:
+    index = index.to(linear.weight.device)
+    linear.weight = _new_param(linear.weight, linear.weight.index_select(dim, index))
+    if dim == 0:
+        if linear.bias is not None:
+            linear.bias = _new_param(linear.bias, linear.bias.index_select(0, index))
+        linear.out_features = index.numel()
+    else:
+        linear.in_features = index.numel()
+
+
+@torch.no_grad()
+def slice_shared_expert_(mlp: nn.Module, keep_W: Tensor) -> None:
+    _slice_linear_(mlp.gate_proj, keep_W, 0)
+    _slice_linear_(mlp.up_proj, keep_W, 0)
+    _slice_linear_(mlp.down_proj, keep_W, 1)
+    mlp.intermediate_size = keep_W.numel()
+
+
+def group_rows(groups: Tensor, rows_per_group: int) -> Tensor:
+    """Row ids of whole groups: group g owns rows [g*rows_per_group, (g+1)*rows_per_group)."""
+    return (groups[:, None] * rows_per_group + torch.arange(rows_per_group, device=groups.device)).reshape(-1)
+
+
+@torch.no_grad()
+def slice_attention_groups_(attn: nn.Module, keep_G: Tensor, heads_per_group: int, dim: int) -> None:
+    """Keep whole GQA groups: q rows (+bias) of the group's query heads, k/v rows (+bias) of its KV
+    head, the matching o_proj input columns. Per-head q/k norms (Qwen3) act on ``head_dim`` and stay."""
+    q_rows = group_rows(keep_G, heads_per_group * dim)
+    kv_rows = group_rows(keep_G, dim)
+    _slice_linear_(attn.q_proj, q_rows, 0)
+    _slice_linear_(attn.k_proj, kv_rows, 0)
+    _slice_linear_(attn.v_proj, kv_rows, 0)
+    _slice_linear_(attn.o_proj, q_rows, 1)
+    attn.head_dim = dim
+    attn.num_key_value_groups = heads_per_group
+
+
+def slim_model_(model: nn.Module, keep: KeepIndices) -> nn.Module:
+    """Slice ``model`` in place to ``keep`` and rewrite its config (shared by every module)."""
+    family = get_family(model)
+    config = model.config
+    widths = {int(k.shape[1]) for k in keep.experts.values()}
+    shared_widths = {int(k.numel()) for k in keep.shared.values()}
+    group_counts = {int(k.numel()) for k in keep.groups.values()}
+    if len(widths) > 1 or len(shared_widths) > 1 or len(group_counts) > 1:
+        raise ValueError("SlimMoE widths are uniform across layers; got per-layer widths "
+                         f"experts={sorted(widths)} shared={sorted(shared_widths)} groups={sorted(group_counts)}")
+    for layer, block in family.moe_blocks(model):
+        if layer in keep.experts:
+            slice_experts_(block.experts, keep.experts[layer])
+            if hasattr(block, "ffn_dim"):
+                block.ffn_dim = block.experts.intermediate_dim
+        shared = family.shared_expert(block)
+        if shared is not None and layer in keep.shared:
+            slice_shared_expert_(shared, keep.shared[layer])
+    dim = head_dim(config)
+    heads_per_group = config.num_attention_heads // config.num_key_value_heads
+    if group_counts and group_counts != {config.num_key_value_heads} and not family.attention_prunable:
+        raise ValueError(f"attention pruning is not supported for {family.model_type}: "
+                         f"{family.attention_not_prunable_reason}")
+    for layer, attn in family.attention_modules(model):
+        if layer in keep.groups:
+            slice_attention_groups_(attn, keep.groups[layer], heads_per_group, dim)
+    target = SlimTarget(
+        expert_width=widths.pop() if widths else family.expert_width(config),
+        attention_groups=group_counts.pop() if group_counts else int(config.num_key_value_heads),
+        shared_expert_width=shared_widths.pop() if shared_widths else family.shared_expert_width(config),
+    )
+    new_config = slim_config(config, target)
+    for key in (family.width_field, family.shared_expert_width_field, "num_attention_heads",
+                "num_key_value_heads", "head_dim"):
+        if key:
+            setattr(config, key, getattr(new_config, key))
+    return model
+
+
+# ---------------------------------------------------------------------------------------------------
+# Expert removal (the baseline SlimMoE argues against, paper §1 / REAP)
+# ---------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def remove_experts_(model: nn.Module, keep_experts: dict[int, Tensor]) -> nn.Module:
+    """Drop whole experts: slice the fused expert tensors and the router rows, update ``num_experts``."""
+    family: MoEFamily = get_family(model)
+    counts = {int(k.numel()) for k in keep_experts.values()}
+    if len(counts) != 1:
+        raise ValueError(f"expert counts must be uniform across layers, got {sorted(counts)}")
+    kept = counts.pop()
+    top_k = int(model.config.num_experts_per_tok)
+    if kept < top_k:
+        raise ValueError(f"num_experts={kept}: must be >= num_experts_per_tok={top_k}")
+    for layer, block in family.moe_blocks(model):
+        idx = keep_experts[layer].sort().values
+        experts = block.experts
+        experts.gate_up_proj = _new_param(experts.gate_up_proj, experts.gate_up_proj[idx.to(experts.gate_up_proj.device)])
+        experts.down_proj = _new_param(experts.down_proj, experts.down_proj[idx.to(experts.down_proj.device)])
+        router = family.router(block)
+        router.weight = _new_param(router.weight, router.weight[idx.to(router.weight.device)])
+        if getattr(router, "bias", None) is not None:
+            router.bias = _new_param(router.bias, router.bias[idx.to(router.bias.device)])
+        for module in (experts, router, block):
+            if hasattr(module, "num_experts"):
+                module.num_experts = kept
+        if isinstance(router, nn.Linear):
+            router.out_features = kept
+    setattr(model.config, family.num_experts_field, kept)
+    return model

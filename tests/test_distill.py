@@ -1,0 +1,417 @@
+"""Tests for lightning_slimmoe.distill (CPU, a few seconds).
+
+The references below are deliberately naive: full [N, V] logits, full softmaxes,
+explicit masking, so they are easy to check by eye against the definition in
+``distill_loss``'s docstring.
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lightning_slimmoe.distill import DistillOutput, KDConfig, distill_loss, teacher_topk
+
+N, H, V = 23, 16, 50
+
+
+def _setup(seed: int = 0, bias: bool = True, dtype: torch.dtype = torch.float64, n: int = N, v: int = V):
+    g = torch.Generator().manual_seed(seed)
+    student_hidden = torch.randn(n, H, generator=g, dtype=dtype)
+    teacher_hidden = torch.randn(n, H, generator=g, dtype=dtype)
+    labels = torch.randint(0, v, (n,), generator=g)
+    labels[[1, 5, 6, n - 1]] = -100  # some ignored positions, including the last
+    torch.manual_seed(seed)
+    student_head = nn.Linear(H, v, bias=bias).to(dtype)
+    teacher_head = nn.Linear(H, v, bias=bias).to(dtype)
+    with torch.no_grad():
+        teacher_head.weight.mul_(3.0)  # a peakier teacher, so top-k truncation matters
+        student_head.weight.mul_(2.0)
+    return student_hidden, teacher_hidden, labels, student_head, teacher_head
+
+
+def _ref_full_kl(s_logits, t_logits, labels, T):
+    """T^2 * KL(softmax(t/T) || softmax(s/T)), mean over counted tokens (full vocab)."""
+    mask = labels != -100
+    log_p = F.log_softmax(t_logits / T, -1)
+    log_q = F.log_softmax(s_logits / T, -1)
+    kl = (log_p.exp() * (log_p - log_q)).sum(-1)  # (N,)
+    return T**2 * kl[mask].mean()
+
+
+def _ref_topk_kl(s_logits, t_logits, labels, T, k):
+    """Teacher renormalised over its top-k ids; student log-softmax over the full vocab."""
+    mask = labels != -100
+    losses = []
+    for i in range(s_logits.shape[0]):
+        if not mask[i]:
+            continue
+        tv, ids = t_logits[i].topk(k)
+        p = torch.softmax(tv / T, -1)
+        log_q_full = torch.log_softmax(s_logits[i] / T, -1)
+        losses.append(T**2 * (p * (p.log() - log_q_full[ids])).sum())
+    return torch.stack(losses).mean()
+
+
+def _ref_lm(s_logits, labels):
+    return F.cross_entropy(s_logits, labels, ignore_index=-100)
+
+
+def _ref_agreement(s_logits, t_logits, labels):
+    mask = labels != -100
+    return (s_logits.argmax(-1) == t_logits.argmax(-1))[mask].float().mean()
+
+
+# --------------------------------------------------------------------------- KDConfig
+
+
+def test_kdconfig_defaults():
+    cfg = KDConfig()
+    assert (cfg.top_k, cfg.temperature, cfg.lm_weight, cfg.chunk_tokens) == (8, 1.0, 0.0, 1024)
+
+
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [
+        ({"top_k": 0}, "top_k"),
+        ({"temperature": 0.0}, "temperature"),
+        ({"temperature": -1.0}, "temperature"),
+        ({"lm_weight": -0.1}, "lm_weight"),
+        ({"lm_weight": 1.5}, "lm_weight"),
+        ({"chunk_tokens": 0}, "chunk_tokens"),
+    ],
+)
+def test_kdconfig_validation_names_field(kwargs, field):
+    with pytest.raises(ValueError, match=field) as exc:
+        KDConfig(**kwargs)
+    assert repr(next(iter(kwargs.values()))) in str(exc.value)  # the offending value is shown
+
+
+# --------------------------------------------------------------------------- teacher_topk
+
+
+def test_teacher_topk_matches_full_topk_and_is_chunk_invariant():
+    _, teacher_hidden, _, _, teacher_head = _setup(dtype=torch.float32)
+    full = teacher_head(teacher_hidden)
+    ref_v, ref_i = full.topk(8, dim=-1)
+    for chunk in (1, 4, 1000):
+        v, i = teacher_topk(teacher_hidden, teacher_head, top_k=8, chunk_tokens=chunk)
+        assert v.dtype == torch.float32 and i.dtype == torch.int64
+        assert v.shape == (N, 8) and i.shape == (N, 8)
+        torch.testing.assert_close(v, ref_v)
+        assert torch.equal(i, ref_i)
+
+
+def test_teacher_topk_bf16_head_returns_fp32():
+    _, teacher_hidden, _, _, teacher_head = _setup(dtype=torch.bfloat16)
+    v, i = teacher_topk(teacher_hidden, teacher_head, top_k=4, chunk_tokens=5)
+    assert v.dtype == torch.float32 and i.dtype == torch.int64
+    torch.testing.assert_close(v, teacher_head(teacher_hidden).float().topk(4).values)
+
+
+def test_teacher_topk_too_large_k():
+    _, teacher_hidden, _, _, teacher_head = _setup(dtype=torch.float32)
+    with pytest.raises(ValueError, match="top_k"):
+        teacher_topk(teacher_hidden, teacher_head, top_k=V + 1, chunk_tokens=8)
+
+
+# --------------------------------------------------------------------------- KD value
+
+
+@pytest.mark.parametrize("T", [1.0, 2.0])
+def test_topk_equal_vocab_is_full_kl(T):
+    sh, th, labels, s_head, t_head = _setup()
+    cfg = KDConfig(top_k=V, temperature=T, chunk_tokens=7)
+    tv, ti = teacher_topk(th, t_head, cfg.top_k, cfg.chunk_tokens)
+    out = distill_loss(sh, s_head, labels, tv, ti, cfg)
+    with torch.no_grad():
+        ref = _ref_full_kl(s_head(sh), t_head(th), labels, T)
+    # teacher values are stored in fp32 by teacher_topk, hence fp32-level tolerance
+    torch.testing.assert_close(out.kd_loss, ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out.loss.detach(), ref, rtol=1e-5, atol=1e-6)
+    assert out.num_tokens == int((labels != -100).sum())
+
+
+@pytest.mark.parametrize("T", [1.0, 2.0])
+@pytest.mark.parametrize("k", [1, 3, 8])
+def test_topk_kl_matches_naive_reference(T, k):
+    sh, th, labels, s_head, t_head = _setup(seed=1)
+    cfg = KDConfig(top_k=k, temperature=T, chunk_tokens=4)
+    tv, ti = teacher_topk(th, t_head, k, cfg.chunk_tokens)
+    out = distill_loss(sh, s_head, labels, tv, ti, cfg)
+    with torch.no_grad():
+        ref = _ref_topk_kl(s_head(sh), t_head(th), labels, T, k)
+    torch.testing.assert_close(out.kd_loss, ref, rtol=1e-5, atol=1e-6)
+    assert out.kd_loss > 0
+
+
+def test_topk_kl_fp32_student():
+    sh, th, labels, s_head, t_head = _setup(seed=2, dtype=torch.float32)
+    cfg = KDConfig(top_k=8, temperature=1.5, chunk_tokens=5)
+    tv, ti = teacher_topk(th, t_head, cfg.top_k, cfg.chunk_tokens)
+    out = distill_loss(sh, s_head, labels, tv, ti, cfg)
+    with torch.no_grad():
+        ref = _ref_topk_kl(s_head(sh).double(), t_head(th).double(), labels, 1.5, 8)
+    torch.testing.assert_close(out.kd_loss.double(), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_unsorted_teacher_ids_are_fine():
+    sh, th, labels, s_head, t_head = _setup(seed=3)
+    cfg = KDConfig(top_k=6, chunk_tokens=4)
+    tv, ti = teacher_topk(th, t_head, cfg.top_k, cfg.chunk_tokens)
+    perm = torch.randperm(6, generator=torch.Generator().manual_seed(0))
+    a = distill_loss(sh, s_head, labels, tv, ti, cfg)
+    b = distill_loss(sh, s_head, labels, tv[:, perm], ti[:, perm], cfg)
+    torch.testing.assert_close(a.kd_loss, b.kd_loss)
+    torch.testing.assert_close(a.agreement, b.agreement)
+
+
+def test_kd_zero_when_student_equals_teacher():
+    sh, _, labels, s_head, _ = _setup(seed=4)
+    cfg = KDConfig(top_k=5, temperature=2.0, chunk_tokens=3)
+    tv, ti = teacher_topk(sh, s_head, cfg.top_k, cfg.chunk_tokens)
+    out = distill_loss(sh, s_head, labels, tv, ti, cfg)
+    # With k < V the student's top-k entries are q_k = p_k * Q, Q = its mass on those ids
+    # (< 1), so the restricted KL is -log Q > 0: the loss pushes mass into the top-k.
+    # With k = V it is exactly 0 (checked below).
+    assert out.kd_loss > 0
+    tv, ti = teacher_topk(sh, s_head, V, cfg.chunk_tokens)
+    out = distill_loss(sh, s_head, labels, tv, ti, KDConfig(top_k=V, temperature=2.0, chunk_tokens=3))
+    torch.testing.assert_close(out.kd_loss, torch.zeros((), dtype=out.kd_loss.dtype), atol=1e-5, rtol=0)
+    assert out.agreement == 1.0
+
+
+# --------------------------------------------------------------------------- chunking
+
+
+@pytest.mark.parametrize("lm_weight", [0.0, 0.3, 1.0])
+@pytest.mark.parametrize("T", [1.0, 2.0])
+def test_chunked_equals_unchunked_value_and_grads(lm_weight, T):
+    results = []
+    for chunk in (3, 10_000):
+        sh, th, labels, s_head, t_head = _setup(seed=5)
+        sh.requires_grad_(True)
+        cfg = KDConfig(top_k=8, temperature=T, lm_weight=lm_weight, chunk_tokens=chunk)
+        tv, ti = teacher_topk(th, t_head, cfg.top_k, cfg.chunk_tokens)
+        out = distill_loss(sh, s_head, labels, tv, ti, cfg)
+        out.loss.backward()
+        results.append((out, sh.grad.clone(), s_head.weight.grad.clone(), s_head.bias.grad.clone()))
+    (a, *ga), (b, *gb) = results
+    for name in ("loss", "kd_loss", "lm_loss", "agreement"):
+        torch.testing.assert_close(getattr(a, name).detach(), getattr(b, name).detach())
+    for x, y in zip(ga, gb):
+        torch.testing.assert_close(x, y)
+    # the ignored tokens get exactly zero gradient
+    assert a.num_tokens == b.num_tokens == N - 4
+    labels = _setup(seed=5)[2]
+    assert torch.all(ga[0][labels == -100] == 0)
+    assert ga[0][labels != -100].abs().sum() > 0
+
+
+def test_gradients_match_naive_autograd():
+    """Gradient of the checkpointed chunked loss == autograd through the naive reference."""
+    sh, th, labels, s_head, t_head = _setup(seed=6)
+    T, k, w = 2.0, 8, 0.3
+    cfg = KDConfig(top_k=k, temperature=T, lm_weight=w, chunk_tokens=4)
+    tv, ti = teacher_topk(th, t_head, k, cfg.chunk_tokens)
+
+    sh1 = sh.clone().requires_grad_(True)
+    distill_loss(sh1, s_head, labels, tv, ti, cfg).loss.backward()
+    g_hidden, g_w, g_b = sh1.grad, s_head.weight.grad.clone(), s_head.bias.grad.clone()
+    s_head.zero_grad()
+
+    sh2 = sh.clone().requires_grad_(True)
+    s_logits = s_head(sh2)
+    with torch.no_grad():
+        t_logits = t_head(th)
+    ref = (1 - w) * _ref_topk_kl(s_logits, t_logits, labels, T, k) + w * _ref_lm(s_logits, labels)
+    ref.backward()
+    torch.testing.assert_close(g_hidden, sh2.grad, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(g_w, s_head.weight.grad, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(g_b, s_head.bias.grad, rtol=1e-5, atol=1e-7)
+
+
+# --------------------------------------------------------------------------- LM / mixing
+
+
+def test_lm_loss_and_weight_mixing():
+    sh, th, labels, s_head, t_head = _setup(seed=7)
+    tv, ti = teacher_topk(th, t_head, 8, 5)
+    with torch.no_grad():
+        s_logits, t_logits = s_head(sh), t_head(th)
+    ref_kd = _ref_topk_kl(s_logits, t_logits, labels, 1.0, 8)
+    ref_lm = _ref_lm(s_logits, labels)
+
+    for w, expected in ((0.0, ref_kd), (1.0, ref_lm), (0.3, 0.7 * ref_kd + 0.3 * ref_lm)):
+        out = distill_loss(sh, s_head, labels, tv, ti, KDConfig(lm_weight=w, chunk_tokens=5))
+        torch.testing.assert_close(out.loss.detach(), expected, rtol=1e-5, atol=1e-6)
+        # both terms are always reported
+        torch.testing.assert_close(out.kd_loss, ref_kd, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(out.lm_loss, ref_lm)
+
+    # no teacher -> plain LM, regardless of lm_weight
+    out = distill_loss(sh, s_head, labels, None, None, KDConfig(lm_weight=0.0, chunk_tokens=5))
+    torch.testing.assert_close(out.loss.detach(), ref_lm)
+    torch.testing.assert_close(out.lm_loss, ref_lm)
+    assert out.kd_loss == 0
+    assert torch.isnan(out.agreement)
+    assert not out.kd_loss.requires_grad and not out.lm_loss.requires_grad
+
+
+def test_lm_weight_one_gradient_is_pure_lm():
+    sh, th, labels, s_head, t_head = _setup(seed=8)
+    tv, ti = teacher_topk(th, t_head, 8, 5)
+    sh1 = sh.clone().requires_grad_(True)
+    distill_loss(sh1, s_head, labels, tv, ti, KDConfig(lm_weight=1.0, chunk_tokens=5)).loss.backward()
+    sh2 = sh.clone().requires_grad_(True)
+    distill_loss(sh2, s_head, labels, None, None, KDConfig(chunk_tokens=5)).loss.backward()
+    torch.testing.assert_close(sh1.grad, sh2.grad)
+
+
+def test_agreement_matches_reference():
+    sh, th, labels, s_head, t_head = _setup(seed=9)
+    # a student that is a noisy copy of the teacher agrees on some tokens but not all
+    with torch.no_grad():
+        s_head.weight.copy_(t_head.weight + 0.3 * torch.randn_like(t_head.weight))
+        s_head.bias.copy_(t_head.bias)
+        sh = th + 0.5 * torch.randn_like(th)
+    tv, ti = teacher_topk(th, t_head, 8, 3)
+    out = distill_loss(sh, s_head, labels, tv, ti, KDConfig(chunk_tokens=3))
+    with torch.no_grad():
+        ref = _ref_agreement(s_head(sh), t_head(th), labels)
+    torch.testing.assert_close(out.agreement.float(), ref)
+    assert 0.0 < ref < 1.0  # a non-trivial case
+    assert not out.agreement.requires_grad
+
+
+def test_all_ignored_gives_zeros_and_backward_works():
+    sh, th, labels, s_head, t_head = _setup(seed=10)
+    labels = torch.full_like(labels, -100)
+    sh.requires_grad_(True)
+    tv, ti = teacher_topk(th, t_head, 8, 4)
+    out = distill_loss(sh, s_head, labels, tv, ti, KDConfig(lm_weight=0.5, chunk_tokens=4))
+    assert isinstance(out, DistillOutput)
+    assert out.num_tokens == 0
+    for name in ("loss", "kd_loss", "lm_loss", "agreement"):
+        v = getattr(out, name)
+        assert torch.isfinite(v) and v == 0, name
+    out.loss.backward()
+    assert torch.all(sh.grad == 0)
+
+
+def test_no_grad_mode_and_3d_inputs():
+    sh, th, labels, s_head, t_head = _setup(seed=11, n=24)
+    tv, ti = teacher_topk(th, t_head, 8, 5)
+    cfg = KDConfig(chunk_tokens=5, lm_weight=0.2)
+    ref = distill_loss(sh, s_head, labels, tv, ti, cfg)
+    with torch.no_grad():
+        out = distill_loss(sh.view(2, 12, H), s_head, labels.view(2, 12), tv.view(2, 12, 8), ti.view(2, 12, 8), cfg)
+    torch.testing.assert_close(out.loss, ref.loss.detach())
+    assert not out.loss.requires_grad
+
+
+def test_bf16_head_is_computed_in_fp32():
+    sh, th, labels, s_head, t_head = _setup(seed=12, dtype=torch.bfloat16)
+    tv, ti = teacher_topk(th, t_head, 8, 4)
+    out = distill_loss(sh, s_head, labels, tv, ti, KDConfig(chunk_tokens=4))
+    assert out.loss.dtype == torch.float32
+    with torch.no_grad():
+        ref = _ref_topk_kl(s_head(sh).double(), t_head(th).double(), labels, 1.0, 8)
+    torch.testing.assert_close(out.kd_loss.double(), ref, rtol=1e-4, atol=1e-4)
+
+
+def test_mismatched_teacher_args_raise():
+    sh, th, labels, s_head, t_head = _setup()
+    tv, ti = teacher_topk(th, t_head, 8, 4)
+    with pytest.raises(ValueError, match="together"):
+        distill_loss(sh, s_head, labels, tv, None, KDConfig())
+    with pytest.raises(ValueError, match="labels"):
+        distill_loss(sh, s_head, labels[:-1], tv, ti, KDConfig())
+
+
+# --------------------------------------------------------------------------- memory
+
+
+def _saved_numels(fn):
+    """numel of every tensor autograd saves for backward while ``fn`` runs its forward."""
+    sizes: list[int] = []
+
+    def pack(t):
+        sizes.append(t.numel())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return out, sizes
+
+
+def test_chunked_forward_saves_no_full_vocab_activation():
+    n, v = 64, 200
+    sh, th, labels, s_head, t_head = _setup(seed=13, dtype=torch.float32, n=n, v=v)
+    sh.requires_grad_(True)
+    tv, ti = teacher_topk(th, t_head, 8, 8)
+    cfg = KDConfig(top_k=8, lm_weight=0.3, chunk_tokens=8)
+    m = int((labels != -100).sum())
+
+    out, sizes = _saved_numels(lambda: distill_loss(sh, s_head, labels, tv, ti, cfg))
+    # nothing of vocabulary size per token survives to backward, not even one chunk's worth
+    assert all(s < cfg.chunk_tokens * v for s in sizes), sorted(sizes)[-5:]
+    assert max(sizes) < n * v and max(sizes) < m * v
+    out.loss.backward()  # and backward (with recomputation) still works
+    assert sh.grad.abs().sum() > 0
+
+    # whereas the naive reference does save [N, V] activations
+    def naive():
+        s_logits = s_head(sh)
+        with torch.no_grad():
+            t_logits = t_head(th)
+        return 0.7 * _ref_full_kl(s_logits, t_logits, labels, 1.0) + 0.3 * _ref_lm(s_logits, labels)
+
+    _, naive_sizes = _saved_numels(naive)
+    assert max(naive_sizes) >= n * v
+
+
+def test_at_most_one_chunk_of_logits_alive_forward_and_backward():
+    """Each time lm_head runs (forward, or recompute in backward), no earlier chunk's
+    logits are still alive: at most one [chunk, V] logits tensor exists at a time."""
+    n, v, chunk = 40, 300, 8
+    sh, th, labels, s_head, t_head = _setup(seed=14, dtype=torch.float32, n=n, v=v)
+    sh.requires_grad_(True)
+    tv, ti = teacher_topk(th, t_head, 8, chunk)
+
+    refs: list[weakref.ref] = []
+    alive_at_call: list[int] = []
+    rows: list[int] = []
+
+    def hook(_mod, _inp, output):
+        alive_at_call.append(sum(r() is not None for r in refs))
+        rows.append(output.shape[0])
+        refs.append(weakref.ref(output))
+
+    handle = s_head.register_forward_hook(hook)
+    try:
+        out = distill_loss(sh, s_head, labels, tv, ti, KDConfig(lm_weight=0.3, chunk_tokens=chunk, temperature=2.0))
+        n_fwd = len(rows)
+        out.loss.backward()
+    finally:
+        handle.remove()
+    m = int((labels != -100).sum())
+    assert n_fwd == -(-m // chunk)  # one projection per chunk in forward
+    assert len(rows) == 2 * n_fwd  # and exactly one recompute per chunk in backward
+    assert max(rows) <= chunk
+    assert max(alive_at_call) == 0, alive_at_call
+
+    # same for the teacher projection
+    refs.clear()
+    alive_at_call.clear()
+    rows.clear()
+    handle = t_head.register_forward_hook(hook)
+    try:
+        teacher_topk(th, t_head, 8, chunk)
+    finally:
+        handle.remove()
+    assert max(rows) <= chunk and max(alive_at_call) == 0

@@ -1,0 +1,162 @@
+"""Importance criteria against brute-force references; score files round-trip and refuse foreign models."""
+
+from __future__ import annotations
+
+import os
+import pickle
+
+import pytest
+import torch
+
+from conftest import random_batch, tiny_model
+from lightning_slimmoe.distill import KDConfig
+from lightning_slimmoe.families import get_family
+from lightning_slimmoe.importance import ImportanceScores, compute_scores, expert_saliency
+from lightning_slimmoe.slimming import expert_weights
+
+
+def naive_kd_loss(student, teacher, batch, top_k, temperature):
+    """Full-logits top-k KD written out plainly (no chunks, no shared helpers)."""
+    s = student(input_ids=batch["input_ids"]).logits.flatten(0, 1).double()
+    with torch.no_grad():
+        t = teacher(input_ids=batch["input_ids"]).logits.flatten(0, 1).double()
+    t_vals, t_ids = t.topk(top_k, dim=-1)
+    p = torch.softmax(t_vals / temperature, dim=-1)
+    log_q = torch.log_softmax(s / temperature, dim=-1).gather(-1, t_ids)
+    return temperature**2 * (p * (p.log() - log_q)).sum(-1).mean()
+
+
+def brute_force_kd_taylor(student, teacher, batches, top_k, temperature):
+    family = get_family(student)
+    config = student.config
+    groups = config.num_key_value_heads
+    per_group = config.num_attention_heads // groups
+    dim = config.head_dim
+    experts_ref, groups_ref, shared_ref = {}, {}, {}
+    for batch in batches:
+        loss = naive_kd_loss(student, teacher, batch, top_k, temperature)
+        params = list(student.parameters())
+        grads = dict(zip(params, torch.autograd.grad(loss, params, allow_unused=True)))
+
+        def c(p):  # per-parameter |θ ⊙ g|
+            return (p.detach().double() * grads[p].double()).abs()
+
+        for layer, block in family.moe_blocks(student):
+            gu, dn = c(block.experts.gate_up_proj), c(block.experts.down_proj)
+            num_experts, two_width, _ = gu.shape
+            width = two_width // 2
+            table = torch.zeros(num_experts, width, dtype=torch.float64)
+            for e in range(num_experts):
+                for j in range(width):
+                    table[e, j] = gu[e, j, :].sum() + gu[e, width + j, :].sum() + dn[e, :, j].sum()
+            experts_ref[layer] = experts_ref.get(layer, 0) + table
+            mlp = family.shared_expert(block)
+            if mlp is not None:
+                g, u, d = c(mlp.gate_proj.weight), c(mlp.up_proj.weight), c(mlp.down_proj.weight)
+                shared_ref[layer] = shared_ref.get(layer, 0) + torch.stack(
+                    [g[j].sum() + u[j].sum() + d[:, j].sum() for j in range(g.shape[0])])
+        for layer, attn in family.attention_modules(student):
+            table = torch.zeros(groups, dtype=torch.float64)
+            for grp in range(groups):
+                for head in range(grp * per_group, (grp + 1) * per_group):
+                    rows = slice(head * dim, (head + 1) * dim)
+                    table[grp] += c(attn.q_proj.weight)[rows].sum() + c(attn.o_proj.weight)[:, rows].sum()
+                    if attn.q_proj.bias is not None:
+                        table[grp] += c(attn.q_proj.bias)[rows].sum()
+                kv = slice(grp * dim, (grp + 1) * dim)
+                for lin in (attn.k_proj, attn.v_proj):
+                    table[grp] += c(lin.weight)[kv].sum()
+                    if lin.bias is not None:
+                        table[grp] += c(lin.bias)[kv].sum()
+            groups_ref[layer] = groups_ref.get(layer, 0) + table
+    return experts_ref, shared_ref, groups_ref
+
+
+@pytest.mark.parametrize("family_name", ["phimoe", "qwen2_moe", "qwen3_moe"])
+def test_kd_taylor_equals_brute_force(family_name):
+    student = tiny_model(family_name, seed=1)
+    teacher = tiny_model(family_name, seed=2)
+    batches = [random_batch(seed=s) for s in range(2)]
+    kd = KDConfig(top_k=5, temperature=2.0, chunk_tokens=5)
+    scores = compute_scores(student, batches, "kd_taylor", teacher=teacher, kd=kd)
+    experts_ref, shared_ref, groups_ref = brute_force_kd_taylor(student, teacher, batches, top_k=5, temperature=2.0)
+    for layer in experts_ref:
+        torch.testing.assert_close(scores.experts[layer].double(), experts_ref[layer], rtol=1e-4, atol=1e-7)
+        torch.testing.assert_close(scores.groups[layer].double(), groups_ref[layer], rtol=1e-4, atol=1e-7)
+        if shared_ref:
+            torch.testing.assert_close(scores.shared[layer].double(), shared_ref[layer], rtol=1e-4, atol=1e-7)
+    assert scores.num_tokens == 2 * 2 * 8
+    # Scoring leaves the student as it was: trainable, no stale grads.
+    assert all(p.requires_grad and p.grad is None for p in student.parameters())
+
+
+def test_activation_scores_match_manual_mean():
+    model = tiny_model("mixtral")
+    batch = random_batch()
+    scores = compute_scores(model, [batch], "activation")
+    block = model.model.layers[0].mlp
+    captured = {}
+    block.experts.register_forward_hook(lambda m, a, o: captured.update(x=a[0], idx=a[1]))
+    with torch.no_grad():
+        model(input_ids=batch["input_ids"])
+        gate, up, _ = expert_weights(block.experts)
+        for e in range(4):
+            routed = (captured["idx"] == e).any(-1)
+            x = captured["x"][routed]
+            expected = (block.experts.act_fn(x @ gate[e].T) * (x @ up[e].T)).abs().mean(0)
+            torch.testing.assert_close(scores.experts[0][e], expected)
+
+
+def test_magnitude_and_random():
+    model = tiny_model("qwen2_moe")
+    mag = compute_scores(model, [], "magnitude")
+    gate, up, down = expert_weights(model.model.layers[1].mlp.experts)
+    expected = (gate[2, 5].pow(2).sum() + up[2, 5].pow(2).sum() + down[2, :, 5].pow(2).sum()).sqrt()
+    torch.testing.assert_close(mag.experts[1][2, 5], expected)
+    assert set(mag.shared) == {0, 1}
+    r1, r2 = compute_scores(model, [], "random", seed=3), compute_scores(model, [], "random", seed=3)
+    assert torch.equal(r1.experts[0], r2.experts[0])
+    assert not torch.equal(r1.experts[0], compute_scores(model, [], "random", seed=4).experts[0])
+
+
+def test_expert_saliency_shape_and_positive():
+    model = tiny_model("olmoe")
+    sal = expert_saliency(model, [random_batch()])
+    assert set(sal) == {0, 1} and sal[0].shape == (4,) and (sal[0] >= 0).all()
+
+
+def test_scores_roundtrip_and_foreign_model(tmp_path):
+    model = tiny_model("phimoe")
+    scores = compute_scores(model, [random_batch()], "activation")
+    path = str(tmp_path / "scores.pt")
+    scores.save(path)
+    loaded = ImportanceScores.load(path, model)
+    assert torch.equal(loaded.experts[1], scores.experts[1]) and loaded.criterion == "activation"
+    other = tiny_model("phimoe", intermediate_size=32)
+    with pytest.raises(ValueError, match="computed for another model.*expert_width"):
+        ImportanceScores.load(path, other)
+    with pytest.raises(ValueError, match="model_type 'phimoe' vs 'mixtral'"):
+        ImportanceScores.load(path, tiny_model("mixtral"))
+    with pytest.raises(FileNotFoundError, match="scores file not found"):
+        ImportanceScores.load(str(tmp_path / "missing.pt"))
+
+
+class _Exploit:
+    def __reduce__(self):
+        return (os.system, ("echo pwned > /dev/null",))
+
+
+def test_malicious_pickle_is_refused(tmp_path):
+    path = tmp_path / "evil.pt"
+    with open(path, "wb") as f:
+        pickle.dump({"format": "lightning_slimmoe.scores/1", "x": _Exploit()}, f)
+    with pytest.raises(pickle.UnpicklingError):
+        ImportanceScores.load(str(path))
+
+
+def test_unknown_criterion_and_missing_teacher():
+    model = tiny_model("mixtral")
+    with pytest.raises(ValueError, match="criterion='taylor'"):
+        compute_scores(model, [], "taylor")
+    with pytest.raises(ValueError, match="needs a teacher"):
+        compute_scores(model, [random_batch()], "kd_taylor")

@@ -1,0 +1,194 @@
+"""Physical slicing: parity with the original, with a hand-written reference, and through save/reload."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from conftest import FAMILIES, random_batch, tiny_config, tiny_model
+from lightning_slimmoe.families import UnsupportedModelError, get_family, supported_model_types
+from lightning_slimmoe.importance import ImportanceScores, compute_scores
+from lightning_slimmoe.slimming import (
+    KeepIndices, SlimTarget, expert_weights, remove_experts_, resolve_target, select_keep, slim_config, slim_model_,
+)
+
+ATTN_PRUNABLE = [f for f in FAMILIES if get_family(tiny_config(f)).attention_prunable]
+
+
+def logits(model, batch):
+    with torch.no_grad():
+        return model(input_ids=batch["input_ids"]).logits
+
+
+def random_keep(model, width, groups, shared_width=None, seed=0) -> KeepIndices:
+    gen = torch.Generator().manual_seed(seed)
+    family = get_family(model)
+    keep = KeepIndices()
+    for layer, block in family.moe_blocks(model):
+        num_experts, cur, _ = expert_weights(block.experts)[0].shape
+        keep.experts[layer] = torch.stack([torch.randperm(cur, generator=gen)[:width].sort().values
+                                           for _ in range(num_experts)])
+        if shared_width is not None and family.shared_expert(block) is not None:
+            cur_shared = family.shared_expert(block).gate_proj.out_features
+            keep.shared[layer] = torch.randperm(cur_shared, generator=gen)[:shared_width].sort().values
+    for layer, _ in family.attention_modules(model):
+        keep.groups[layer] = torch.randperm(model.config.num_key_value_heads, generator=gen)[:groups].sort().values
+    return keep
+
+
+def test_every_family_is_registered():
+    assert set(FAMILIES) == set(supported_model_types())
+
+
+def test_keep_all_is_bit_identical(family_name):
+    model = tiny_model(family_name)
+    batch = random_batch()
+    before = logits(model, batch)
+    scores = compute_scores(model, [], "random")
+    target = resolve_target(model.config)  # no targets: current widths
+    slim_model_(model, select_keep(scores, target))
+    assert torch.equal(before, logits(model, batch))
+
+
+def _reference_forward(model, keep: KeepIndices, heads_per_group: int, dim: int):
+    """Patch ``model`` (the unsliced original) into an explicit, per-token, per-expert dense reference.
+
+    Experts: a plain loop that uses only each expert's kept rows/columns. Attention: dropping a whole
+    GQA group is the same as zeroing the o_proj input columns of its query heads (their outputs are
+    then unused), so the reference zeroes those columns instead of slicing.
+    """
+    family = get_family(model)
+
+    def make_forward(experts, keep_EW):
+        gate_EIH, up_EIH, down_EHI = (w.detach().clone() for w in expert_weights(experts))
+
+        def forward(hidden_NH, top_k_index_NK, top_k_weights_NK):
+            out = torch.zeros_like(hidden_NH)
+            for n in range(hidden_NH.shape[0]):
+                for slot in range(top_k_index_NK.shape[1]):
+                    e = int(top_k_index_NK[n, slot])
+                    kept = keep_EW[e]
+                    x = hidden_NH[n]
+                    h = experts.act_fn(gate_EIH[e][kept] @ x) * (up_EIH[e][kept] @ x)
+                    out[n] += top_k_weights_NK[n, slot] * (down_EHI[e][:, kept] @ h)
+            return out
+        return forward
+
+    for layer, block in family.moe_blocks(model):
+        block.experts.forward = make_forward(block.experts, keep.experts[layer])
+        shared = family.shared_expert(block)
+        if shared is not None and layer in keep.shared:
+            dropped = torch.ones(shared.gate_proj.out_features, dtype=torch.bool)
+            dropped[keep.shared[layer]] = False
+            with torch.no_grad():
+                shared.down_proj.weight[:, dropped] = 0.0  # a dropped shared neuron contributes nothing
+    with torch.no_grad():
+        for layer, attn in family.attention_modules(model):
+            dropped = torch.ones(model.config.num_key_value_heads, dtype=torch.bool)
+            dropped[keep.groups[layer]] = False
+            cols = attn.o_proj.weight.view(attn.o_proj.out_features, -1, heads_per_group * dim)
+            cols[:, dropped] = 0.0
+
+
+def test_random_keep_matches_explicit_reference(family_name):
+    model = tiny_model(family_name)
+    reference = tiny_model(family_name)
+    batch = random_batch()
+    groups = 1 if family_name in ATTN_PRUNABLE else model.config.num_key_value_heads
+    keep = random_keep(model, width=16, groups=groups, shared_width=12, seed=3)
+    dim = model.config.head_dim if getattr(model.config, "head_dim", None) else 8
+    heads_per_group = model.config.num_attention_heads // model.config.num_key_value_heads
+    slim_model_(model, keep)
+    _reference_forward(reference, keep, heads_per_group, dim)
+    family = get_family(model)
+    assert family.expert_width(model.config) == 16
+    assert model.config.num_key_value_heads == groups
+    torch.testing.assert_close(logits(model, batch), logits(reference, batch), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("family_name", FAMILIES)
+def test_slim_save_reload_with_stock_transformers(family_name, tmp_path):
+    model = tiny_model(family_name)
+    batch = random_batch()
+    groups = 1 if family_name in ATTN_PRUNABLE else model.config.num_key_value_heads
+    slim_model_(model, random_keep(model, width=8, groups=groups, shared_width=12, seed=1))
+    if family_name in ATTN_PRUNABLE:
+        assert model.config.num_attention_heads * model.config.head_dim != model.config.hidden_size
+    model.save_pretrained(tmp_path)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert torch.equal(logits(model, batch), logits(reloaded, batch))
+    assert get_family(reloaded).expert_width(reloaded.config) == 8
+
+
+def test_slim_config_matches_sliced_model(family_name):
+    model = tiny_model(family_name)
+    groups = 1 if family_name in ATTN_PRUNABLE else model.config.num_key_value_heads
+    target = resolve_target(model.config, expert_width=8, attention_groups=groups,
+                            shared_expert_width=12 if family_name == "qwen2_moe" else None)
+    config = slim_config(model.config, target)
+    scores = compute_scores(model, [], "magnitude")
+    slim_model_(model, select_keep(scores, target))
+    fresh = AutoModelForCausalLM.from_config(config)
+    assert {k: v.shape for k, v in fresh.state_dict().items()} == {k: v.shape for k, v in model.state_dict().items()}
+
+
+def test_fraction_targets_and_rounding():
+    config = AutoConfig.from_pretrained("conf/models/phi-3.5-moe.json")
+    assert resolve_target(config, expert_width=0.15).expert_width == 960
+    assert resolve_target(config, expert_width=0.07, round_to=64).expert_width == 448
+    assert resolve_target(config, expert_width=960, attention_groups=4).attention_groups == 4
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(expert_width=0), "expert_width=0"),
+    (dict(expert_width=-3), "expert_width=-3"),
+    (dict(expert_width=6401), "larger than the current width 6400"),
+    (dict(expert_width=1.5), "fraction must lie in"),
+    (dict(expert_width=0.0), "fraction must lie in"),
+    (dict(expert_width=1000, round_to=64), "multiple of round_to=64"),
+    (dict(expert_width=1001), "multiple of 8"),
+    (dict(attention_groups=3), "must divide the current 8"),
+    (dict(attention_groups=16), "exceeds the current 8"),
+    (dict(attention_groups=0), "attention_groups=0"),
+    (dict(shared_expert_width=8), "has no shared expert"),
+])
+def test_bad_targets_name_field_value_and_rule(kwargs, message):
+    config = AutoConfig.from_pretrained("conf/models/phi-3.5-moe.json")
+    with pytest.raises(ValueError, match=message):
+        resolve_target(config, **kwargs)
+
+
+def test_olmoe_refuses_attention_pruning():
+    with pytest.raises(ValueError, match="not supported for model_type 'olmoe'"):
+        resolve_target(tiny_config("olmoe"), attention_groups=2)
+
+
+def test_unsupported_family_lists_supported():
+    dense = AutoConfig.for_model("llama", vocab_size=32, hidden_size=16, num_hidden_layers=1, num_attention_heads=2)
+    with pytest.raises(UnsupportedModelError, match=r"'llama'.*\['mixtral', 'olmoe', 'phimoe', 'qwen2_moe', 'qwen3_moe'\]"):
+        get_family(dense)
+
+
+def test_uniform_widths_enforced():
+    model = tiny_model("mixtral")
+    keep = random_keep(model, width=8, groups=2)
+    keep.experts[1] = keep.experts[1][:, :6]
+    with pytest.raises(ValueError, match="uniform"):
+        slim_model_(model, keep)
+
+
+def test_expert_removal_updates_router_and_reloads(family_name, tmp_path):
+    model = tiny_model(family_name)
+    batch = random_batch()
+    full = logits(model, batch)
+    keep_all = {layer: torch.arange(4) for layer, _ in get_family(model).moe_blocks(model)}
+    remove_experts_(model, keep_all)
+    assert torch.equal(full, logits(model, batch))
+    remove_experts_(model, {layer: torch.tensor([0, 2, 3]) for layer in keep_all})
+    assert get_family(model).num_experts(model.config) == 3
+    model.save_pretrained(tmp_path)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert torch.equal(logits(model, batch), logits(reloaded, batch))
+    with pytest.raises(ValueError, match="num_experts_per_tok"):
+        remove_experts_(model, {layer: torch.tensor([1]) for layer in keep_all})
