@@ -1,0 +1,122 @@
+"""ExpertSlimming: score the incoming student and slice it at the stage boundary.
+
+Runs in ``setup`` — after the datamodule is set up, before ``configure_model``, before the strategy
+moves/wraps the model and before optimizers exist — so that no parameter changes shape inside a running
+fit and the optimizer only ever sees the slim parameters. The kept indices are written to ``keep.pt``
+(atomically, last): a resumed stage re-applies them instead of re-scoring, so nothing is pruned twice
+and the stage's shape never depends on callback state.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+from lightning.pytorch import Callback
+from lightning.pytorch.utilities import rank_zero_info
+from tqdm.auto import tqdm
+
+from lightning_slimmoe.checkpoint_io import atomic_torch_save
+from lightning_slimmoe.config import StageConfig
+from lightning_slimmoe.families import get_family, head_dim
+from lightning_slimmoe.importance import ImportanceScores, compute_scores, expert_saliency
+from lightning_slimmoe.slimming import KeepIndices, remove_experts_, resolve_target, select_keep, slim_model_
+
+KEEP_FORMAT = "lightning_slimmoe.keep/1"
+
+
+def write_json_atomic(path: Path, data: dict) -> None:
+    tmp = Path(f"{path}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
+    os.replace(tmp, path)
+
+
+def widths_of(config) -> dict:
+    family = get_family(config)
+    return {
+        "expert_width": family.expert_width(config),
+        "shared_expert_width": family.shared_expert_width(config),
+        "num_experts": family.num_experts(config),
+        "num_attention_heads": int(config.num_attention_heads),
+        "num_key_value_heads": int(config.num_key_value_heads),
+        "head_dim": head_dim(config),
+    }
+
+
+class ExpertSlimming(Callback):
+    def __init__(self, stage: StageConfig, stage_dir: str, reference_config, seed: int = 0, step_offset: int = 0):
+        self.stage = stage
+        self.stage_dir = Path(stage_dir)
+        self.reference_config = reference_config  # the original teacher's: fractions are of its widths
+        self.seed = seed
+        self.step_offset = step_offset
+
+    @property
+    def keep_path(self) -> Path:
+        return self.stage_dir / "keep.pt"
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        if stage != "fit" or not self.stage.prunes:
+            return
+        student = pl_module.student
+        if self.keep_path.exists():
+            self._reapply(student)
+            return
+        self.stage_dir.mkdir(parents=True, exist_ok=True)
+        started = time.time()
+        target = resolve_target(student.config, expert_width=self.stage.expert_width,
+                                attention_groups=self.stage.attention_groups,
+                                shared_expert_width=self.stage.shared_expert_width, round_to=self.stage.round_to,
+                                reference_config=self.reference_config)
+        device = trainer.strategy.root_device
+        pl_module.to(device)
+        calibration = trainer.datamodule.calibration_batches(self.stage.calibration_tokens)
+        progress = lambda it: tqdm(it, desc=f"[{self.stage.name}] calibration ({self.stage.criterion})",
+                                   disable=trainer.global_rank != 0, leave=False)
+        kept_experts = None
+        if self.stage.remove_experts_to is not None:
+            saliency = expert_saliency(student, calibration, progress=progress)
+            kept_experts = {layer: s.topk(self.stage.remove_experts_to).indices.sort().values
+                            for layer, s in saliency.items()}
+            remove_experts_(student, kept_experts)
+        if self.stage.scores_file:
+            scores = ImportanceScores.load(self.stage.scores_file, student)
+        else:
+            scores = compute_scores(student, calibration, self.stage.criterion, teacher=pl_module.teacher,
+                                    kd=self.stage.kd, seed=self.seed, progress=progress)
+        keep = select_keep(scores, target)
+        if trainer.global_rank == 0:
+            scores.save(str(self.stage_dir / "scores.pt"))
+            self._log_histograms(trainer, scores)
+        before = widths_of(student.config)
+        slim_model_(student, keep)
+        if trainer.global_rank == 0:
+            atomic_torch_save({"format": KEEP_FORMAT, "keep": keep.to_dict(),
+                               "kept_experts": {str(k): v for k, v in (kept_experts or {}).items()}}, str(self.keep_path))
+            write_json_atomic(self.stage_dir / "meta.json", {
+                "stage": self.stage.name, "status": "slimmed", "criterion": self.stage.criterion,
+                "widths_before": before, "widths": widths_of(student.config), "kept_index_hash": keep.digest(),
+                "calibration_tokens": scores.num_tokens, "scoring_s": round(time.time() - started, 3),
+            })
+        rank_zero_info(f"[{self.stage.name}] slimmed {before} -> {widths_of(student.config)} "
+                       f"in {time.time() - started:.1f}s (criterion {self.stage.criterion})")
+
+    def _reapply(self, student) -> None:
+        saved = torch.load(self.keep_path, map_location="cpu", weights_only=True)
+        if saved.get("format") != KEEP_FORMAT:
+            raise ValueError(f"{self.keep_path} is not a lightning_slimmoe keep-indices file")
+        if saved["kept_experts"]:
+            remove_experts_(student, {int(k): v for k, v in saved["kept_experts"].items()})
+        slim_model_(student, KeepIndices.from_dict(saved["keep"]))
+        rank_zero_info(f"[{self.stage.name}] resumed: re-applied the saved slice {widths_of(student.config)} "
+                       "(no re-scoring)")
+
+    def _log_histograms(self, trainer, scores: ImportanceScores) -> None:
+        experiment = getattr(trainer.logger, "experiment", None)
+        if experiment is None or not hasattr(experiment, "add_histogram"):
+            return
+        for kind, values in scores.summary().items():
+            experiment.add_histogram(f"scores/{self.stage.name}/{kind}", values, global_step=self.step_offset)

@@ -1,0 +1,99 @@
+"""LightningCLI for the stage pipeline: the one config system (YAML + ``--key.sub value`` overrides).
+
+Besides LightningCLI's own ``trainer`` and ``data`` sections it takes ``output_dir``, ``teacher``,
+``stages`` (typed :class:`StageConfig` entries, so a typo fails naming the key) and ``resume``. One
+``Trainer`` is built per stage from the ``trainer`` section; the model of each stage is made by the
+pipeline, so there is no ``model`` section.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from typing import Optional
+
+from lightning.pytorch import Trainer
+from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.utilities import rank_zero_only
+
+from lightning_slimmoe.checkpoint_io import AtomicCheckpointIO
+from lightning_slimmoe.config import StageConfig
+from lightning_slimmoe.data import TextDataModule
+from lightning_slimmoe.pipeline import Pipeline, RunSpec
+
+DEMO_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "conf", "demo.yaml")
+
+
+class SlimMoECLI(LightningCLI):
+    def __init__(self, args=None, **kwargs):
+        super().__init__(
+            model_class=None, datamodule_class=TextDataModule, subclass_mode_data=True, run=False,
+            save_config_callback=None, auto_configure_optimizers=False, load_from_checkpoint_support=False,
+            seed_everything_default=0, trainer_defaults={"num_sanity_val_steps": 0}, args=args, **kwargs)
+
+    def add_core_arguments_to_parser(self, parser) -> None:
+        parser.add_lightning_class_args(self.trainer_class, "trainer")
+        parser.set_defaults({"trainer." + k: v for k, v in self.trainer_defaults.items()})
+        parser.add_lightning_class_args(self._datamodule_class, "data", subclass_mode=self.subclass_mode_data)
+
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.add_argument("--output_dir", type=str, default="runs/slimmoe", help="everything a run writes goes here")
+        parser.add_argument("--teacher", type=Optional[str], default=None,
+                            help="hub id or local HF dir of the MoE teacher; null = trained by a pretrain stage")
+        parser.add_argument("--teacher_config", type=Optional[str], default=None,
+                            help="config-only JSON of the teacher, used by `plan` (no weights needed)")
+        parser.add_argument("--student_init", type=Optional[str], default=None,
+                            help="start the first slimming stage from this HF dir (e.g. another tool's output)")
+        parser.add_argument("--stages", type=list[StageConfig], default=[], help="stages, run in order")
+        parser.add_argument("--resume", type=bool, default=False, help="continue the run in output_dir")
+        parser.add_argument("--trust_remote_code", type=bool, default=False,
+                            help="allow models that ship their own modelling code (off: it runs that code)")
+
+    def instantiate_classes(self) -> None:
+        self.config_init = self.parser.instantiate_classes(self.config)
+        self.datamodule = self.config_init["data"]
+        self.spec = RunSpec(
+            output_dir=self.config_init["output_dir"], stages=list(self.config_init["stages"]),
+            teacher=self.config_init["teacher"], teacher_config=self.config_init["teacher_config"],
+            student_init=self.config_init["student_init"], resume=self.config_init["resume"],
+            trust_remote_code=self.config_init["trust_remote_code"], seed=int(self.config_init["seed_everything"]))
+
+    def make_trainer(self, extra_callbacks=(), **overrides) -> Trainer:
+        """A fresh Trainer from the ``trainer`` section (user callbacks copied), with per-stage overrides."""
+        config = copy.deepcopy(dict(self.config_init["trainer"]))
+        callbacks = config.pop("callbacks", None) or []
+        plugins = config.pop("plugins", None) or []
+        plugins = plugins if isinstance(plugins, list) else [plugins]
+        config.update(overrides)
+        return Trainer(**config, callbacks=[*callbacks, *extra_callbacks], plugins=[*plugins, AtomicCheckpointIO()])
+
+
+def with_default_config(args: list[str]) -> list[str]:
+    """``python train.py`` alone runs the embedded demo; any run without --config starts from it."""
+    if not any(a in ("--config", "-c") or a.startswith("--config=") for a in args):
+        return ["--config", DEMO_CONFIG, *args]
+    return args
+
+
+def format_summary(summary: dict) -> str:
+    rows = [("stage", "width", "heads", "total", "active", "tokens", "val ppl", "agree", "tok/s")]
+    t = summary["teacher"]
+    rows.append(("teacher", str(t["expert_width"]), f"{t['num_attention_heads']}/{t['num_key_value_heads']}",
+                 f"{t['total_params']:,}", f"{t['active_params']:,}", "-", f"{t['val_ppl']:.3f}", "-", "-"))
+    for s in summary["stages"]:
+        agree = s.get("teacher_top1_agreement")
+        rows.append((s["name"], str(s["expert_width"]), f"{s['num_attention_heads']}/{s['num_key_value_heads']}",
+                     f"{s['total_params']:,}", f"{s['active_params']:,}", f"{s['tokens']:,}", f"{s['val_ppl']:.3f}",
+                     "-" if agree is None else f"{agree:.3f}",
+                     "-" if s.get("tokens_per_s") is None else f"{s['tokens_per_s']:,.0f}"))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in rows]
+    return "\n".join([lines[0], "-" * len(lines[0]), *lines[1:], f"final model: {summary['final_dir']}"])
+
+
+def main(args: list[str] | None = None) -> dict:
+    cli = SlimMoECLI(args=with_default_config(list(args or [])))
+    summary = Pipeline(cli.spec, cli.datamodule, cli.make_trainer).run()
+    if rank_zero_only.rank == 0:
+        print(format_summary(summary))
+    return summary

@@ -1,0 +1,155 @@
+"""StageModule: one SlimMoE stage = a frozen teacher + a trainable student, trained with top-k KD.
+
+The teacher is the *original* model in every stage (SlimMoE §3): frozen, ``eval()``, no gradients, no
+optimizer state and never written into a checkpoint. Without a teacher the stage is plain LM training
+(the demo uses that to make its teacher).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import asdict
+
+import lightning.pytorch as pl
+import torch
+from torch import nn
+from torchmetrics import MeanMetric
+
+from lightning_slimmoe.config import OptimizerConfig
+from lightning_slimmoe.distill import DistillOutput, KDConfig, distill_loss, teacher_topk
+
+TEACHER_PREFIX = "teacher."
+STUDENT_PREFIX = "student."
+
+
+def model_fingerprint(model: nn.Module) -> str:
+    """Cheap identity of a model: its config and a sample of every tensor (not a full-weight hash)."""
+    h = hashlib.sha256(model.config.to_json_string(use_diff=False).encode())
+    with torch.no_grad():
+        for name, p in model.state_dict().items():
+            h.update(f"{name}:{tuple(p.shape)}".encode())
+            h.update(p.detach().flatten()[:16].float().cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
+class StageModule(pl.LightningModule):
+    def __init__(self, student: nn.Module, teacher: nn.Module | None = None, kd: KDConfig | None = None,
+                 optimizer: OptimizerConfig | None = None):
+        super().__init__()
+        self.student = student
+        self.teacher = teacher
+        self.kd = kd or KDConfig()
+        self.optim_cfg = optimizer or OptimizerConfig()
+        if teacher is not None:
+            teacher.requires_grad_(False)
+            teacher.eval()
+            self.teacher_fingerprint = model_fingerprint(teacher)
+        else:
+            self.teacher_fingerprint = None
+        self.save_hyperparameters({"kd": asdict(self.kd), "optimizer": asdict(self.optim_cfg),
+                                   "model_type": student.config.model_type, "has_teacher": teacher is not None})
+        self.val_loss = MeanMetric()
+        self.val_lm_loss = MeanMetric()
+        self.val_agreement = MeanMetric()
+
+    # --- the teacher stays frozen whatever Lightning toggles ----------------------------------------
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.teacher is not None:
+            self.teacher.eval()
+        return self
+
+    # --- loss ---------------------------------------------------------------------------------------
+    def forward_loss(self, batch: dict) -> DistillOutput:
+        ids_BT, labels_BT = batch["input_ids"], batch["labels"]
+        s_hidden_NH = self.student.model(input_ids=ids_BT, use_cache=False).last_hidden_state.flatten(0, 1)
+        t_vals_NK = t_ids_NK = None
+        if self.teacher is not None:
+            with torch.no_grad():
+                t_hidden_NH = self.teacher.model(input_ids=ids_BT, use_cache=False).last_hidden_state.flatten(0, 1)
+                t_vals_NK, t_ids_NK = teacher_topk(t_hidden_NH, self.teacher.get_output_embeddings(),
+                                                   self.kd.top_k, self.kd.chunk_tokens)
+        return distill_loss(s_hidden_NH, self.student.get_output_embeddings(), labels_BT.flatten(),
+                            t_vals_NK, t_ids_NK, self.kd)
+
+    def training_step(self, batch, batch_idx):
+        out = self.forward_loss(batch)
+        if not torch.isfinite(out.loss):
+            # Stop before optimizer.step so that weights and optimizer state stay finite (torchtitan's rule).
+            raise FloatingPointError(
+                f"non-finite training loss {out.loss.item()} at global step {self.global_step} on rank "
+                f"{self.global_rank} (kd_loss={out.kd_loss.item()}, lm_loss={out.lm_loss.item()})")
+        self.log("train/loss", out.loss, prog_bar=True)
+        self.log("train/kd_loss", out.kd_loss)
+        self.log("train/lm_loss", out.lm_loss)
+        self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"])
+        return out.loss
+
+    def validation_step(self, batch, batch_idx):
+        out = self.forward_loss(batch)
+        self.val_loss.update(out.loss.detach(), weight=out.num_tokens)
+        self.val_lm_loss.update(out.lm_loss, weight=out.num_tokens)
+        if self.teacher is not None:
+            self.val_agreement.update(out.agreement, weight=out.num_tokens)
+
+    def on_validation_epoch_end(self):
+        lm = self.val_lm_loss.compute()
+        self.log("val/loss", self.val_loss.compute(), prog_bar=True)
+        self.log("val/lm_loss", lm)
+        self.log("val/ppl", torch.exp(lm))
+        if self.teacher is not None:
+            self.log("val/teacher_agreement", self.val_agreement.compute())
+        for metric in (self.val_loss, self.val_lm_loss, self.val_agreement):
+            metric.reset()
+
+    # --- optimizer: AdamW (fused where available) or bitsandbytes AdamW8bit, warm-up + cosine -------
+    def configure_optimizers(self):
+        cfg = self.optim_cfg
+        params = [p for p in self.student.parameters() if p.requires_grad]
+        if cfg.name == "adamw8bit":
+            try:
+                import bitsandbytes as bnb
+            except ImportError as err:
+                raise ImportError("optimizer.name='adamw8bit' needs bitsandbytes: pip install bitsandbytes") from err
+            optimizer = bnb.optim.AdamW8bit(params, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
+        else:
+            fused = all(p.device.type == "cuda" for p in params)
+            optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps,
+                                          weight_decay=cfg.weight_decay, fused=fused or None)
+        total = max(1, int(self.trainer.max_steps))
+        warmup = int(cfg.warmup_ratio * total)
+
+        def lr_lambda(step: int) -> float:
+            if step < warmup:
+                return (step + 1) / warmup
+            progress = min(1.0, (step - warmup) / max(1, total - warmup))
+            return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
+        clip = self.optim_cfg.grad_clip if gradient_clip_val is None else gradient_clip_val
+        if clip:
+            self.clip_gradients(optimizer, gradient_clip_val=clip, gradient_clip_algorithm=gradient_clip_algorithm or "norm")
+
+    # --- checkpoints hold the student only ----------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith(TEACHER_PREFIX)}
+        checkpoint["teacher_fingerprint"] = self.teacher_fingerprint
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        saved = checkpoint.get("teacher_fingerprint")
+        if saved != self.teacher_fingerprint:
+            raise ValueError(
+                "the checkpoint was trained against a different teacher (fingerprint "
+                f"{str(saved)[:12]} != current {str(self.teacher_fingerprint)[:12]}); resume with the same teacher")
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """Load the student strictly; a checkpoint never carries the teacher."""
+        student = {k[len(STUDENT_PREFIX):]: v for k, v in state_dict.items() if k.startswith(STUDENT_PREFIX)}
+        unexpected = [k for k in state_dict if not k.startswith((STUDENT_PREFIX, TEACHER_PREFIX))]
+        if strict and unexpected:
+            raise RuntimeError(f"unexpected keys in checkpoint: {unexpected[:5]}")
+        return self.student.load_state_dict(student, strict=strict, assign=assign)

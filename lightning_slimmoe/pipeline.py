@@ -1,0 +1,379 @@
+"""The SlimMoE stage pipeline — read this file to know what a run does.
+
+    validate everything (config, targets of every stage, teacher, tokenizer, data)  — before any weight
+    for each stage k:
+        student = previous stage's export (stage 1: the teacher, or a pretrain stage's random init)
+        Trainer.fit(StageModule(student, frozen original teacher), callbacks=[ExpertSlimming, ...])
+            ExpertSlimming.setup: score on calibration tokens -> keep indices -> physical slice
+        validate, export stage_<k>_<name>/hf (reload-checked), meta.json
+    final/ (+ tokenizer, model card), summary.json
+
+SlimMoE §3: every stage distils from the *original* teacher, not from the previous student; each stage
+prunes one-shot to an intermediate size and recovers with its own token budget. Finished stages are
+skipped on ``--resume``; an interrupted stage continues from its last checkpoint with its saved slice.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import json
+import os
+import re
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.utilities import rank_zero_info
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+from callbacks import ExpertSlimming, ParamAndWidthLogger, ThroughputMonitor
+from callbacks.expert_slimming import widths_of, write_json_atomic
+from lightning_slimmoe.config import StageConfig
+from lightning_slimmoe.data import TextDataModule
+from lightning_slimmoe.export import export_hf, model_card, replace_dir
+from lightning_slimmoe.families import get_family
+from lightning_slimmoe.module import StageModule
+from lightning_slimmoe.params import count_config_params, count_params
+from lightning_slimmoe.slimming import SlimTarget, resolve_target, slim_config
+from lightning_slimmoe.tb import ContinuousTensorBoardLogger
+
+RUN_FILE = "run.json"
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+class ConfigError(ValueError):
+    """A run configuration that cannot work, found before any compute."""
+
+
+@dataclass
+class RunSpec:
+    output_dir: str
+    stages: list[StageConfig]
+    teacher: str | None = None  # hub id / local HF dir; None = made by a leading pretrain stage
+    teacher_config: str | None = None  # config-only JSON of the teacher, for planning without weights
+    student_init: str | None = None  # start the first slimming stage from this HF dir instead of the teacher
+    resume: bool = False
+    trust_remote_code: bool = False
+    seed: int = 0
+
+
+# ---------------------------------------------------------------------------------------------------
+# Loading (config first, weights only once everything is known to be valid)
+# ---------------------------------------------------------------------------------------------------
+def _check_source(field: str, source: str) -> None:
+    if os.path.exists(source):
+        if not os.path.isfile(os.path.join(source, "config.json")):
+            raise ConfigError(f"{field}={source!r}: directory has no config.json (not a Hugging Face model dir)")
+        return
+    if source.startswith((".", "/", "~")) or not _HUB_ID.match(source):
+        raise FileNotFoundError(f"{field}={source!r}: no such local path, and not a hub id of the form 'org/name'")
+
+
+def load_config(field: str, source: str, trust_remote_code: bool = False):
+    if source.endswith(".json"):
+        if not os.path.isfile(source):
+            raise FileNotFoundError(f"{field}={source!r}: config file not found")
+    else:
+        _check_source(field, source)
+    try:
+        config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
+    except ValueError as err:
+        if "trust_remote_code" in str(err):
+            raise ConfigError(
+                f"{field}={source!r} ships custom modelling code (as the released Phi-mini/tiny-MoE checkpoints "
+                "do); loading it runs that code, so it is off by default. Set `trust_remote_code: true` in the "
+                "YAML only if you trust the source.") from err
+        raise
+    get_family(config)  # unsupported / dense model_type fails here
+    return config
+
+
+def load_model(source: str, dtype: torch.dtype, trust_remote_code: bool = False):
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, trust_remote_code=trust_remote_code,
+                                                 use_safetensors=True)
+    return model
+
+
+def tokenizer_signature(tokenizer) -> dict:
+    vocab = sorted(tokenizer.get_vocab().items())
+    return {"vocab_hash": hashlib.sha256(json.dumps(vocab).encode()).hexdigest(), "size": len(tokenizer),
+            "special": {k: v for k, v in sorted(tokenizer.special_tokens_map.items()) if isinstance(v, str)},
+            "eos_token_id": tokenizer.eos_token_id, "bos_token_id": tokenizer.bos_token_id}
+
+
+def check_tokenizers_match(what: str, ours, theirs) -> None:
+    a, b = tokenizer_signature(ours), tokenizer_signature(theirs)
+    if a != b:
+        diff = {k: (a[k], b[k]) for k in a if a[k] != b[k]}
+        raise ConfigError(f"{what}: tokenizers differ (a different tokenizer, even with the same vocab size, makes "
+                          f"KD compare unrelated tokens): {diff}")
+
+
+def _precision_dtypes(precision: str) -> tuple[torch.dtype, torch.dtype]:
+    """(student, teacher) weight dtypes for a Lightning precision string."""
+    precision = str(precision)
+    if precision.startswith("bf16"):
+        return (torch.bfloat16 if "true" in precision else torch.float32), torch.bfloat16
+    if precision.startswith("16"):
+        return (torch.float16 if "true" in precision else torch.float32), torch.float16
+    return torch.float32, torch.float32
+
+
+# ---------------------------------------------------------------------------------------------------
+class Pipeline:
+    def __init__(self, spec: RunSpec, datamodule: TextDataModule, make_trainer: Callable[..., pl.Trainer]):
+        self.spec = spec
+        self.dm = datamodule
+        self.make_trainer = make_trainer
+        self.out = Path(spec.output_dir)
+        self.stage_dirs = [self.out / f"stage_{k}_{s.name}" for k, s in enumerate(spec.stages)]
+
+    # ---- validation: everything that can be checked without weights -----------------------------
+    def plan(self) -> tuple[object, list]:
+        """Teacher config and the config after every stage; raises on any bad target."""
+        spec = self.spec
+        if not spec.stages:
+            raise ConfigError("stages: empty; give at least one stage")
+        names = [s.name for s in spec.stages]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"stages[].name: {names} has duplicates; stage names must be unique")
+        pretrain = [k for k, s in enumerate(spec.stages) if s.pretrain is not None]
+        if spec.teacher is None:
+            if pretrain != [0]:
+                raise ConfigError("teacher: missing. Give a hub id or local HF dir, or make the first stage a "
+                                  "`pretrain:` stage that trains the teacher")
+            teacher_config = load_config("stages[0].pretrain.model_config", spec.stages[0].pretrain.model_config)
+        else:
+            if pretrain:
+                raise ConfigError(f"stages[{pretrain[0]}].pretrain: a pretrain stage only makes sense without `teacher:`")
+            teacher_config = (load_config("teacher_config", spec.teacher_config) if spec.teacher_config
+                              else load_config("teacher", spec.teacher, spec.trust_remote_code))
+        config = teacher_config
+        if spec.student_init:
+            config = load_config("student_init", spec.student_init, spec.trust_remote_code)
+            if config.vocab_size != teacher_config.vocab_size:
+                raise ConfigError(f"student_init vocab_size={config.vocab_size} != teacher vocab_size="
+                                  f"{teacher_config.vocab_size}: KD needs the same vocabulary")
+        configs = []
+        for k, stage in enumerate(spec.stages):
+            if stage.prunes:
+                if stage.remove_experts_to is not None:
+                    family = get_family(config)
+                    if not 0 < stage.remove_experts_to <= family.num_experts(config):
+                        raise ConfigError(f"stages[{stage.name}].remove_experts_to={stage.remove_experts_to}: must lie "
+                                          f"in [1, {family.num_experts(config)}]")
+                    config = _with_experts(config, stage.remove_experts_to)
+                try:
+                    target = resolve_target(config, expert_width=stage.expert_width,
+                                            attention_groups=stage.attention_groups,
+                                            shared_expert_width=stage.shared_expert_width, round_to=stage.round_to,
+                                            reference_config=teacher_config)
+                except ValueError as err:
+                    raise ConfigError(f"stages[{k}] ({stage.name}): {err}") from err
+                config = slim_config(config, target)
+            configs.append(config)
+        return teacher_config, configs
+
+    def _check_run_dir(self) -> None:
+        run_file = self.out / RUN_FILE
+        current = {"stages": [dataclasses.asdict(s) for s in self.spec.stages], "teacher": self.spec.teacher,
+                   "student_init": self.spec.student_init}
+        if self.spec.resume:
+            if not run_file.exists():
+                raise ConfigError(f"--resume: no run to resume in output_dir={str(self.out)!r} (no {RUN_FILE})")
+            saved = json.loads(run_file.read_text())
+            diff = {k: {"saved": saved.get(k), "now": v} for k, v in current.items() if saved.get(k) != v}
+            if diff:
+                raise ConfigError(f"--resume: the configuration differs from the run in {self.out}: "
+                                  f"{json.dumps(diff, default=str)[:2000]}")
+        elif run_file.exists():
+            raise ConfigError(f"output_dir={str(self.out)!r} already holds a run; pass `--resume true` to continue "
+                              "it, or choose another output_dir (nothing is overwritten)")
+        else:
+            self.out.mkdir(parents=True, exist_ok=True)
+            write_json_atomic(run_file, current)
+
+    # ---- the run ------------------------------------------------------------------------------------
+    def run(self) -> dict:
+        spec = self.spec
+        pl.seed_everything(spec.seed, workers=True)
+        teacher_config, planned = self.plan()
+        self._check_run_dir()
+        logger = ContinuousTensorBoardLogger(str(self.out / "tb"))
+        tokenizer = self._setup_tokenizer_and_data(teacher_config)
+        eval_trainer = self.make_trainer(default_root_dir=str(self.out), logger=False, enable_checkpointing=False)
+        world, accumulate = eval_trainer.world_size, eval_trainer.accumulate_grad_batches
+        student_dtype, teacher_dtype = _precision_dtypes(eval_trainer.precision)
+        samples_per_step = self.dm.hparams.batch_size * accumulate * world
+        tokens_per_step = samples_per_step * self.dm.hparams.seq_len
+        probe_ids = self.dm.val_blocks[:1, : min(32, self.dm.hparams.seq_len)].clone()
+
+        teacher_source = spec.teacher
+        teacher = None
+        summary = {"teacher": {}, "stages": [], "final_dir": None}
+        step_offset = sample_offset = 0
+        for k, (stage, stage_dir) in enumerate(zip(spec.stages, self.stage_dirs)):
+            steps = self.dm.steps_for_tokens(stage.max_tokens, accumulate, world)
+            meta_path = stage_dir / "meta.json"
+            meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
+            if meta.get("status") == "complete" and (stage_dir / "hf").is_dir():
+                rank_zero_info(f"[{stage.name}] complete, skipped (resume)")
+                summary["stages"].append(meta["summary"])
+            else:
+                if stage.pretrain is None and teacher is None:
+                    teacher = load_model(teacher_source, teacher_dtype, spec.trust_remote_code)
+                    if not summary["teacher"]:
+                        summary["teacher"] = self._teacher_summary(teacher, teacher_source, eval_trainer)
+                student = self._incoming_student(k, stage, tokenizer, student_dtype, teacher_config)
+                stage_summary = self._run_stage(k, stage, stage_dir, student, None if stage.pretrain else teacher,
+                                                steps, step_offset, sample_offset, logger, tokens_per_step,
+                                                teacher_config, tokenizer, probe_ids)
+                summary["stages"].append(stage_summary)
+            if stage.pretrain is not None:
+                teacher_source = str(stage_dir / "hf")
+            step_offset += steps
+            sample_offset += steps * samples_per_step
+        if not summary["teacher"]:
+            teacher = teacher or load_model(teacher_source, teacher_dtype, spec.trust_remote_code)
+            summary["teacher"] = self._teacher_summary(teacher, teacher_source, eval_trainer)
+        summary["final_dir"] = str(self.out / "final")
+        if eval_trainer.global_rank == 0:
+            final_src = self.stage_dirs[-1] / "hf"
+            tmp = self.out / "final.tmp"
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            shutil.copytree(final_src, tmp)
+            (tmp / "README.md").write_text(model_card(summary))
+            replace_dir(tmp, self.out / "final")
+            write_json_atomic(self.out / "summary.json", summary)
+        logger.finalize("success")
+        return summary
+
+    # ---- pieces ------------------------------------------------------------------------------------
+    def _setup_tokenizer_and_data(self, teacher_config):
+        spec, dm = self.spec, self.dm
+        if spec.teacher is None:
+            tok_dir = self.out / "tokenizer"
+            if dm.tokenizer is None and dm.hparams.tokenizer is None:
+                if (tok_dir / "tokenizer.json").exists():
+                    dm.set_tokenizer(AutoTokenizer.from_pretrained(tok_dir))
+                else:
+                    dm.train_tokenizer(spec.stages[0].pretrain.tokenizer_vocab_size, str(tok_dir))
+        else:
+            teacher_tok = AutoTokenizer.from_pretrained(spec.teacher, trust_remote_code=spec.trust_remote_code)
+            if dm.hparams.tokenizer is not None:
+                check_tokenizers_match(f"data.tokenizer={dm.hparams.tokenizer!r} vs teacher={spec.teacher!r}",
+                                       AutoTokenizer.from_pretrained(dm.hparams.tokenizer), teacher_tok)
+            if spec.student_init and os.path.exists(os.path.join(spec.student_init, "tokenizer_config.json")):
+                check_tokenizers_match(f"student_init={spec.student_init!r} vs teacher={spec.teacher!r}",
+                                       AutoTokenizer.from_pretrained(spec.student_init), teacher_tok)
+            if len(teacher_tok) > teacher_config.vocab_size:
+                raise ConfigError(f"teacher tokenizer has {len(teacher_tok)} tokens but the model's vocab_size is "
+                                  f"{teacher_config.vocab_size}")
+            dm.set_tokenizer(teacher_tok)
+        dm.setup("fit")  # tokenise + pack now: a too-short corpus fails before any weight is loaded
+        return dm.tokenizer
+
+    def _incoming_student(self, k, stage, tokenizer, dtype, teacher_config):
+        spec = self.spec
+        if stage.pretrain is not None:
+            config = load_config("pretrain.model_config", stage.pretrain.model_config)
+            config.vocab_size = len(tokenizer)
+            for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+                setattr(config, name, getattr(tokenizer, name))
+            pl.seed_everything(spec.seed + k, workers=True)
+            return AutoModelForCausalLM.from_config(config, dtype=dtype)
+        previous = next((d / "hf" for s, d in zip(reversed(spec.stages[:k]), reversed(self.stage_dirs[:k]))
+                         if s.pretrain is None), None)
+        source = str(previous) if previous else (spec.student_init or self._teacher_source_for(k))
+        return load_model(source, dtype, spec.trust_remote_code)
+
+    def _teacher_source_for(self, k):
+        if self.spec.teacher is not None:
+            return self.spec.teacher
+        return str(self.stage_dirs[0] / "hf")  # made by the pretrain stage
+
+    def _teacher_summary(self, teacher, source, trainer) -> dict:
+        metrics = trainer.validate(StageModule(teacher), datamodule=self.dm, verbose=False)[0]
+        counts = count_params(teacher)
+        return {"source": source, "model_type": teacher.config.model_type, **widths_of(teacher.config),
+                "total_params": counts.total, "active_params": counts.active,
+                "val_loss": metrics["val/lm_loss"], "val_ppl": metrics["val/ppl"]}
+
+    def _run_stage(self, k, stage, stage_dir, student, teacher, steps, step_offset, sample_offset, logger,
+                   tokens_per_step, teacher_config, tokenizer, probe_ids) -> dict:
+        started = time.time()
+        stage_dir.mkdir(parents=True, exist_ok=True)
+        ckpt_dir = stage_dir / "checkpoints"
+        last = ckpt_dir / "last.ckpt"
+        ckpt_path = str(last) if self.spec.resume and last.exists() else None
+        val_every = min(steps, stage.val_every_n_steps or max(1, steps // 4))
+        ckpt_every = min(steps, stage.checkpoint_every_n_steps or val_every)
+        logger.step_offset = step_offset
+        self.dm.stream_offset = sample_offset
+        callbacks = [
+            ExpertSlimming(stage, str(stage_dir), reference_config=teacher_config, seed=self.spec.seed,
+                           step_offset=step_offset),
+            ParamAndWidthLogger(),
+            ThroughputMonitor(tokens_per_batch=self.dm.hparams.batch_size * self.dm.hparams.seq_len),
+            ModelCheckpoint(dirpath=str(ckpt_dir), filename="step{step:07d}", auto_insert_metric_name=False,
+                            every_n_train_steps=ckpt_every, save_last=True, save_top_k=1,
+                            monitor="step", mode="max"),
+        ]
+        trainer = self.make_trainer(default_root_dir=str(stage_dir), logger=logger, max_steps=steps,
+                                    val_check_interval=val_every, check_val_every_n_epoch=None,
+                                    extra_callbacks=callbacks)
+        module = StageModule(student, teacher, kd=stage.kd, optimizer=stage.optimizer)
+        rank_zero_info(f"[{stage.name}] stage {k}: {steps} steps, {steps * tokens_per_step:,} tokens"
+                       + (f", resuming from {ckpt_path}" if ckpt_path else ""))
+        fit_started = time.time()
+        trainer.fit(module, datamodule=self.dm, ckpt_path=ckpt_path)
+        fit_s = time.time() - fit_started
+        if trainer.interrupted:
+            raise KeyboardInterrupt(f"[{stage.name}] interrupted; continue with --resume true")
+        metrics = trainer.validate(module, datamodule=self.dm, verbose=False)[0]
+        student = module.student.to("cpu")
+        counts = count_params(student)
+        meta_path = stage_dir / "meta.json"
+        meta = json.loads(meta_path.read_text()) if meta_path.exists() else {"stage": stage.name}
+        stage_summary = {
+            "name": stage.name, "model_type": student.config.model_type, **widths_of(student.config),
+            "total_params": counts.total, "active_params": counts.active,
+            "tokens": steps * tokens_per_step, "val_loss": metrics["val/loss"], "val_ppl": metrics["val/ppl"],
+            "teacher_top1_agreement": metrics.get("val/teacher_agreement"),
+            "tokens_per_s": round(steps * tokens_per_step / max(fit_s, 1e-9), 1) if ckpt_path is None else None,
+            "wall_s": round(time.time() - started + meta.get("scoring_s", 0.0), 3),
+            "kept_index_hash": meta.get("kept_index_hash"), "criterion": stage.criterion if stage.prunes else None,
+        }
+        if trainer.global_rank == 0:
+            export_hf(student, stage_dir / "hf", tokenizer=tokenizer, probe_ids=probe_ids)
+            meta.update({"status": "complete", "widths": widths_of(student.config), "steps": steps,
+                         "tokens": steps * tokens_per_step, "fit_s": round(fit_s, 3), "summary": stage_summary})
+            write_json_atomic(meta_path, meta)
+        trainer.strategy.barrier()
+        rank_zero_info(f"[{stage.name}] done: val ppl {stage_summary['val_ppl']:.3f}, "
+                       f"{counts.total:,} params ({counts.active:,} active)")
+        return stage_summary
+
+
+def _with_experts(config, num_experts: int):
+    family = get_family(config)
+    new = copy.deepcopy(config)
+    setattr(new, family.num_experts_field, num_experts)
+    return new
+
+
+def plan_summary(teacher_config, configs, stages) -> dict:
+    """What ``python -m lightning_slimmoe plan`` prints: shapes and parameter counts per stage."""
+    def describe(config):
+        counts = count_config_params(config)
+        return {**widths_of(config), "total_params": counts.total, "active_params": counts.active}
+    return {"teacher": describe(teacher_config),
+            "stages": [{"name": s.name, **describe(c)} for s, c in zip(stages, configs)]}
