@@ -189,16 +189,17 @@ class Pipeline:
             if not run_file.exists():
                 raise ConfigError(f"--resume: no run to resume in output_dir={str(self.out)!r} (no {RUN_FILE})")
             saved = json.loads(run_file.read_text())
-            diff = {k: {"saved": saved.get(k), "now": v} for k, v in current.items() if saved.get(k) != v}
+            diff = config_diff(saved, json.loads(json.dumps(current)))
             if diff:
-                raise ConfigError(f"--resume: the configuration differs from the run in {self.out}: "
-                                  f"{json.dumps(diff, default=str)[:2000]}")
+                raise ConfigError(f"--resume: the configuration differs from the run in {self.out} "
+                                  f"(saved -> now): {'; '.join(diff[:20])}. Resume with the same stages, or start "
+                                  "a new output_dir")
         elif run_file.exists():
             raise ConfigError(f"output_dir={str(self.out)!r} already holds a run; pass `--resume true` to continue "
                               "it, or choose another output_dir (nothing is overwritten)")
         else:
             self.out.mkdir(parents=True, exist_ok=True)
-            write_json_atomic(run_file, current)
+            write_json_atomic(run_file, json.loads(json.dumps(current)))
 
     # ---- the run ------------------------------------------------------------------------------------
     def run(self) -> dict:
@@ -361,6 +362,16 @@ class Pipeline:
         rank_zero_info(f"[{stage.name}] done: val ppl {stage_summary['val_ppl']:.3f}, "
                        f"{counts.total:,} params ({counts.active:,} active)")
         return stage_summary
+
+
+def config_diff(saved, now, path: str = "") -> list[str]:
+    """Leaf-by-leaf differences, e.g. ``stages[1].max_tokens: 512 -> 1024``."""
+    if isinstance(saved, dict) and isinstance(now, dict):
+        return [d for k in sorted(set(saved) | set(now), key=str)
+                for d in config_diff(saved.get(k), now.get(k), f"{path}.{k}" if path else str(k))]
+    if isinstance(saved, list) and isinstance(now, list) and len(saved) == len(now):
+        return [d for i, (a, b) in enumerate(zip(saved, now)) for d in config_diff(a, b, f"{path}[{i}]")]
+    return [] if saved == now else [f"{path}: {json.dumps(saved)} -> {json.dumps(now)}"]
 
 
 def _with_experts(config, num_experts: int):

@@ -49,3 +49,78 @@ def random_batch(batch_size: int = 2, seq_len: int = 8, seed: int = 0) -> dict:
 @pytest.fixture(params=FAMILIES)
 def family_name(request):
     return request.param
+
+
+# ---------------------------------------------------------------------------------------------------
+# Pipeline fixtures: a small real corpus, tiny teacher dirs with tokenizers, tiny recipes.
+# ---------------------------------------------------------------------------------------------------
+import json
+import os
+import sysconfig
+from pathlib import Path
+
+import yaml
+
+PIPELINE_FAMILY_OVERRIDES = {  # widths that stay grouped_mm-aligned after two halvings
+    "phimoe": dict(intermediate_size=32), "mixtral": dict(intermediate_size=32),
+    "qwen2_moe": dict(moe_intermediate_size=32, shared_expert_intermediate_size=32),
+    "qwen3_moe": dict(moe_intermediate_size=32), "olmoe": dict(intermediate_size=32),
+}
+
+
+@pytest.fixture(scope="session")
+def corpus_file(tmp_path_factory) -> str:
+    """~120k characters of the standard library's own sources (present on every machine)."""
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    text = "\n\n".join((stdlib / name).read_text(errors="replace") for name in
+                       ("argparse.py", "textwrap.py", "functools.py", "json/decoder.py"))[:120_000]
+    path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
+    path.write_text(text)
+    return str(path)
+
+
+def make_teacher_dir(path, model_type: str, corpus: str, vocab_size: int = 320, seed: int = 0) -> str:
+    """A user's own tiny HF MoE directory (weights + tokenizer), as `teacher:` takes it."""
+    from lightning_slimmoe.data import TextDataModule
+
+    path = Path(path)
+    dm = TextDataModule(files=[corpus])
+    tokenizer = dm.train_tokenizer(vocab_size, str(path))
+    model = tiny_model(model_type, seed=seed, vocab_size=len(tokenizer), **PIPELINE_FAMILY_OVERRIDES[model_type])
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(0.25)  # a tamer random teacher: logits of O(1)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def phimoe_teacher(tmp_path_factory, corpus_file) -> str:
+    return make_teacher_dir(tmp_path_factory.mktemp("teacher") / "phimoe", "phimoe", corpus_file)
+
+
+def tiny_recipe(tmp_path, teacher: str | None, corpus: str, stages: list | None = None, **top) -> str:
+    """Write a tiny 2-stage recipe YAML and return its path."""
+    stages = stages if stages is not None else [
+        {"name": "slim1", "expert_width": 16, "criterion": "kd_taylor", "calibration_tokens": 256,
+         "max_tokens": 6 * 4 * 32, "optimizer": {"lr": 1e-3}, "kd": {"top_k": 8}},
+        {"name": "slim2", "expert_width": 8, "attention_groups": 1, "criterion": "kd_taylor",
+         "calibration_tokens": 256, "max_tokens": 4 * 4 * 32, "optimizer": {"lr": 1e-3}},
+    ]
+    config = {
+        "seed_everything": 0, "output_dir": str(tmp_path / "run"), "teacher": teacher,
+        "trainer": {"accelerator": "cpu", "devices": 1, "precision": "32-true", "log_every_n_steps": 1,
+                    "limit_val_batches": 2, "enable_progress_bar": False, "enable_model_summary": False},
+        "data": {"class_path": "lightning_slimmoe.data.TextDataModule",
+                 "init_args": {"files": [corpus], "seq_len": 32, "batch_size": 4, "val_fraction": 0.05}},
+        "stages": stages,
+    }
+    config.update(top)
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return str(path)
+
+
+def read_summary(run_dir) -> dict:
+    return json.loads((Path(run_dir) / "summary.json").read_text())
