@@ -9,8 +9,12 @@ pipeline, so there is no ``model`` section.
 from __future__ import annotations
 
 import copy
+import json
 import os
+import re
 from typing import Optional
+
+import yaml
 
 from lightning.pytorch import Trainer
 from lightning.pytorch.cli import LightningCLI
@@ -49,6 +53,24 @@ class SlimMoECLI(LightningCLI):
         parser.add_argument("--trust_remote_code", type=bool, default=False,
                             help="allow models that ship their own modelling code (off: it runs that code)")
 
+    def parse_arguments(self, parser, args) -> None:
+        """Adds ``--stages.<i>.<key>[.<sub>] VALUE`` overrides (jsonargparse has no index syntax for lists of
+        dataclasses): parse once, apply them to the merged stage list, re-parse so every value is type-checked."""
+        rest, overrides = split_stage_overrides(list(args or []))
+        if overrides:
+            first_pass = [a for a in rest if not a.startswith("--print_config")]
+            stages = yaml.safe_load(parser.dump(parser.parse_args(first_pass), skip_check=True))["stages"]
+            for index, path, value in overrides:
+                if not 0 <= index < len(stages):
+                    parser.error(f"--stages.{index}.{'.'.join(path)}: there are {len(stages)} stages (0..{len(stages) - 1})")
+                node = stages[index]
+                for key in path[:-1]:
+                    node = node.setdefault(key, {}) if isinstance(node.get(key), dict) or node.get(key) is None else parser.error(
+                        f"--stages.{index}.{'.'.join(path)}: {key!r} is not a section")
+                node[path[-1]] = value
+            rest = rest + ["--stages", json.dumps(stages)]
+        super().parse_arguments(parser, rest)
+
     def instantiate_classes(self) -> None:
         self.config_init = self.parser.instantiate_classes(self.config)
         self.datamodule = self.config_init["data"]
@@ -66,6 +88,37 @@ class SlimMoECLI(LightningCLI):
         plugins = plugins if isinstance(plugins, list) else [plugins]
         config.update(overrides)
         return Trainer(**config, callbacks=[*callbacks, *extra_callbacks], plugins=[*plugins, AtomicCheckpointIO()])
+
+
+_STAGE_OVERRIDE = re.compile(r"^--stages\.(\d+)\.([A-Za-z_][\w.]*)(?:=(.*))?$")
+
+
+def _coerce(text: str):
+    """YAML value, with '1e9' style numbers accepted as ints when integral."""
+    value = yaml.safe_load(text)
+    if isinstance(value, str):
+        try:
+            number = float(value)
+        except ValueError:
+            return value
+        return int(number) if number.is_integer() else number
+    return value
+
+
+def split_stage_overrides(args: list[str]) -> tuple[list[str], list[tuple[int, list[str], object]]]:
+    rest, overrides, i = [], [], 0
+    while i < len(args):
+        match = _STAGE_OVERRIDE.match(args[i])
+        if match:
+            value = match.group(3)
+            if value is None:
+                i += 1
+                value = args[i] if i < len(args) else ""
+            overrides.append((int(match.group(1)), match.group(2).split("."), _coerce(value)))
+        else:
+            rest.append(args[i])
+        i += 1
+    return rest, overrides
 
 
 def with_default_config(args: list[str]) -> list[str]:
