@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from lightning_slimmoe.checkpoint_io import atomic_torch_save
 from lightning_slimmoe.config import StageConfig
+from lightning_slimmoe.distributed import all_reduce_scores_
 from lightning_slimmoe.families import get_family, head_dim
 from lightning_slimmoe.importance import ImportanceScores, compute_scores, expert_saliency
 from lightning_slimmoe.slimming import KeepIndices, remove_experts_, resolve_target, select_keep, slim_model_
@@ -62,7 +63,8 @@ class ExpertSlimming(Callback):
         if stage != "fit" or not self.stage.prunes:
             return
         student = pl_module.student
-        if self.keep_path.exists():
+        # One decision for all ranks (rank 0 may already have written keep.pt when another rank looks).
+        if trainer.strategy.broadcast(self.keep_path.exists()):
             self._reapply(student)
             return
         self.stage_dir.mkdir(parents=True, exist_ok=True)
@@ -73,7 +75,8 @@ class ExpertSlimming(Callback):
                                 reference_config=self.reference_config)
         device = trainer.strategy.root_device
         pl_module.to(device)
-        calibration = trainer.datamodule.calibration_batches(self.stage.calibration_tokens)
+        calibration = trainer.datamodule.calibration_batches(self.stage.calibration_tokens,
+                                                             self.stage.calibration_batch_size)
         progress = lambda it: tqdm(it, desc=f"[{self.stage.name}] calibration ({self.stage.criterion})",
                                    disable=trainer.global_rank != 0, leave=False)
         kept_experts = None
@@ -84,7 +87,19 @@ class ExpertSlimming(Callback):
             remove_experts_(student, kept_experts)
         if self.stage.scores_file:
             scores = ImportanceScores.load(self.stage.scores_file, student)
-        else:
+        elif self.stage.criterion == "kd_taylor" and trainer.world_size > 1:
+            # Each rank scores its share of the calibration batches; the fp64 sums are all-reduced so every
+            # rank keeps exactly the neurons a single process would.
+            world, rank = trainer.world_size, trainer.global_rank
+            slots = -(-len(calibration) // world)  # every rank runs as many batches (the teacher may be sharded)
+            mine = [calibration[i] if i < len(calibration) else calibration[0]
+                    for i in range(rank, slots * world, world)]
+            counted = [i < len(calibration) for i in range(rank, slots * world, world)]
+            scores = compute_scores(student, mine, "kd_taylor", teacher=pl_module.teacher, kd=self.stage.kd,
+                                    progress=progress, counted=counted)
+            all_reduce_scores_([scores.experts, scores.shared, scores.groups])
+            scores.num_tokens = sum(int(b["input_ids"].numel()) for b in calibration)
+        else:  # activation means, magnitude and random are computed whole on every rank
             scores = compute_scores(student, calibration, self.stage.criterion, teacher=pl_module.teacher,
                                     kd=self.stage.kd, seed=self.seed, progress=progress)
         keep = select_keep(scores, target)

@@ -23,6 +23,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from lightning_slimmoe.checkpoint_io import AtomicCheckpointIO
 from lightning_slimmoe.config import StageConfig
 from lightning_slimmoe.data import TextDataModule
+from lightning_slimmoe.distributed import ParallelConfig
 from lightning_slimmoe.pipeline import Pipeline, RunSpec
 
 DEMO_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "conf", "demo.yaml")
@@ -52,6 +53,8 @@ class SlimMoECLI(LightningCLI):
         parser.add_argument("--resume", type=bool, default=False, help="continue the run in output_dir")
         parser.add_argument("--trust_remote_code", type=bool, default=False,
                             help="allow models that ship their own modelling code (off: it runs that code)")
+        parser.add_argument("--parallel", type=ParallelConfig, default=ParallelConfig(),
+                            help="FSDP2 settings, used with trainer.strategy=ModelParallelStrategy")
 
     def parse_arguments(self, parser, args) -> None:
         """Adds ``--stages.<i>.<key>[.<sub>] VALUE`` overrides (jsonargparse has no index syntax for lists of
@@ -78,7 +81,8 @@ class SlimMoECLI(LightningCLI):
             output_dir=self.config_init["output_dir"], stages=list(self.config_init["stages"]),
             teacher=self.config_init["teacher"], teacher_config=self.config_init["teacher_config"],
             student_init=self.config_init["student_init"], resume=self.config_init["resume"],
-            trust_remote_code=self.config_init["trust_remote_code"], seed=int(self.config_init["seed_everything"]))
+            trust_remote_code=self.config_init["trust_remote_code"], seed=int(self.config_init["seed_everything"]),
+            parallel=self.config_init["parallel"])
 
     def make_trainer(self, extra_callbacks=(), **overrides) -> Trainer:
         """A fresh Trainer from the ``trainer`` section (user callbacks copied), with per-stage overrides."""

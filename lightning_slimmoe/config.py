@@ -52,6 +52,7 @@ class StageConfig:
     # --- how it is chosen (SlimMoE §2) --------------------------------------------------------------
     criterion: Literal["kd_taylor", "activation", "magnitude", "random"] = "kd_taylor"
     calibration_tokens: int = 2_000_000
+    calibration_batch_size: int = 8  # sequences per scoring batch (fixed, so scores do not depend on devices)
     scores_file: Optional[str] = None  # reuse scores saved by an earlier run instead of calibrating
     # --- how it is recovered (SlimMoE §3) -----------------------------------------------------------
     max_tokens: int = 50_000_000  # KD token budget of this stage

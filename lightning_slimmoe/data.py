@@ -516,20 +516,23 @@ class TextDataModule(pl.LightningDataModule):
             PackedBlockDataset(val_blocks), batch_size=self.val_batch_size, shuffle=False, num_workers=0
         )
 
-    def calibration_batches(self, num_tokens: int) -> list[dict[str, torch.Tensor]]:
+    def calibration_batches(self, num_tokens: int, batch_size: int | None = None) -> list[dict[str, torch.Tensor]]:
         """Deterministic training batches covering about ``num_tokens`` tokens, for importance scoring.
 
         Blocks are taken in the training stream's epoch-0 order: ``ceil(num_tokens / seq_len)`` samples, at least
-        one and at most every training block, batched by ``batch_size``.
+        one and at most every training block, batched by ``batch_size`` (default: the training batch size). A
+        fixed calibration batch size keeps scores independent of the device count: KD-Taylor sums |θ·g| per
+        batch, so the grouping of samples into batches matters.
         """
+        batch_size = batch_size or self.batch_size
         if num_tokens < 1:
             raise ValueError(f"num_tokens must be >= 1, got {num_tokens}")
         train_blocks, _ = self._require_setup()
         num_samples = min(max(1, math.ceil(num_tokens / self.seq_len)), train_blocks.shape[0])
         order = self.train_stream().epoch_permutation(0)[:num_samples]
         batches = []
-        for start in range(0, num_samples, self.batch_size):
-            blocks = train_blocks[order[start : start + self.batch_size]]
+        for start in range(0, num_samples, batch_size):
+            blocks = train_blocks[order[start : start + batch_size]]
             batches.append({"input_ids": blocks[:, :-1].contiguous(), "labels": blocks[:, 1:].contiguous()})
         return batches
 

@@ -193,7 +193,7 @@ class _EvalMode:
 # ---------------------------------------------------------------------------------------------------
 # Criteria
 # ---------------------------------------------------------------------------------------------------
-def _kd_taylor(student, teacher, batches, kd: KDConfig, progress) -> tuple[dict, dict, dict]:
+def _kd_taylor(student, teacher, batches, kd: KDConfig, progress, counted) -> tuple[dict, dict, dict]:
     if teacher is None:
         raise ValueError("criterion='kd_taylor' needs a teacher (the KD loss is taken against it)")
     kd = replace(kd, lm_weight=0.0)
@@ -204,10 +204,13 @@ def _kd_taylor(student, teacher, batches, kd: KDConfig, progress) -> tuple[dict,
     for p in scored:
         p.requires_grad_(True)
         p.grad = None
-    experts, shared, groups = {}, {}, {}
+    # Every structure starts at zero, so a rank with no calibration batch still holds (and all-reduces)
+    # exactly the same tables as the others.
+    with torch.no_grad():
+        experts, shared, groups = structure_scores(student, torch.zeros_like)
     device = next(student.parameters()).device
     try:
-        for batch in progress(batches):
+        for i, batch in enumerate(progress(batches)):
             batch = _to_device(batch, device)
             with torch.no_grad():
                 t_hidden_NH = teacher.model(input_ids=batch["input_ids"]).last_hidden_state.flatten(0, 1)
@@ -217,7 +220,8 @@ def _kd_taylor(student, teacher, batches, kd: KDConfig, progress) -> tuple[dict,
             out.loss.backward()
             with torch.no_grad():
                 e, s, g = structure_scores(student, lambda p: (p * p.grad).abs() if p.grad is not None else torch.zeros_like(p))
-            _accumulate(experts, e), _accumulate(shared, s), _accumulate(groups, g)
+            if counted is None or counted[i]:
+                _accumulate(experts, e), _accumulate(shared, s), _accumulate(groups, g)
             for p in scored:
                 p.grad = None
     finally:
@@ -299,8 +303,13 @@ def compute_scores(
     kd: KDConfig | None = None,
     seed: int = 0,
     progress: Callable[[Iterable], Iterable] = lambda it: it,
+    counted: list[bool] | None = None,
 ) -> ImportanceScores:
-    """Score every expert neuron, shared-expert neuron and GQA group of ``student``."""
+    """Score every expert neuron, shared-expert neuron and GQA group of ``student``.
+
+    ``counted`` (kd_taylor): batches marked False are run but not added — a sharded teacher's forward is
+    collective, so every rank must run as many batches as the others even when it has fewer to score.
+    """
     if criterion not in CRITERIA:
         raise ValueError(f"criterion={criterion!r}: must be one of {list(CRITERIA)}")
     family: MoEFamily = get_family(student)
@@ -308,7 +317,9 @@ def compute_scores(
     num_tokens = sum(int(b["input_ids"].numel()) for b in batches)
     with _EvalMode(student, teacher):
         if criterion == "kd_taylor":
-            experts, shared, groups = _kd_taylor(student, teacher, batches, kd or KDConfig(), progress)
+            experts, shared, groups = _kd_taylor(student, teacher, batches, kd or KDConfig(), progress, counted)
+            if counted is not None:
+                num_tokens = sum(int(b["input_ids"].numel()) for b, c in zip(batches, counted) if c)
         elif criterion == "activation":
             experts, shared, groups = _activation(student, batches, progress)
         elif criterion == "magnitude":

@@ -18,6 +18,7 @@ from torchmetrics import MeanMetric
 
 from lightning_slimmoe.config import OptimizerConfig
 from lightning_slimmoe.distill import DistillOutput, KDConfig, distill_loss, teacher_topk
+from lightning_slimmoe.distributed import ParallelConfig, fsdp_mesh, reshard_head, shard_model
 
 TEACHER_PREFIX = "teacher."
 STUDENT_PREFIX = "student."
@@ -35,16 +36,20 @@ def model_fingerprint(model: nn.Module) -> str:
 
 class StageModule(pl.LightningModule):
     def __init__(self, student: nn.Module, teacher: nn.Module | None = None, kd: KDConfig | None = None,
-                 optimizer: OptimizerConfig | None = None):
+                 optimizer: OptimizerConfig | None = None, parallel: ParallelConfig | None = None):
         super().__init__()
         self.student = student
         self.teacher = teacher
         self.kd = kd or KDConfig()
         self.optim_cfg = optimizer or OptimizerConfig()
+        self.parallel = parallel or ParallelConfig()
+        # Checkpoints never hold the teacher, so its keys are absent when a sharded checkpoint is loaded
+        # into the whole module; the student is still loaded strictly by `load_state_dict` below.
+        self.strict_loading = False
         if teacher is not None:
             teacher.requires_grad_(False)
             teacher.eval()
-            self.teacher_fingerprint = model_fingerprint(teacher)
+            self.teacher_fingerprint = getattr(teacher, "slimmoe_fingerprint", None) or model_fingerprint(teacher)
         else:
             self.teacher_fingerprint = None
         self.save_hyperparameters({"kd": asdict(self.kd), "optimizer": asdict(self.optim_cfg),
@@ -60,6 +65,15 @@ class StageModule(pl.LightningModule):
             self.teacher.eval()
         return self
 
+    # --- FSDP2 under ModelParallelStrategy: student and teacher sharded per decoder layer -----------
+    def configure_model(self) -> None:
+        if self.device_mesh is None:  # single device / DDP: nothing to shard
+            return
+        mesh = fsdp_mesh(self.device)
+        shard_model(self.student, mesh, self.parallel, trainable=True)
+        if self.teacher is not None:
+            shard_model(self.teacher, mesh, self.parallel, trainable=False)
+
     # --- loss ---------------------------------------------------------------------------------------
     def forward_loss(self, batch: dict) -> DistillOutput:
         ids_BT, labels_BT = batch["input_ids"], batch["labels"]
@@ -70,6 +84,7 @@ class StageModule(pl.LightningModule):
                 t_hidden_NH = self.teacher.model(input_ids=ids_BT, use_cache=False).last_hidden_state.flatten(0, 1)
                 t_vals_NK, t_ids_NK = teacher_topk(t_hidden_NH, self.teacher.get_output_embeddings(),
                                                    self.kd.top_k, self.kd.chunk_tokens)
+                reshard_head(self.teacher)
         return distill_loss(s_hidden_NH, self.student.get_output_embeddings(), labels_BT.flatten(),
                             t_vals_NK, t_ids_NK, self.kd)
 
@@ -80,9 +95,10 @@ class StageModule(pl.LightningModule):
             raise FloatingPointError(
                 f"non-finite training loss {out.loss.item()} at global step {self.global_step} on rank "
                 f"{self.global_rank} (kd_loss={out.kd_loss.item()}, lm_loss={out.lm_loss.item()})")
-        self.log("train/loss", out.loss, prog_bar=True)
-        self.log("train/kd_loss", out.kd_loss)
-        self.log("train/lm_loss", out.lm_loss)
+        sync = self.trainer.world_size > 1  # log the global mean, not rank 0's share
+        self.log("train/loss", out.loss, prog_bar=True, sync_dist=sync)
+        self.log("train/kd_loss", out.kd_loss, sync_dist=sync)
+        self.log("train/lm_loss", out.lm_loss, sync_dist=sync)
         self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"])
         return out.loss
 

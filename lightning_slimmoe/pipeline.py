@@ -21,7 +21,9 @@ import hashlib
 import json
 import os
 import re
+import pickle
 import shutil
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,16 +32,19 @@ from typing import Callable
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from callbacks import ExpertSlimming, ParamAndWidthLogger, ThroughputMonitor
 from callbacks.expert_slimming import widths_of, write_json_atomic
+from callbacks.preemption import CheckpointOnSigterm
 from lightning_slimmoe.config import StageConfig
 from lightning_slimmoe.data import TextDataModule
+from lightning_slimmoe.distributed import ParallelConfig, full_state_dict_on_rank0, is_sharded
 from lightning_slimmoe.export import export_hf, model_card, replace_dir
 from lightning_slimmoe.families import get_family
-from lightning_slimmoe.module import StageModule
+from lightning_slimmoe.importance import ImportanceScores
+from lightning_slimmoe.module import StageModule, model_fingerprint
 from lightning_slimmoe.params import count_config_params, count_params
 from lightning_slimmoe.slimming import SlimTarget, resolve_target, slim_config
 from lightning_slimmoe.tb import ContinuousTensorBoardLogger
@@ -62,6 +67,7 @@ class RunSpec:
     resume: bool = False
     trust_remote_code: bool = False
     seed: int = 0
+    parallel: ParallelConfig = dataclasses.field(default_factory=ParallelConfig)  # FSDP2 settings
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -134,6 +140,7 @@ class Pipeline:
         self.make_trainer = make_trainer
         self.out = Path(spec.output_dir)
         self.stage_dirs = [self.out / f"stage_{k}_{s.name}" for k, s in enumerate(spec.stages)]
+        self._unsaved_tokenizer: Path | None = None  # a pretrain run's new tokenizer, written by _start_run
 
     # ---- validation: everything that can be checked without weights -----------------------------
     def plan(self) -> tuple[object, list]:
@@ -170,6 +177,12 @@ class Pipeline:
                         raise ConfigError(f"stages[{stage.name}].remove_experts_to={stage.remove_experts_to}: must lie "
                                           f"in [1, {family.num_experts(config)}]")
                     config = _with_experts(config, stage.remove_experts_to)
+                if stage.scores_file:  # read weights_only and shape-checked against the planned model, now
+                    try:
+                        ImportanceScores.load(stage.scores_file, config)
+                    except (OSError, ValueError, KeyError, RuntimeError, pickle.UnpicklingError) as err:
+                        raise ConfigError(f"stages[{k}] ({stage.name}).scores_file={stage.scores_file!r}: "
+                                          f"{err}") from err
                 try:
                     target = resolve_target(config, expert_width=stage.expert_width,
                                             attention_groups=stage.attention_groups,
@@ -181,15 +194,43 @@ class Pipeline:
             configs.append(config)
         return teacher_config, configs
 
-    def _check_run_dir(self) -> None:
+    def _check_weight_files(self) -> None:
+        """Weights are read from safetensors only: a pickled ``pytorch_model.bin`` can run code when loaded."""
+        for field, source in (("teacher", self.spec.teacher), ("student_init", self.spec.student_init)):
+            if not source or not os.path.isdir(source):
+                continue  # hub ids: from_pretrained(use_safetensors=True) refuses pickled weights itself
+            files = os.listdir(source)
+            if not any(f.endswith(".safetensors") or f.endswith(".safetensors.index.json") for f in files):
+                pickled = sorted(f for f in files if f.endswith((".bin", ".pt", ".pth", ".ckpt", ".pkl")))
+                raise ConfigError(
+                    f"{field}={source!r}: no *.safetensors weights in the directory"
+                    + (f" (found {pickled}: pickle-based weights are refused because loading them can run code; "
+                       "convert them once, in a process you trust, with "
+                       "`AutoModelForCausalLM.from_pretrained(dir).save_pretrained(dir, safe_serialization=True)`)"
+                       if pickled else ""))
+
+    def _run_record(self, batch: dict | None = None) -> dict:
+        record = {"stages": [dataclasses.asdict(s) for s in self.spec.stages], "teacher": self.spec.teacher,
+                  "student_init": self.spec.student_init}
+        if batch is not None:  # the data-stream geometry: a resume with another one would skip or repeat samples
+            record["batch"] = batch
+        return json.loads(json.dumps(record))
+
+    def _check_run_dir(self, batch: dict | None = None) -> None:
+        """Read-only: a bad ``--resume`` or an output_dir holding another run fails before any work."""
+        if rank_zero_only.rank != 0:
+            # Other ranks (re-launched by Lightning's script launcher, or started by torchrun) run the same
+            # script; rank 0 owns run.json and has checked it.
+            return
         run_file = self.out / RUN_FILE
-        current = {"stages": [dataclasses.asdict(s) for s in self.spec.stages], "teacher": self.spec.teacher,
-                   "student_init": self.spec.student_init}
+        current = self._run_record(batch)
         if self.spec.resume:
             if not run_file.exists():
                 raise ConfigError(f"--resume: no run to resume in output_dir={str(self.out)!r} (no {RUN_FILE})")
             saved = json.loads(run_file.read_text())
-            diff = config_diff(saved, json.loads(json.dumps(current)))
+            if batch is None:
+                saved.pop("batch", None)
+            diff = config_diff(saved, current)
             if diff:
                 raise ConfigError(f"--resume: the configuration differs from the run in {self.out} "
                                   f"(saved -> now): {'; '.join(diff[:20])}. Resume with the same stages, or start "
@@ -197,21 +238,34 @@ class Pipeline:
         elif run_file.exists():
             raise ConfigError(f"output_dir={str(self.out)!r} already holds a run; pass `--resume true` to continue "
                               "it, or choose another output_dir (nothing is overwritten)")
-        else:
+
+    def _start_run(self, batch: dict) -> None:
+        """The first write of a run: only after config, targets, scores files, tokenizers and data all passed."""
+        self._check_run_dir(batch)
+        if rank_zero_only.rank != 0:
+            return
+        if not self.spec.resume:
             self.out.mkdir(parents=True, exist_ok=True)
-            write_json_atomic(run_file, json.loads(json.dumps(current)))
+            write_json_atomic(self.out / RUN_FILE, self._run_record(batch))
+        if self._unsaved_tokenizer is not None:
+            self.dm.tokenizer.save_pretrained(self._unsaved_tokenizer)
 
     # ---- the run ------------------------------------------------------------------------------------
     def run(self) -> dict:
         spec = self.spec
         pl.seed_everything(spec.seed, workers=True)
-        teacher_config, planned = self.plan()
+        teacher_config, planned = self.plan()  # configs, targets, scores files: no weights
+        self._check_weight_files()
         self._check_run_dir()
-        logger = ContinuousTensorBoardLogger(str(self.out / "tb"))
-        tokenizer = self._setup_tokenizer_and_data(teacher_config)
+        tokenizer = self._setup_tokenizer_and_data(teacher_config)  # tokenizers match, data packs: still no writes
         eval_trainer = self.make_trainer(default_root_dir=str(self.out), logger=False, enable_checkpointing=False)
         world, accumulate = eval_trainer.world_size, eval_trainer.accumulate_grad_batches
+        self._start_run({"world_size": world, "accumulate_grad_batches": accumulate,
+                         "batch_size": self.dm.hparams.batch_size, "seq_len": self.dm.hparams.seq_len,
+                         "data_seed": self.dm.hparams.seed})
+        logger = ContinuousTensorBoardLogger(str(self.out / "tb"))
         student_dtype, teacher_dtype = _precision_dtypes(eval_trainer.precision)
+        teacher_dtype = spec.parallel.dtype("param_dtype") or teacher_dtype  # the frozen teacher needs no fp32 master
         samples_per_step = self.dm.hparams.batch_size * accumulate * world
         tokens_per_step = samples_per_step * self.dm.hparams.seq_len
         probe_ids = self.dm.val_blocks[:1, : min(32, self.dm.hparams.seq_len)].clone()
@@ -230,6 +284,7 @@ class Pipeline:
             else:
                 if stage.pretrain is None and teacher is None:
                     teacher = load_model(teacher_source, teacher_dtype, spec.trust_remote_code)
+                    teacher.slimmoe_fingerprint = model_fingerprint(teacher)  # before any sharding
                     if not summary["teacher"]:
                         summary["teacher"] = self._teacher_summary(teacher, teacher_source, eval_trainer)
                 student = self._incoming_student(k, stage, tokenizer, student_dtype, teacher_config)
@@ -242,7 +297,9 @@ class Pipeline:
             step_offset += steps
             sample_offset += steps * samples_per_step
         if not summary["teacher"]:
-            teacher = teacher or load_model(teacher_source, teacher_dtype, spec.trust_remote_code)
+            if teacher is None:
+                teacher = load_model(teacher_source, teacher_dtype, spec.trust_remote_code)
+                teacher.slimmoe_fingerprint = model_fingerprint(teacher)
             summary["teacher"] = self._teacher_summary(teacher, teacher_source, eval_trainer)
         summary["final_dir"] = str(self.out / "final")
         if eval_trainer.global_rank == 0:
@@ -265,8 +322,10 @@ class Pipeline:
             if dm.tokenizer is None and dm.hparams.tokenizer is None:
                 if (tok_dir / "tokenizer.json").exists():
                     dm.set_tokenizer(AutoTokenizer.from_pretrained(tok_dir))
-                else:
-                    dm.train_tokenizer(spec.stages[0].pretrain.tokenizer_vocab_size, str(tok_dir))
+                else:  # trained in memory now, saved by _start_run once the whole run is validated
+                    with tempfile.TemporaryDirectory() as scratch:
+                        dm.train_tokenizer(spec.stages[0].pretrain.tokenizer_vocab_size, scratch)
+                    self._unsaved_tokenizer = tok_dir
         else:
             teacher_tok = AutoTokenizer.from_pretrained(spec.teacher, trust_remote_code=spec.trust_remote_code)
             if dm.hparams.tokenizer is not None:
@@ -301,8 +360,21 @@ class Pipeline:
             return self.spec.teacher
         return str(self.stage_dirs[0] / "hf")  # made by the pretrain stage
 
+    @staticmethod
+    def _gather_student(student, rank: int):
+        """The trained student as a plain CPU model on rank 0 (gathered from its FSDP shards if sharded)."""
+        if not is_sharded(student):
+            return student.to("cpu")
+        full = full_state_dict_on_rank0(student)  # collective: every rank takes part
+        if rank != 0:
+            return None
+        plain = AutoModelForCausalLM.from_config(student.config, dtype=next(iter(full.values())).dtype)
+        plain.load_state_dict(full)
+        return plain
+
     def _teacher_summary(self, teacher, source, trainer) -> dict:
-        metrics = trainer.validate(StageModule(teacher), datamodule=self.dm, verbose=False)[0]
+        metrics = trainer.validate(StageModule(teacher, parallel=self.spec.parallel), datamodule=self.dm,
+                                   verbose=False)[0]
         counts = count_params(teacher)
         return {"source": source, "model_type": teacher.config.model_type, **widths_of(teacher.config),
                 "total_params": counts.total, "active_params": counts.active,
@@ -327,11 +399,12 @@ class Pipeline:
             ModelCheckpoint(dirpath=str(ckpt_dir), filename="step{step:07d}", auto_insert_metric_name=False,
                             every_n_train_steps=ckpt_every, save_last=True, save_top_k=1,
                             monitor="step", mode="max"),
+            CheckpointOnSigterm(str(last)),  # SIGTERM: finish the step, write last.ckpt, exit 143
         ]
         trainer = self.make_trainer(default_root_dir=str(stage_dir), logger=logger, max_steps=steps,
                                     val_check_interval=val_every, check_val_every_n_epoch=None,
                                     extra_callbacks=callbacks)
-        module = StageModule(student, teacher, kd=stage.kd, optimizer=stage.optimizer)
+        module = StageModule(student, teacher, kd=stage.kd, optimizer=stage.optimizer, parallel=self.spec.parallel)
         rank_zero_info(f"[{stage.name}] stage {k}: {steps} steps, {steps * tokens_per_step:,} tokens"
                        + (f", resuming from {ckpt_path}" if ckpt_path else ""))
         fit_started = time.time()
@@ -340,12 +413,12 @@ class Pipeline:
         if trainer.interrupted:
             raise KeyboardInterrupt(f"[{stage.name}] interrupted; continue with --resume true")
         metrics = trainer.validate(module, datamodule=self.dm, verbose=False)[0]
-        student = module.student.to("cpu")
-        counts = count_params(student)
+        student = self._gather_student(module.student, trainer.global_rank)
+        counts = count_params(module.student)
         meta_path = stage_dir / "meta.json"
         meta = json.loads(meta_path.read_text()) if meta_path.exists() else {"stage": stage.name}
         stage_summary = {
-            "name": stage.name, "model_type": student.config.model_type, **widths_of(student.config),
+            "name": stage.name, "model_type": module.student.config.model_type, **widths_of(module.student.config),
             "total_params": counts.total, "active_params": counts.active,
             "tokens": steps * tokens_per_step, "val_loss": metrics["val/loss"], "val_ppl": metrics["val/ppl"],
             "teacher_top1_agreement": metrics.get("val/teacher_agreement"),
@@ -369,8 +442,11 @@ def config_diff(saved, now, path: str = "") -> list[str]:
     if isinstance(saved, dict) and isinstance(now, dict):
         return [d for k in sorted(set(saved) | set(now), key=str)
                 for d in config_diff(saved.get(k), now.get(k), f"{path}.{k}" if path else str(k))]
-    if isinstance(saved, list) and isinstance(now, list) and len(saved) == len(now):
-        return [d for i, (a, b) in enumerate(zip(saved, now)) for d in config_diff(a, b, f"{path}[{i}]")]
+    if isinstance(saved, list) and isinstance(now, list):  # e.g. a stage added or removed: name it, no dump
+        brief = lambda x: f"stage {x['name']!r}" if isinstance(x, dict) and "name" in x else json.dumps(x)
+        return ([d for i, (a, b) in enumerate(zip(saved, now)) for d in config_diff(a, b, f"{path}[{i}]")]
+                + [f"{path}[{i}]: {brief(saved[i])} -> (removed)" for i in range(len(now), len(saved))]
+                + [f"{path}[{i}]: (none) -> {brief(now[i])} (added)" for i in range(len(saved), len(now))])
     return [] if saved == now else [f"{path}: {json.dumps(saved)} -> {json.dumps(now)}"]
 
 
