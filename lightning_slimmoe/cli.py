@@ -12,6 +12,7 @@ import copy
 import json
 import os
 import re
+import sys
 from typing import Optional
 
 import yaml
@@ -149,7 +150,9 @@ def format_summary(summary: dict) -> str:
 
 
 def main(args: list[str] | None = None) -> dict:
-    cli = SlimMoECLI(args=with_default_config(list(args or [])))
+    args = list(sys.argv[1:] if args is None else args)
+    sys.argv = sys.argv[:1]  # the arguments go through `args`; LightningCLI warns when it sees both
+    cli = SlimMoECLI(args=with_default_config(args))
     summary = Pipeline(cli.spec, cli.datamodule, cli.make_trainer).run()
     if rank_zero_only.rank == 0:
         print(format_summary(summary))

@@ -106,7 +106,7 @@ def test_recipe_runs_a_few_steps_on_a_stand_in(recipe_name, tmp_path, corpus_fil
     teacher = _stand_in_teacher(recipe, tmp_path, corpus_file)
     args = ["--config", str(ROOT / "conf" / recipe_name), "--teacher", teacher, "--teacher_config", "null",
             "--output_dir", str(tmp_path / "run"), "--trainer.accelerator", "cpu", "--trainer.devices", "1",
-            "--trainer.num_nodes", "1", "--trainer.precision", "32-true", "--trainer.limit_val_batches", "1",
+            "--trainer.num_nodes", "1", "--trainer.precision", "32-true", "--trainer.strategy", "auto", "--trainer.limit_val_batches", "1",
             "--trainer.enable_progress_bar", "false", "--data.init_args.hub_dataset", "null",
             "--data.init_args.files", json.dumps([corpus_file]), "--data.init_args.seq_len", "16",
             "--data.init_args.batch_size", "2"]
@@ -133,3 +133,18 @@ def test_demo_recipe_runs_a_few_steps(tmp_path, corpus_file):
     summary = read_summary(tmp_path / "run")
     assert [s["expert_width"] for s in summary["stages"]] == [256, 128, 64]
     assert summary["stages"][-1]["num_key_value_heads"] == 2
+
+
+def test_plan_memory_for_64_a100s():
+    out = subprocess.run([sys.executable, "-m", "lightning_slimmoe", "plan", "--config", "conf/phi_tiny.yaml", "--json",
+                          "--memory", "--gpus", "64", "--gpu-memory-gib", "80"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120, check=True)
+    plan = json.loads(out.stdout[out.stdout.index("{"):])
+    first = plan["stages"][0]["memory_gib_per_gpu"]
+    assert first["fits"] and 0 < first["total"] < 80
+    assert first["optimizer_state"] == pytest.approx(2 * first["student_weights"], rel=0.02)
+    totals = [s["memory_gib_per_gpu"]["total"] for s in plan["stages"]]
+    assert totals == sorted(totals, reverse=True)  # the biggest student is the first stage's
+    few = subprocess.run([sys.executable, "-m", "lightning_slimmoe", "plan", "--config", "conf/phi_tiny.yaml", "--json",
+                          "--memory", "--gpus", "2"], cwd=ROOT, capture_output=True, text=True, timeout=120, check=True)
+    assert not json.loads(few.stdout[few.stdout.index("{"):])["stages"][0]["memory_gib_per_gpu"]["fits"]
