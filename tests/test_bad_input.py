@@ -1,0 +1,210 @@
+"""Issue 7 (8): every bad input fails fast, before any model weight is loaded, naming the field, the value
+and the rule, and writes nothing (output_dir stays absent)."""
+
+from __future__ import annotations
+
+import json
+import sysconfig
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+import lightning_slimmoe.pipeline as pipeline
+from conftest import tiny_config, tiny_recipe
+from lightning_slimmoe.cli import main
+from lightning_slimmoe.families import UnsupportedModelError
+from lightning_slimmoe.importance import ImportanceScores, model_shape
+
+STAGE = {"name": "s", "expert_width": 16, "calibration_tokens": 128, "max_tokens": 256}
+MAX_S = 10.0
+
+
+@pytest.fixture
+def no_weights(monkeypatch):
+    """Any attempt to load (or build) model weights fails the test."""
+    calls = []
+
+    def refuse(*args, **kwargs):
+        calls.append(args[:1])
+        raise AssertionError(f"model weights were loaded: {args[:1]}")
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", refuse)
+    monkeypatch.setattr(AutoModelForCausalLM, "from_config", refuse)
+    monkeypatch.setattr(pipeline, "load_model", refuse)
+    return calls
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory, phimoe_teacher, corpus_file):
+    """Odd teachers, students, tokenizers, corpora and scores files, made once."""
+    from lightning_slimmoe.data import TextDataModule
+
+    root = tmp_path_factory.mktemp("bad_inputs")
+    # a teacher config with 4 KV groups (config only: nothing may need its weights)
+    gqa4 = root / "gqa4"
+    gqa4.mkdir()
+    tiny_config("phimoe", vocab_size=320, intermediate_size=32, num_key_value_heads=4).save_pretrained(gqa4)
+    # a student_init with another vocabulary
+    vocab500 = root / "vocab500"
+    vocab500.mkdir()
+    tiny_config("phimoe", vocab_size=500, intermediate_size=32).save_pretrained(vocab500)
+    # a different tokenizer with the teacher's vocab size
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    other_text = root / "other.txt"
+    other_text.write_text("\n".join((stdlib / n).read_text(errors="replace") for n in ("inspect.py", "typing.py")))
+    other_tok = root / "other_tokenizer"
+    tok = TextDataModule(files=[str(other_text)]).train_tokenizer(320, str(other_tok))
+    assert len(tok) == 320
+    # a dense model (tiny llama, weights and all)
+    llama = root / "llama"
+    LlamaForCausalLM(LlamaConfig(vocab_size=320, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                 num_attention_heads=4, num_key_value_heads=2)).save_pretrained(llama)
+    # a corpus shorter than one sequence
+    short = root / "short.txt"
+    short.write_text("def f(): pass\n")
+    # scores of another model (a Mixtral with other widths)
+    other = tiny_config("mixtral", intermediate_size=48)
+    scores = ImportanceScores(criterion="magnitude", model_type="mixtral", shape=model_shape(other),
+                              experts={i: torch.rand(4, 48) for i in range(2)},
+                              groups={i: torch.rand(2) for i in range(2)})
+    scores_file = root / "other_scores.pt"
+    scores.save(str(scores_file))
+    return {"gqa4": str(gqa4), "vocab500": str(vocab500), "other_tok": str(other_tok), "llama": str(llama),
+            "short": str(short), "scores": str(scores_file)}
+
+
+def stage(**kw) -> list[dict]:
+    return [{**STAGE, **kw}]
+
+
+# id -> (recipe edits (dict of top-level keys, with "stages", "data", "raw" for post-dump edits), extra args,
+#        exception type, substrings the message must hold: field, value, rule)
+ROWS = {
+    "width_above_current": (dict(stages=stage(expert_width=64)), [], pipeline.ConfigError,
+                            ["stages[0]", "expert_width=64", "larger than the current width 32", "only shrink"]),
+    "width_zero": (dict(stages=stage(expert_width=0)), [], pipeline.ConfigError,
+                   ["stages[0]", "expert_width=0", "must be > 0"]),
+    "width_negative": (dict(stages=stage(expert_width=-8)), [], pipeline.ConfigError,
+                       ["expert_width=-8", "must be > 0"]),
+    "width_not_multiple_of_round_to": (dict(stages=stage(expert_width=20, round_to=16)), [], pipeline.ConfigError,
+                                       ["expert_width=20", "multiple of round_to=16"]),
+    "fraction_above_one": (dict(stages=stage(expert_width=1.5)), [], pipeline.ConfigError,
+                           ["expert_width=1.5", "fraction must lie in (0, 1]"]),
+    "gqa_groups_do_not_divide": (dict(teacher="gqa4", stages=stage(attention_groups=3)), [], pipeline.ConfigError,
+                                 ["attention_groups=3", "must divide the current 4 KV groups"]),
+    "gqa_groups_above_current": (dict(stages=stage(attention_groups=4)), [], pipeline.ConfigError,
+                                 ["attention_groups=4", "exceeds the current 2 KV groups"]),
+    "student_vocab_mismatch": (dict(student_init="vocab500"), [], pipeline.ConfigError,
+                               ["student_init vocab_size=500", "teacher vocab_size=320", "same vocabulary"]),
+    "other_tokenizer_same_vocab_size": (dict(data={"tokenizer": "other_tok"}), [], pipeline.ConfigError,
+                                        ["data.tokenizer=", "other_tokenizer", "tokenizers differ", "vocab_hash"]),
+    "dense_model_type": (dict(teacher="llama"), [], UnsupportedModelError,
+                         ["model_type='llama'", "not supported", "dense"]),
+    "corpus_shorter_than_one_sequence": (dict(data={"files": ["short"]}), [], ValueError,
+                                         ["short.txt", "seq_len + 1 = 33", "at least 2 blocks"]),
+    "unknown_stage_key": (dict(stages=stage(expert_widht=8)), [], SystemExit, ["expert_widht"]),
+    "unknown_top_level_key": (dict(outptu_dir="x"), [], SystemExit, ["outptu_dir"]),
+    "bad_value_in_stage": (dict(stages=stage(max_tokens=0)), [], ValueError,
+                           ["stages[s].max_tokens=0", "must be > 0"]),
+    "resume_without_a_run": ({}, ["--resume", "true"], pipeline.ConfigError,
+                             ["--resume", "no run to resume", "output_dir="]),
+    "missing_teacher_path": (dict(teacher="/nonexistent/teacher"), [], FileNotFoundError,
+                             ["teacher='/nonexistent/teacher'", "no such local path"]),
+    "scores_file_of_another_model": (dict(stages=stage(scores_file="scores", criterion="magnitude")), [],
+                                     pipeline.ConfigError,
+                                     ["stages[0] (s).scores_file=", "other_scores.pt", "another model",
+                                      "expert_width"]),
+}
+
+
+def _resolve(value, inputs):
+    if isinstance(value, str):
+        return inputs.get(value, value)
+    if isinstance(value, list):
+        return [_resolve(v, inputs) for v in value]
+    if isinstance(value, dict):
+        return {k: _resolve(v, inputs) for k, v in value.items()}
+    return value
+
+
+def _tree(path: Path) -> list[str]:
+    return sorted(str(p.relative_to(path)) for p in path.rglob("*"))
+
+
+@pytest.mark.parametrize("row", list(ROWS))
+def test_bad_input_fails_fast_before_weights_and_writes_nothing(row, tmp_path, inputs, phimoe_teacher, corpus_file,
+                                                                no_weights, capsys):
+    edits, args, exc_type, needles = ROWS[row]
+    edits = _resolve(dict(edits), inputs)
+    stages = edits.pop("stages", stage())
+    data = edits.pop("data", {})
+    teacher = edits.pop("teacher", phimoe_teacher)
+    recipe = Path(tiny_recipe(tmp_path, teacher, corpus_file, stages=stages, **edits))
+    if data:
+        config = yaml.safe_load(recipe.read_text())
+        config["data"]["init_args"].update(data)
+        recipe.write_text(yaml.safe_dump(config, sort_keys=False))
+    before = _tree(tmp_path)
+    started = time.time()
+    with pytest.raises(exc_type) as info:
+        main(["--config", str(recipe), *args])
+    elapsed = time.time() - started
+    message = str(info.value) if exc_type is not SystemExit else capsys.readouterr().err
+    if exc_type is SystemExit:
+        assert info.value.code not in (0, None)
+    for needle in needles:
+        assert needle in message, f"{row}: {needle!r} not in: {message}"
+    assert not no_weights, f"{row}: weights were loaded before the error"
+    assert elapsed < MAX_S, f"{row}: took {elapsed:.1f}s"
+    assert not (tmp_path / "run").exists(), f"{row}: output_dir was created: {_tree(tmp_path / 'run')}"
+    assert _tree(tmp_path) == before
+
+
+def test_bad_input_leaves_an_existing_run_unchanged(tmp_path, phimoe_teacher, corpus_file, no_weights):
+    """A finished-looking run dir and a resume with another stage list: refused, nothing touched."""
+    recipe = Path(tiny_recipe(tmp_path, phimoe_teacher, corpus_file, stages=stage()))
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "run.json").write_text(json.dumps({"stages": [], "teacher": phimoe_teacher, "student_init": None}))
+    snapshot = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    with pytest.raises(pipeline.ConfigError, match="already holds a run"):
+        main(["--config", str(recipe)])
+    with pytest.raises(pipeline.ConfigError, match=r"configuration differs"):
+        main(["--config", str(recipe), "--resume", "true"])
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == snapshot
+    assert not no_weights
+
+
+def _pretrain_recipe(tmp_path, corpus: str) -> Path:
+    model_config = tmp_path / "model.json"
+    config = tiny_config("phimoe", intermediate_size=32)
+    model_config.write_text(config.to_json_string())
+    stages = [{"name": "pre", "pretrain": {"model_config": str(model_config), "tokenizer_vocab_size": 300},
+               "max_tokens": 2 * 4 * 32},
+              {"name": "slim", "expert_width": 16, "calibration_tokens": 128, "max_tokens": 2 * 4 * 32}]
+    return Path(tiny_recipe(tmp_path, None, corpus, stages=stages))
+
+
+def test_pretrain_run_with_too_short_corpus_writes_no_tokenizer(tmp_path, inputs, no_weights):
+    """A pretrain run trains its tokenizer in memory; a corpus too short to pack fails before it is saved."""
+    recipe = _pretrain_recipe(tmp_path, inputs["short"])
+    with pytest.raises(ValueError, match="seq_len"):
+        main(["--config", str(recipe)])
+    assert not (tmp_path / "run").exists() and not no_weights
+
+
+def test_pretrain_run_saves_its_tokenizer_and_resumes_with_it(tmp_path, corpus_file):
+    from transformers import AutoTokenizer
+
+    recipe = _pretrain_recipe(tmp_path, corpus_file)
+    main(["--config", str(recipe)])
+    tok_dir = tmp_path / "run" / "tokenizer"
+    saved = AutoTokenizer.from_pretrained(tok_dir)
+    final = AutoTokenizer.from_pretrained(tmp_path / "run" / "final")
+    assert saved.get_vocab() == final.get_vocab() and len(saved) == 300
+    main(["--config", str(recipe), "--resume", "true"])  # everything complete: skipped, same tokenizer
+    assert AutoTokenizer.from_pretrained(tok_dir).get_vocab() == saved.get_vocab()

@@ -1,0 +1,848 @@
+"""Issue 7: kills, faults and bad resumes lose nothing and resume exactly (CPU, real processes).
+
+The kill scenarios run ``train.py``'s own entry point (``lightning_slimmoe.cli.main``) in a child process
+through a small *test-only* driver (written below into the test's temp dir; nothing test-specific lives
+in the product). The driver adds a recording callback (per-step loss and the first token ids of every
+batch, one fsync'ed JSONL line each) and kills its own process with SIGKILL at the chosen point: at a
+training step, half-way through writing a checkpoint file, inside ``export_hf`` before the rename, or
+at a stage boundary (during scoring, between scoring and slicing, between slicing and the first KD
+step). The test then resumes with ``--resume true`` and compares against an uninterrupted run.
+
+The driver forwards its argv to the CLI unchanged, so a multi-rank variant can add
+``--trainer.devices 2 --trainer.strategy ...`` (every record carries its rank).
+
+The child-process scenarios are marked ``slow`` (real processes, ~10 s each incl. imports); they run in the
+default ``python -m pytest -q``. The rest run in-process in seconds.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from lightning.pytorch import Callback
+
+from conftest import read_summary, tiny_recipe
+
+ROOT = Path(__file__).resolve().parents[1]
+WATCHDOG_S = 120  # no child may take longer than this (a hang fails the test instead of the CI job)
+
+# Stage 2 of the kill recipe: 6 steps, a checkpoint every 2 steps.
+STAGES = [
+    {"name": "slim1", "expert_width": 16, "calibration_tokens": 256, "max_tokens": 4 * 4 * 32,
+     "checkpoint_every_n_steps": 2, "val_every_n_steps": 100, "optimizer": {"lr": 1e-3}},
+    {"name": "slim2", "expert_width": 8, "attention_groups": 1, "calibration_tokens": 256,
+     "max_tokens": 6 * 4 * 32, "checkpoint_every_n_steps": 2, "val_every_n_steps": 100, "optimizer": {"lr": 1e-3}},
+]
+STEPS = {"slim1": 4, "slim2": 6}
+
+DRIVER = r'''
+"""Test-only driver: lightning_slimmoe.cli.main(argv) plus a recorder and one fault (see test_reliability)."""
+import io, json, os, signal, sys, time
+sys.path.insert(0, os.getcwd())
+OPTS = json.loads(os.environ["RELIABILITY_DRIVER"])
+FAULT = OPTS.get("fault") or {}
+
+
+def log(**record):
+    record["pid"] = os.getpid()
+    with open(OPTS["log"], "a") as f:
+        f.write(json.dumps(record) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def die(where):
+    log(event="kill", where=where)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+import torch
+from lightning.pytorch import Callback
+import lightning_slimmoe.checkpoint_io as checkpoint_io
+import lightning_slimmoe.cli as cli
+import lightning_slimmoe.export as export
+import callbacks.expert_slimming as expert_slimming
+from callbacks.expert_slimming import ExpertSlimming, widths_of
+
+CURRENT = {"stage": None}
+
+
+def stage_of(trainer):
+    return next((c.stage.name for c in trainer.callbacks if isinstance(c, ExpertSlimming)), None)
+
+
+def at(kind, stage=None):
+    return FAULT.get("kind") == kind and (stage is None or FAULT.get("stage") == stage)
+
+
+class Recorder(Callback):
+    def on_train_start(self, trainer, pl_module):
+        name = stage_of(trainer)
+        log(event="train_start", stage=name, step=trainer.global_step, rank=trainer.global_rank,
+            widths=widths_of(pl_module.student.config))
+        if at("train_start", name):
+            die(f"{name}: after slicing, before the first KD step")
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        name = stage_of(trainer)
+        log(event="step", stage=name, step=trainer.global_step, rank=trainer.global_rank,
+            loss=outputs["loss"].item(), first_ids=batch["input_ids"][:, :4].tolist())
+        if at("step", name) and trainer.global_step == FAULT["step"]:
+            die(f"{name}: step {trainer.global_step}")
+        if at("await_sigterm", name) and trainer.global_step == FAULT["step"]:
+            log(event="ready", stage=name, step=trainer.global_step)
+            deadline = time.time() + 60
+            while not trainer.received_sigterm and time.time() < deadline:
+                time.sleep(0.02)
+            log(event="sigterm_seen", received=trainer.received_sigterm)
+
+
+_make_trainer = cli.SlimMoECLI.make_trainer
+
+
+def make_trainer(self, extra_callbacks=(), **overrides):
+    return _make_trainer(self, extra_callbacks=[*extra_callbacks, Recorder()], **overrides)
+
+
+cli.SlimMoECLI.make_trainer = make_trainer
+
+
+class HalfWritingTorch:
+    """Stands in for ``torch`` inside checkpoint_io: the chosen checkpoint is cut off half-way."""
+
+    def __getattr__(self, name):
+        return getattr(torch, name)
+
+    @staticmethod
+    def save(obj, f, *args, **kwargs):
+        target = getattr(f, "name", str(f))
+        if (at("checkpoint_half_written") and str(target).endswith(FAULT["path_suffix"])
+                and isinstance(obj, dict) and obj.get("global_step") == FAULT["step"]):
+            buffer = io.BytesIO()
+            torch.save(obj, buffer)
+            data = buffer.getvalue()
+            f.write(data[: len(data) // 2])
+            f.flush()
+            os.fsync(f.fileno())
+            die(f"writing {target}: {len(data) // 2} of {len(data)} bytes")
+        return torch.save(obj, f, *args, **kwargs)
+
+
+checkpoint_io.torch = HalfWritingTorch()
+
+_replace_dir = export.replace_dir
+
+
+def replace_dir(tmp, final):
+    if at("export_before_rename") and str(tmp).endswith(FAULT["path_suffix"]):
+        die(f"export_hf: {tmp} written, not yet renamed to {final}")
+    return _replace_dir(tmp, final)
+
+
+export.replace_dir = replace_dir
+
+_setup = ExpertSlimming.setup
+
+
+def setup(self, trainer, pl_module, stage):
+    CURRENT["stage"] = self.stage.name
+    return _setup(self, trainer, pl_module, stage)
+
+
+ExpertSlimming.setup = setup
+
+_compute_scores = expert_slimming.compute_scores
+
+
+def compute_scores(*args, **kwargs):
+    scores = _compute_scores(*args, **kwargs)
+    log(event="scored", stage=CURRENT["stage"])
+    if at("scoring", CURRENT["stage"]):
+        die(f"{CURRENT['stage']}: during scoring (scores computed, not saved)")
+    return scores
+
+
+expert_slimming.compute_scores = compute_scores
+
+_slim_model = expert_slimming.slim_model_
+
+
+def slim_model_(model, keep):
+    if CURRENT.get("reapplying"):
+        return _slim_model(model, keep)
+    if at("before_slicing", CURRENT["stage"]):
+        die(f"{CURRENT['stage']}: between scoring and slicing")
+    log(event="sliced", stage=CURRENT["stage"], kept_index_hash=keep.digest())
+    return _slim_model(model, keep)
+
+
+expert_slimming.slim_model_ = slim_model_
+
+_reapply = ExpertSlimming._reapply
+
+
+def reapply(self, student):
+    log(event="reapplied", stage=self.stage.name)
+    CURRENT["reapplying"] = True
+    try:
+        return _reapply(self, student)
+    finally:
+        CURRENT["reapplying"] = False
+
+
+ExpertSlimming._reapply = reapply
+
+cli.main(sys.argv[1:])
+log(event="done")
+'''
+
+
+# ---------------------------------------------------------------------------------------------------
+# helpers
+# ---------------------------------------------------------------------------------------------------
+class Run:
+    """One child process of the driver; ``records`` are its JSONL lines."""
+
+    def __init__(self, proc: subprocess.Popen, log_path: Path, out: str):
+        self.proc, self.log_path, self.out = proc, log_path, out
+
+    @property
+    def records(self) -> list[dict]:
+        if not self.log_path.exists():
+            return []
+        return [json.loads(line) for line in self.log_path.read_text().splitlines() if line.strip()]
+
+    def events(self, event: str, **match) -> list[dict]:
+        return [r for r in self.records if r["event"] == event and all(r.get(k) == v for k, v in match.items())]
+
+    def wait(self, timeout: float = WATCHDOG_S) -> int:
+        try:
+            self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            pytest.fail(f"watchdog: the run did not finish within {timeout}s\n{self.output()}")
+        return self.proc.returncode
+
+    def output(self) -> str:
+        return Path(self.out).read_text(errors="replace")[-6000:] if Path(self.out).exists() else ""
+
+
+def start(workdir: Path, recipe: str, *args: str, fault: dict | None = None, tag: str = "run") -> Run:
+    driver = workdir / "driver.py"
+    if not driver.exists():
+        driver.write_text(DRIVER)
+    n = len(list(workdir.glob(f"{tag}*.jsonl")))
+    log_path = workdir / f"{tag}{n}.jsonl"
+    out = workdir / f"{tag}{n}.out"
+    env = {**os.environ, "RELIABILITY_DRIVER": json.dumps({"log": str(log_path), "fault": fault}),
+           "PYTHONUNBUFFERED": "1"}
+    with open(out, "w") as sink:
+        proc = subprocess.Popen([sys.executable, str(driver), "--config", recipe, *args], cwd=ROOT, env=env,
+                                stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)
+    return Run(proc, log_path, str(out))
+
+
+def run(workdir: Path, recipe: str, *args: str, fault: dict | None = None, expect_rc: int | None = 0) -> Run:
+    r = start(workdir, recipe, *args, fault=fault)
+    rc = r.wait()
+    if expect_rc is not None:
+        assert rc == expect_rc, f"exit status {rc}, expected {expect_rc}\n{r.output()}"
+    return r
+
+
+def killed(workdir: Path, recipe: str, fault: dict, *args: str) -> Run:
+    r = run(workdir, recipe, *args, fault=fault, expect_rc=-signal.SIGKILL)
+    assert r.events("kill"), r.output()
+    return r
+
+
+def steps(*runs: Run) -> dict[tuple[str, int], dict]:
+    """(stage, step) -> record, later runs overriding earlier ones."""
+    table = {}
+    for r in runs:
+        for rec in r.events("step"):
+            table[(rec["stage"], rec["step"])] = rec
+    return table
+
+
+def committed(killed_run, resumed: Run) -> list[dict]:
+    """The steps that made the final weights: the killed run's steps up to the checkpoint each resumed stage
+    restarted from, then the resumed run's steps (``killed_run``: a Run or a list of step records)."""
+    earlier = killed_run.events("step") if isinstance(killed_run, Run) else killed_run
+    starts = {rec["stage"]: rec["step"] for rec in resumed.events("train_start")}
+    out = [rec for rec in earlier if rec["stage"] not in starts or rec["step"] <= starts[rec["stage"]]]
+    out += resumed.events("step")
+    return sorted(out, key=lambda rec: (list(STEPS).index(rec["stage"]), rec["step"]))
+
+
+def weights_hash(hf_dir: Path) -> str:
+    from safetensors.torch import load_file
+
+    tensors = {}
+    for f in sorted(hf_dir.glob("*.safetensors")):
+        tensors.update(load_file(f))
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        h.update(name.encode())
+        h.update(tensors[name].contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def checkpoint_files(run_dir: Path) -> dict[str, str]:
+    """name -> sha256 of every file under every stage's checkpoints/ dir."""
+    return {str(p.relative_to(run_dir)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(run_dir.glob("stage_*/checkpoints/*")) if p.is_file()}
+
+
+def assert_no_loadable_half_file(run_dir: Path) -> None:
+    """Every file under a final ``*.ckpt`` name loads with weights_only=True and holds finite tensors; any
+    ``hf/`` dir is complete (config + weights + tokenizer)."""
+    for path in run_dir.glob("stage_*/checkpoints/*.ckpt"):
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        assert all(torch.isfinite(v).all() for v in ckpt["state_dict"].values()), path
+    for hf in run_dir.glob("stage_*/hf"):
+        assert (hf / "config.json").is_file() and list(hf.glob("*.safetensors")) and (hf / "tokenizer.json").is_file()
+        from transformers import AutoModelForCausalLM
+
+        AutoModelForCausalLM.from_pretrained(hf)
+
+
+def strip(rec: dict) -> tuple:
+    return rec["stage"], rec["step"], rec["loss"], rec["first_ids"]
+
+
+def recipe_in(path: Path, teacher: str, corpus: str, stages=STAGES) -> str:
+    path.mkdir(parents=True, exist_ok=True)
+    return tiny_recipe(path, teacher, corpus, stages=copy.deepcopy(stages))
+
+
+# ---------------------------------------------------------------------------------------------------
+# The uninterrupted reference run (one per module) and the expected sample stream
+# ---------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def baseline(tmp_path_factory, phimoe_teacher, corpus_file):
+    work = tmp_path_factory.mktemp("baseline")
+    recipe = recipe_in(work, phimoe_teacher, corpus_file)
+    r = run(work, recipe)
+    records = r.events("step")
+    assert [(x["stage"], x["step"]) for x in records] == [(s, k) for s, n in STEPS.items() for k in range(1, n + 1)]
+    run_dir = work / "run"
+    return {"run": r, "records": records, "dir": run_dir, "hash": weights_hash(run_dir / "final"),
+            "summary": read_summary(run_dir),
+            "meta": {s: json.loads((run_dir / f"stage_{k}_{s}" / "meta.json").read_text())
+                     for k, s in enumerate(STEPS)}}
+
+
+@pytest.fixture(scope="module")
+def expected_stream(phimoe_teacher, corpus_file):
+    """First 4 token ids of every sample of every step, straight from the data stream (no trainer)."""
+    from transformers import AutoTokenizer
+
+    from lightning_slimmoe.data import TextDataModule
+
+    dm = TextDataModule(files=[corpus_file], seq_len=32, batch_size=4, val_fraction=0.05)
+    dm.set_tokenizer(AutoTokenizer.from_pretrained(phimoe_teacher))
+    dm.setup("fit")
+    stream = iter(dm.train_stream(0))
+    total = sum(STEPS.values())
+    return [[next(stream)["input_ids"][:4].tolist() for _ in range(4)] for _ in range(total)]
+
+
+def assert_matches_baseline(baseline, expected_stream, run_dir: Path, sequence: list[dict]) -> None:
+    assert [strip(r) for r in sequence] == [strip(r) for r in baseline["records"]]
+    # no sample repeated or skipped: the batches that made the weights are exactly the stream, in order
+    assert [r["first_ids"] for r in sequence] == expected_stream
+    assert weights_hash(run_dir / "final") == baseline["hash"]
+    for k, s in enumerate(STEPS):
+        meta = json.loads((run_dir / f"stage_{k}_{s}" / "meta.json").read_text())
+        assert meta["status"] == "complete"
+        assert meta["kept_index_hash"] == baseline["meta"][s]["kept_index_hash"]
+        assert meta["widths"] == baseline["meta"][s]["widths"]
+    summary = read_summary(run_dir)
+    assert [s["val_loss"] for s in summary["stages"]] == [s["val_loss"] for s in baseline["summary"]["stages"]]
+    assert not list(run_dir.rglob("*.tmp")), "a finished resume leaves no temp files behind"
+
+
+@pytest.mark.slow
+def test_baseline_stream_is_the_data_stream(baseline, expected_stream):
+    assert [r["first_ids"] for r in baseline["records"]] == expected_stream
+
+
+# ---------------------------------------------------------------------------------------------------
+# 1. kill -9 at a random step of stage 2
+# ---------------------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_sigkill_at_random_step_resumes_exactly(tmp_path, baseline, expected_stream, phimoe_teacher, corpus_file):
+    kill_step = random.Random(7).randint(1, STEPS["slim2"] - 1)
+    recipe = recipe_in(tmp_path, phimoe_teacher, corpus_file)
+    first = killed(tmp_path, recipe, {"kind": "step", "stage": "slim2", "step": kill_step})
+    assert max(r["step"] for r in first.events("step", stage="slim2")) == kill_step
+    resumed = run(tmp_path, recipe, "--resume", "true")
+    # the killed step was not checkpointed (the kill came before ModelCheckpoint ran): the resume starts from
+    # the last checkpoint before it, and never re-runs the finished stage 1
+    restart = (kill_step - 1) // 2 * 2
+    assert [(r["stage"], r["step"]) for r in resumed.events("train_start")] == [("slim2", restart)]
+    assert not resumed.events("scored") and not resumed.events("sliced") and resumed.events("reapplied")
+    assert_matches_baseline(baseline, expected_stream, tmp_path / "run", committed(first, resumed))
+
+
+# ---------------------------------------------------------------------------------------------------
+# 2. kill while a checkpoint is half written / while an HF export is not yet renamed
+# ---------------------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_kill_mid_checkpoint_write_keeps_previous_checkpoint(tmp_path, baseline, expected_stream, phimoe_teacher,
+                                                             corpus_file):
+    """Killed half-way through writing a new step checkpoint, then (after resuming) half-way through
+    overwriting last.ckpt: each time the previous complete checkpoint is still there and is what resumes."""
+    recipe = recipe_in(tmp_path, phimoe_teacher, corpus_file)
+    run_dir = tmp_path / "run"
+    ckpts = run_dir / "stage_1_slim2" / "checkpoints"
+    history = []
+    for name, step, previous in (("step0000004.ckpt", 4, 2), ("last.ckpt", 6, 4)):
+        fault = {"kind": "checkpoint_half_written", "path_suffix": f"stage_1_slim2/checkpoints/{name}.tmp",
+                 "step": step}
+        r = killed(tmp_path, recipe, fault, *(["--resume", "true"] if history else []))
+        history.append(r)
+        half = ckpts / f"{name}.tmp"
+        assert half.is_file() and half.stat().st_size > 0
+        with pytest.raises(Exception):  # the half file is no checkpoint, and it is not under a final name
+            torch.load(half, map_location="cpu", weights_only=True)
+        assert_no_loadable_half_file(run_dir)
+        last = torch.load(ckpts / "last.ckpt", map_location="cpu", weights_only=True)
+        assert last["global_step"] == previous  # the previous complete checkpoint still exists
+    final = run(tmp_path, recipe, "--resume", "true")
+    assert [(r["stage"], r["step"]) for r in history[1].events("train_start")] == [("slim2", 2)]
+    assert [(r["stage"], r["step"]) for r in final.events("train_start")] == [("slim2", 4)]
+    sequence = committed(committed(history[0], history[1]), final)
+    assert_matches_baseline(baseline, expected_stream, run_dir, sequence)
+    assert_no_loadable_half_file(run_dir)
+
+
+@pytest.mark.slow
+def test_kill_mid_hf_export_leaves_no_partial_dir(tmp_path, baseline, expected_stream, phimoe_teacher, corpus_file):
+    recipe = recipe_in(tmp_path, phimoe_teacher, corpus_file)
+    first = killed(tmp_path, recipe, {"kind": "export_before_rename", "path_suffix": "stage_1_slim2/hf.tmp"})
+    run_dir = tmp_path / "run"
+    stage = run_dir / "stage_1_slim2"
+    assert not (stage / "hf").exists() and (stage / "hf.tmp").is_dir()  # hf/ is absent, never partial
+    assert json.loads((stage / "meta.json").read_text())["status"] != "complete"
+    assert not (run_dir / "final").exists() and not (run_dir / "summary.json").exists()
+    assert_no_loadable_half_file(run_dir)
+    resumed = run(tmp_path, recipe, "--resume", "true")
+    # training had finished: the resume restores the final checkpoint, trains no step, and exports
+    assert [(r["stage"], r["step"]) for r in resumed.events("train_start")] in ([("slim2", 6)], [])
+    assert not resumed.events("step")
+    assert_matches_baseline(baseline, expected_stream, run_dir, committed(first, resumed))
+
+
+# ---------------------------------------------------------------------------------------------------
+# 3. crashes at a stage boundary (repeatedly): same widths, kept indices and losses; nothing pruned twice
+# ---------------------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_crashes_at_stage_boundary_resume_identically(tmp_path, baseline, expected_stream, phimoe_teacher,
+                                                      corpus_file):
+    recipe = recipe_in(tmp_path, phimoe_teacher, corpus_file)
+    stage = tmp_path / "run" / "stage_1_slim2"
+    # a. during scoring: scores computed, nothing of stage 2 saved yet
+    a = killed(tmp_path, recipe, {"kind": "scoring", "stage": "slim2"})
+    assert not (stage / "keep.pt").exists() and not (stage / "checkpoints").exists()
+    # b. (resumed) between scoring and slicing: scores.pt saved, keep.pt not
+    b = killed(tmp_path, recipe, {"kind": "before_slicing", "stage": "slim2"}, "--resume", "true")
+    assert b.events("scored", stage="slim2") and (stage / "scores.pt").is_file() and not (stage / "keep.pt").exists()
+    base_scores = torch.load(baseline["dir"] / "stage_1_slim2" / "scores.pt", weights_only=True)
+    scores = torch.load(stage / "scores.pt", weights_only=True)
+    assert all(torch.equal(scores["experts"][k], v) for k, v in base_scores["experts"].items())
+    # c. (resumed) after slicing, before the first KD step: keep.pt saved, no checkpoint yet
+    c = killed(tmp_path, recipe, {"kind": "train_start", "stage": "slim2"}, "--resume", "true")
+    assert (stage / "keep.pt").is_file() and not list(stage.glob("checkpoints/*.ckpt"))
+    assert [r["kept_index_hash"] for r in c.events("sliced", stage="slim2")] == \
+        [baseline["meta"]["slim2"]["kept_index_hash"]]
+    # d. the final resume re-applies the saved slice to the stage-1 export: no re-scoring, sliced once
+    d = run(tmp_path, recipe, "--resume", "true")
+    assert d.events("reapplied", stage="slim2") and not d.events("scored") and not d.events("sliced")
+    base_start = baseline["run"].events("train_start", stage="slim2")[0]
+    assert [(r["step"], r["widths"]) for r in d.events("train_start")] == [(0, base_start["widths"])]
+    for r in (b, c, d):  # the finished stage 1 is never redone
+        assert all(x.get("stage") != "slim1" for x in r.records), r.records
+    assert_matches_baseline(baseline, expected_stream, tmp_path / "run", committed(a, d))
+
+
+# ---------------------------------------------------------------------------------------------------
+# 4. SIGTERM mid-stage: one checkpoint, prompt non-zero exit, exact resume
+# ---------------------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_sigterm_saves_one_checkpoint_and_resumes(tmp_path, baseline, expected_stream, phimoe_teacher, corpus_file):
+    recipe = recipe_in(tmp_path, phimoe_teacher, corpus_file)
+    run_dir = tmp_path / "run"
+    r = start(tmp_path, recipe, fault={"kind": "await_sigterm", "stage": "slim2", "step": 3})
+    deadline = time.time() + WATCHDOG_S
+    while not r.events("ready") and r.proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert r.events("ready"), r.output()
+    before = checkpoint_files(run_dir)
+    signalled = time.time()
+    r.proc.send_signal(signal.SIGTERM)
+    rc = r.wait(timeout=30)  # the grace period: the current step finishes, one checkpoint, exit
+    assert time.time() - signalled < 30
+    assert rc == 128 + signal.SIGTERM, r.output()
+    after = checkpoint_files(run_dir)
+    changed = {k for k in after if before.get(k) != after[k]}
+    assert changed == {"stage_1_slim2/checkpoints/last.ckpt"} and set(before) <= set(after), (before, after)
+    last = torch.load(run_dir / "stage_1_slim2/checkpoints/last.ckpt", map_location="cpu", weights_only=True)
+    assert last["global_step"] == 3
+    assert_no_loadable_half_file(run_dir)
+    resumed = run(tmp_path, recipe, "--resume", "true")
+    assert [(x["stage"], x["step"]) for x in resumed.events("train_start")] == [("slim2", 3)]
+    assert_matches_baseline(baseline, expected_stream, run_dir, committed(r, resumed))
+
+
+# ---------------------------------------------------------------------------------------------------
+# In-process scenarios (no kill needed): NaN, teacher identity, changed resumes, unsafe files
+# ---------------------------------------------------------------------------------------------------
+class Stop(RuntimeError):
+    """A crash injected in-process (after the stage-2 step-2 checkpoint)."""
+
+
+@pytest.fixture
+def with_callbacks(monkeypatch):
+    """``with_callbacks(cb, ...)`` adds callbacks to every Trainer the pipeline builds (as test_pipeline does)."""
+    import lightning_slimmoe.cli as cli
+
+    original = cli.SlimMoECLI.make_trainer
+
+    def install(*extra):
+        def make_trainer(self, extra_callbacks=(), **kw):
+            return original(self, extra_callbacks=[*extra_callbacks, *extra], **kw)
+        monkeypatch.setattr(cli.SlimMoECLI, "make_trainer", make_trainer)
+    return install
+
+
+def slim2(pl_module) -> bool:
+    return pl_module.student.config.intermediate_size == 8
+
+
+class CrashAt(Callback):
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if slim2(pl_module) and trainer.global_step == self.step:
+            raise Stop(f"crash at step {self.step}")
+
+
+def main_(*args):
+    from lightning_slimmoe.cli import main
+
+    return main(list(args))
+
+
+@pytest.fixture(scope="module")
+def interrupted(tmp_path_factory, phimoe_teacher, corpus_file):
+    """A run stopped in stage 2 at step 3 (stage 1 complete; stage 2 has keep.pt and a step-2 checkpoint),
+    made in-process; tests copy it before changing anything. Its teacher is a private copy."""
+    import lightning_slimmoe.cli as cli
+
+    work = tmp_path_factory.mktemp("interrupted")
+    teacher = work / "teacher"
+    shutil.copytree(phimoe_teacher, teacher)
+    recipe = recipe_in(work, str(teacher), corpus_file)
+    original = cli.SlimMoECLI.make_trainer
+    cli.SlimMoECLI.make_trainer = lambda self, extra_callbacks=(), **kw: original(
+        self, extra_callbacks=[*extra_callbacks, CrashAt(3)], **kw)
+    try:
+        with pytest.raises(Stop):
+            main_("--config", recipe)
+    finally:
+        cli.SlimMoECLI.make_trainer = original
+    last = torch.load(work / "run/stage_1_slim2/checkpoints/last.ckpt", weights_only=True)
+    assert last["global_step"] == 2 and (work / "run/stage_1_slim2/keep.pt").is_file()
+    return {"dir": work, "recipe": recipe, "teacher": teacher, "corpus": corpus_file}
+
+
+def clone(interrupted, dest: Path, stages=STAGES) -> str:
+    """A copy of the interrupted run under ``dest``; returns its recipe (same teacher, same stages)."""
+    shutil.copytree(interrupted["dir"] / "run", dest / "run")
+    return recipe_in(dest, str(interrupted["teacher"]), interrupted["corpus"], stages=stages)
+
+
+@pytest.fixture
+def no_weights(monkeypatch):
+    import lightning_slimmoe.pipeline as pipeline
+
+    calls = []
+
+    def refuse(*args, **kwargs):
+        calls.append(args[:1])
+        raise AssertionError(f"weights loaded: {args[:1]}")
+    monkeypatch.setattr(pipeline, "load_model", refuse)
+    return calls
+
+
+# 5. NaN ---------------------------------------------------------------------------------------------
+class Snapshot(Callback):
+    """Student weights and optimizer state just before the step that goes wrong."""
+
+    def __init__(self, step: int):
+        self.step, self.module, self.weights, self.optim = step, None, None, None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if slim2(pl_module) and trainer.global_step == self.step:
+            self.module, self.optimizer = pl_module, trainer.optimizers[0]
+            self.weights = {k: v.detach().clone() for k, v in pl_module.student.state_dict().items()}
+            self.optim = copy.deepcopy(trainer.optimizers[0].state_dict())
+
+
+def assert_finite_checkpoints(ckpts: Path, expect_last_step: int) -> None:
+    files = sorted(ckpts.glob("*.ckpt"))
+    assert files and not list(ckpts.glob("*.tmp"))
+    for path in files:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        assert all(torch.isfinite(v).all() for v in ckpt["state_dict"].values()), path
+        for state in ckpt["optimizer_states"][0]["state"].values():
+            assert all(torch.isfinite(v).all() for v in state.values() if torch.is_tensor(v)), path
+    assert torch.load(ckpts / "last.ckpt", weights_only=True)["global_step"] == expect_last_step
+    assert (ckpts / f"step{expect_last_step:07d}.ckpt").is_file()  # retention kept the last finite one
+
+
+def test_nan_loss_stops_before_optimizer_step(tmp_path, interrupted, with_callbacks, monkeypatch):
+    import dataclasses
+
+    from lightning_slimmoe.module import StageModule
+
+    recipe = clone(interrupted, tmp_path)
+    original = StageModule.forward_loss
+
+    def forward_loss(self, batch):
+        out = original(self, batch)
+        if self.training and slim2(self) and self.global_step == 3:
+            nan = torch.tensor(float("nan"))
+            out = dataclasses.replace(out, loss=out.loss * nan, kd_loss=out.kd_loss * nan)
+        return out
+    monkeypatch.setattr(StageModule, "forward_loss", forward_loss)
+    snap = Snapshot(3)
+    with_callbacks(snap)
+    with pytest.raises(FloatingPointError) as info:
+        main_("--config", recipe, "--resume", "true")
+    message = str(info.value)
+    assert "global step 3" in message and "rank 0" in message and "loss" in message and "nan" in message
+    after = snap.module.student.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in snap.weights.items())  # no optimizer.step happened
+    optim = snap.optimizer.state_dict()
+    assert optim["state"].keys() == snap.optim["state"].keys()
+    for k, state in snap.optim["state"].items():
+        assert all(torch.equal(optim["state"][k][n], v) if torch.is_tensor(v) else optim["state"][k][n] == v
+                   for n, v in state.items())
+    assert_finite_checkpoints(tmp_path / "run/stage_1_slim2/checkpoints", expect_last_step=2)
+
+
+def test_nan_weights_never_reach_a_checkpoint(tmp_path, interrupted, with_callbacks):
+    """Finite loss but a NaN gradient at step 4: the step-4 checkpoint is refused (naming the tensor), and
+    retention never deletes the last finite checkpoint."""
+    class PoisonGrad(Callback):
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            if slim2(pl_module) and trainer.global_step == 3:
+                next(p for p in pl_module.student.parameters() if p.grad is not None).grad.fill_(float("nan"))
+
+    recipe = clone(interrupted, tmp_path)
+    with_callbacks(PoisonGrad())
+    with pytest.raises(FloatingPointError) as info:
+        main_("--config", recipe, "--resume", "true")
+    message = str(info.value)
+    assert "refusing to write checkpoint" in message and "global step 4" in message and "rank 0" in message
+    assert "state_dict['student." in message or "optimizer_states" in message
+    assert_finite_checkpoints(tmp_path / "run/stage_1_slim2/checkpoints", expect_last_step=2)
+
+
+# 6. the teacher ------------------------------------------------------------------------------------
+def _nbytes(obj) -> int:
+    if torch.is_tensor(obj):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(_nbytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_nbytes(v) for v in obj)
+    return 0
+
+
+def test_checkpoint_holds_student_and_optimizer_only(tmp_path, phimoe_teacher, corpus_file):
+    """Checkpoint size <= 1.05 x (student + optimizer state), on a teacher big enough (~1.7M params) that the
+    container's fixed per-tensor overhead is well under 1%; the teacher would add far more than 5%."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from conftest import tiny_config
+
+    teacher = tmp_path / "teacher"
+    tokenizer = AutoTokenizer.from_pretrained(phimoe_teacher)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_config("phimoe", vocab_size=len(tokenizer), hidden_size=128,
+                                                         head_dim=32, intermediate_size=256))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.02)
+    model.save_pretrained(teacher)
+    tokenizer.save_pretrained(teacher)
+    stages = [{"name": "s", "expert_width": 128, "calibration_tokens": 128, "max_tokens": 2 * 4 * 32}]
+    main_("--config", tiny_recipe(tmp_path, str(teacher), corpus_file, stages=stages))
+    path = tmp_path / "run/stage_0_s/checkpoints/last.ckpt"
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    assert ckpt["state_dict"] and all(k.startswith("student.") for k in ckpt["state_dict"])
+    student, optimizer = _nbytes(ckpt["state_dict"]), _nbytes(ckpt["optimizer_states"])
+    assert path.stat().st_size <= 1.05 * (student + optimizer), (path.stat().st_size, student, optimizer)
+    teacher_bytes = sum(_nbytes(load_file(f)) for f in teacher.glob("*.safetensors"))
+    assert teacher_bytes > 0.05 * (student + optimizer)  # so the bound would catch a checkpointed teacher
+
+
+def test_resume_with_a_different_teacher_is_an_error(tmp_path, interrupted):
+    from transformers import AutoModelForCausalLM
+
+    recipe = clone(interrupted, tmp_path)
+    teacher_dir = interrupted["teacher"]
+    weights = teacher_dir / "model.safetensors"
+    saved = weights.read_bytes()
+    try:
+        other = AutoModelForCausalLM.from_pretrained(teacher_dir)
+        with torch.no_grad():
+            for p in other.parameters():
+                p.add_(0.01 * torch.randn_like(p))  # same shapes, other weights
+        other.save_pretrained(teacher_dir)
+        with pytest.raises(ValueError, match="different teacher"):
+            main_("--config", recipe, "--resume", "true")
+    finally:
+        weights.write_bytes(saved)
+
+
+# 7. resuming with another configuration ------------------------------------------------------------
+@pytest.mark.parametrize("change", ["width", "stage_list", "accumulate", "world_size", "batch_size"])
+def test_resume_with_changed_config_prints_the_difference(tmp_path, interrupted, no_weights, change):
+    from lightning_slimmoe.pipeline import ConfigError
+
+    stages = copy.deepcopy(STAGES)
+    args = []
+    if change == "width":
+        stages[1]["expert_width"] = 16
+        needle = "stages[1].expert_width: 8 -> 16"
+    elif change == "stage_list":
+        stages.append({**stages[1], "name": "slim3", "attention_groups": None})
+        needle = "stages[2]: (none) -> stage 'slim3' (added)"
+    elif change == "accumulate":
+        args, needle = ["--trainer.accumulate_grad_batches", "2"], "batch.accumulate_grad_batches: 1 -> 2"
+    elif change == "world_size":  # the error comes before any process is launched
+        args, needle = ["--trainer.devices", "2", "--trainer.strategy", "ddp"], "batch.world_size: 1 -> 2"
+    else:
+        args, needle = ["--data.init_args.batch_size", "8"], "batch.batch_size: 4 -> 8"
+    recipe = clone(interrupted, tmp_path, stages=stages)
+    before = {p: p.stat().st_mtime_ns for p in (tmp_path / "run").rglob("*")}
+    with pytest.raises(ConfigError, match="configuration differs") as info:
+        main_("--config", recipe, "--resume", "true", *args)
+    assert needle in str(info.value), str(info.value)
+    assert not no_weights
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "run").rglob("*")} == before
+
+
+# 9. security ---------------------------------------------------------------------------------------
+class Evil:
+    """Unpickling this runs code (here: it writes a marker file)."""
+
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return exec, (f"open({self.marker!r}, 'w').write('pwned')",)
+
+
+def plant(path: Path, payload, marker: Path) -> None:
+    torch.save(payload, path)
+    probe = path.with_name("probe.pt")  # prove the planted file really runs code when unpickled
+    shutil.copy(path, probe)
+    torch.load(probe, weights_only=False)
+    assert marker.exists()
+    marker.unlink()
+    probe.unlink()
+
+
+@pytest.mark.parametrize("target", ["keep.pt", "last.ckpt", "scores_file"])
+def test_malicious_pickle_is_refused(tmp_path, interrupted, target):
+    marker = tmp_path / "PWNED"
+    stages = copy.deepcopy(STAGES)
+    if target == "scores_file":
+        stages[1].update(scores_file=str(tmp_path / "scores.pt"), criterion="magnitude")
+        recipe = recipe_in(tmp_path, str(interrupted["teacher"]), interrupted["corpus"], stages=stages)
+        plant(tmp_path / "scores.pt", {"format": "lightning_slimmoe.scores/1", "x": Evil(marker)}, marker)
+        args = []
+    else:
+        recipe = clone(interrupted, tmp_path)
+        stage = tmp_path / "run/stage_1_slim2"
+        path = stage / "keep.pt" if target == "keep.pt" else stage / "checkpoints/last.ckpt"
+        plant(path, {"format": "lightning_slimmoe.keep/1", "state_dict": {}, "evil": Evil(marker)}, marker)
+        args = ["--resume", "true"]
+    with pytest.raises(Exception) as info:
+        main_("--config", recipe, *args)
+    assert "Weights only load failed" in str(info.value) or "weights_only" in str(info.value), str(info.value)
+    assert not marker.exists()
+
+
+def test_product_reads_pickles_with_weights_only_everywhere():
+    """Static guard: every torch.load in the product passes weights_only=True."""
+    import re
+
+    offenders = []
+    for path in [*ROOT.glob("lightning_slimmoe/**/*.py"), *ROOT.glob("callbacks/*.py")]:
+        for n, line in enumerate(path.read_text().splitlines(), 1):
+            if re.search(r"torch\.load\(", line) and "weights_only=True" not in line:
+                offenders.append(f"{path.relative_to(ROOT)}:{n}: {line.strip()}")
+    assert not offenders, offenders
+
+
+def test_custom_code_needs_trust_remote_code(tmp_path, corpus_file, no_weights):
+    from lightning_slimmoe.pipeline import ConfigError
+
+    marker = tmp_path / "PWNED"
+    model = tmp_path / "custom"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({
+        "model_type": "evil_moe", "architectures": ["EvilForCausalLM"],
+        "auto_map": {"AutoConfig": "configuration_evil.EvilConfig",
+                     "AutoModelForCausalLM": "modeling_evil.EvilForCausalLM"}}))
+    code = f"open({str(marker)!r}, 'w').write('pwned')\nfrom transformers import PretrainedConfig\n" \
+           "class EvilConfig(PretrainedConfig):\n    model_type = 'evil_moe'\n"
+    (model / "configuration_evil.py").write_text(code)
+    (model / "modeling_evil.py").write_text(code)
+    recipe = tiny_recipe(tmp_path, str(model), corpus_file,
+                         stages=[{"name": "s", "expert_width": 16, "calibration_tokens": 128, "max_tokens": 256}])
+    with pytest.raises(ConfigError, match="trust_remote_code") as info:
+        main_("--config", recipe)
+    assert "custom" in str(info.value) and not marker.exists() and not (tmp_path / "run").exists()
+
+
+def test_pickled_weights_are_refused(tmp_path, phimoe_teacher, corpus_file, no_weights):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lightning_slimmoe.pipeline import ConfigError
+
+    teacher = tmp_path / "bin_teacher"
+    model = AutoModelForCausalLM.from_pretrained(phimoe_teacher)
+    model.config.save_pretrained(teacher)  # transformers 5 only writes safetensors: write the legacy .bin by hand
+    torch.save(model.state_dict(), teacher / "pytorch_model.bin")
+    AutoTokenizer.from_pretrained(phimoe_teacher).save_pretrained(teacher)
+    assert (teacher / "pytorch_model.bin").is_file() and not list(teacher.glob("*.safetensors"))
+    recipe = tiny_recipe(tmp_path, str(teacher), corpus_file,
+                         stages=[{"name": "s", "expert_width": 16, "calibration_tokens": 128, "max_tokens": 256}])
+    with pytest.raises(ConfigError) as info:
+        main_("--config", recipe)
+    message = str(info.value)
+    assert "teacher=" in message and "pytorch_model.bin" in message and "safetensors" in message
+    assert not (tmp_path / "run").exists()
