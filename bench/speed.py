@@ -206,6 +206,13 @@ def worker_floor(setup: dict, p: dict, device: str) -> dict:
         torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+    return _timed_result(device, t0, p, base)
+
+
+def _timed_result(device: str, t0: float, p: dict, base) -> dict:
+    """Throughput of the timed steps since ``t0`` and the peak memory since ``base``."""
+    import torch
+
     if device == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - t0
@@ -227,12 +234,7 @@ def worker_scoring(setup: dict, p: dict, device: str) -> dict:
     compute_scores(student, batches[: p["warmup"]], "kd_taylor", teacher=teacher, kd=KDConfig())
     t0 = time.perf_counter()
     compute_scores(student, batches[p["warmup"]:], "kd_taylor", teacher=teacher, kd=KDConfig())
-    if device == "cuda":
-        torch.cuda.synchronize()
-    seconds = time.perf_counter() - t0
-    tokens = p["steps"] * p["batch_size"] * (p["seq_len"] - 1)
-    return {"tokens_per_s": tokens / seconds, "step_s": seconds / p["steps"], "tokens": tokens,
-            **_mem_report(device, base)}
+    return _timed_result(device, t0, p, base)
 
 
 def worker_trl(setup: dict, p: dict, device: str) -> dict:

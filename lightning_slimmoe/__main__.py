@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import sys
+import warnings
 
 
 def plan(args: list[str]) -> dict:
@@ -109,7 +110,8 @@ def main(argv: list[str]) -> None:
     if not argv or argv[0] not in commands:
         print(__doc__)
         sys.exit(0 if argv and argv[0] in ("-h", "--help") else 2)
-    sys.argv = sys.argv[:1]  # the arguments go through `args`; LightningCLI warns when it sees both
+    # sys.argv stays as it is (Lightning's script launcher re-runs it to start the other ranks).
+    warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
     commands[argv[0]](argv[1:])
 
 

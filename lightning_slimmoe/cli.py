@@ -13,6 +13,7 @@ import json
 import os
 import re
 import sys
+import warnings
 from typing import Optional
 
 import yaml
@@ -151,7 +152,8 @@ def format_summary(summary: dict) -> str:
 
 def main(args: list[str] | None = None) -> dict:
     args = list(sys.argv[1:] if args is None else args)
-    sys.argv = sys.argv[:1]  # the arguments go through `args`; LightningCLI warns when it sees both
+    # sys.argv must stay as it is: Lightning's script launcher starts the other ranks by re-running it.
+    warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
     cli = SlimMoECLI(args=with_default_config(args))
     summary = Pipeline(cli.spec, cli.datamodule, cli.make_trainer).run()
     if rank_zero_only.rank == 0:

@@ -139,3 +139,22 @@ def test_teacher_never_in_checkpoint_and_gets_no_grads(tmp_path, phimoe_teacher,
     module.forward_loss(batch).loss.backward()
     assert all(p.grad is None for p in teacher.parameters())
     assert any(p.grad is not None for p in student.parameters())
+
+
+def test_adamw8bit_stage_runs(tmp_path, phimoe_teacher, corpus_file):
+    """bitsandbytes AdamW8bit (8-bit optimizer state) as a stage optimizer; it steps on CPU too."""
+    pytest.importorskip("bitsandbytes")
+    stages = [{"name": "s8", "expert_width": 16, "calibration_tokens": 128, "max_tokens": 3 * 4 * 32,
+               "optimizer": {"name": "adamw8bit", "lr": 1e-3}}]
+    main(["--config", tiny_recipe(tmp_path, phimoe_teacher, corpus_file, stages=stages)])
+    ckpt = torch.load(tmp_path / "run/stage_0_s8/checkpoints/last.ckpt", weights_only=True)
+    def tensors(obj):  # bitsandbytes nests its quantised state under '__bnb_optimizer_quant_state__'
+        if torch.is_tensor(obj):
+            yield obj
+        elif isinstance(obj, dict):
+            for value in obj.values():
+                yield from tensors(value)
+
+    states = ckpt["optimizer_states"][0]["state"]
+    assert any(t.dtype == torch.uint8 for t in tensors(states))  # 8-bit moments, saved for resume
+    assert read_summary(tmp_path / "run")["stages"][0]["expert_width"] == 16
