@@ -60,12 +60,19 @@ class KDConfig:
             paper's recovery objective), 1 is plain next-token LM training.
         chunk_tokens: tokens per chunk of the vocabulary projection; bounds the size of
             the largest live fp32 tensor to ``chunk_tokens * V``.
+        tail_bucket: off (default) = the teacher is renormalised over its top-k ids. On =
+            the teacher's top-k probabilities are taken from its *full* softmax and the
+            mass outside them becomes one extra "rest" bucket matched against the
+            student's rest mass, so the student is not pushed to put all its probability
+            on k ids (with a weak teacher that ruins held-out perplexity; see
+            docs/results.md). With ``top_k = V`` both equal full-vocabulary KL.
     """
 
     top_k: int = 8
     temperature: float = 1.0
     lm_weight: float = 0.0
     chunk_tokens: int = 1024
+    tail_bucket: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 1:
@@ -116,7 +123,8 @@ def _chunk_bounds(n: int, chunk_tokens: int) -> list[tuple[int, int]]:
 
 
 @torch.no_grad()
-def teacher_topk(teacher_hidden: Tensor, lm_head: nn.Module, top_k: int, chunk_tokens: int) -> tuple[Tensor, Tensor]:
+def teacher_topk(teacher_hidden: Tensor, lm_head: nn.Module, top_k: int, chunk_tokens: int,
+                 log_probs_at: float | None = None) -> tuple[Tensor, Tensor]:
     """Top-k teacher logits, computed chunk by chunk.
 
     Args:
@@ -126,6 +134,10 @@ def teacher_topk(teacher_hidden: Tensor, lm_head: nn.Module, top_k: int, chunk_t
         top_k: number of logits kept per token.
         chunk_tokens: tokens projected at a time; only one ``(chunk, V)`` logits tensor
             is alive at once.
+
+        log_probs_at: if given (a temperature T, for ``KDConfig.tail_bucket``), the values
+            are full-vocabulary log-probabilities ``log_softmax(logits / T)`` instead of raw
+            logits, so the mass outside the top-k is known.
 
     Returns:
         ``(values, ids)``: ``(N, k)`` float32 raw logits (no temperature) sorted in
@@ -144,6 +156,8 @@ def teacher_topk(teacher_hidden: Tensor, lm_head: nn.Module, top_k: int, chunk_t
         if top_k > logits.shape[-1]:
             raise ValueError(f"top_k={top_k} exceeds the vocabulary size {logits.shape[-1]}")
         v, i = logits.topk(top_k, dim=-1, largest=True, sorted=True)  # (c, k), (c, k)
+        if log_probs_at is not None:
+            v = v / log_probs_at - torch.logsumexp(logits / log_probs_at, dim=-1, keepdim=True)  # (c, k)
         values[start:end] = v
         ids[start:end] = i
         del logits, v, i  # free the (c, V) buffer before the next chunk is projected
@@ -158,6 +172,7 @@ def _chunk_losses(
     lm_head: nn.Module,
     temperature: float,
     lm_weight: float,
+    tail_bucket: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Sums over one chunk: (differentiable weighted loss, kd, lm, #agreeing tokens).
 
@@ -185,8 +200,10 @@ def _chunk_losses(
     #   kd = T^2 * sum_k p_k (log p_k - log q_k).
     # When lm_weight == 1 it is only reported, so keep it off the autograd graph.
     kd_logits = logits if lm_weight < 1.0 else logits.detach()
-    tv = teacher_values.to(kd_logits.dtype) / temperature  # (c, k)
-    log_p = torch.log_softmax(tv, dim=-1)  # (c, k)
+    if tail_bucket:  # values are already full-vocabulary log-probabilities at T
+        log_p = teacher_values.to(kd_logits.dtype)  # (c, k)
+    else:
+        log_p = torch.log_softmax(teacher_values.to(kd_logits.dtype) / temperature, dim=-1)  # (c, k)
     p = log_p.exp()  # (c, k)
     if temperature == 1.0:
         # reuse the LM logsumexp when it lives on the same graph (saves a (c, V) pass)
@@ -196,7 +213,13 @@ def _chunk_losses(
         kd_lse = torch.logsumexp(kd_logits / temperature, dim=-1)  # (c,)
         log_q = kd_logits.gather(-1, teacher_ids) / temperature - kd_lse.unsqueeze(-1)  # (c, k)
     # xlogy gives 0 (not NaN) for teacher entries whose probability underflows to 0.
-    kd_sum = (temperature**2) * (torch.special.xlogy(p, p) - p * log_q).sum()  # ()
+    kd_per_token = (torch.special.xlogy(p, p) - p * log_q).sum(-1)  # (c,)
+    if tail_bucket:
+        # One extra bucket: the teacher's and the student's probability mass outside the top-k ids.
+        p_rest = (1.0 - p.sum(-1)).clamp_min(0.0)  # (c,)
+        log_q_rest = torch.log1p(-log_q.exp().sum(-1).clamp(max=1.0 - 1e-7))  # (c,)
+        kd_per_token = kd_per_token + torch.special.xlogy(p_rest, p_rest) - p_rest * log_q_rest
+    kd_sum = (temperature**2) * kd_per_token.sum()  # ()
 
     # Agreement: student argmax vs the teacher's top-1 id (argmax over values, so the
     # ids need not be sorted).
@@ -296,9 +319,10 @@ def distill_loss(
             # Non-reentrant checkpoint: saves only the chunk inputs; the (c, V) logits
             # are recomputed in backward, one chunk at a time.  lm_head's parameters
             # are reached through the closure and still receive gradients.
-            out = checkpoint(_chunk_losses, *args, lm_head, temperature, lm_weight, use_reentrant=False)
+            out = checkpoint(_chunk_losses, *args, lm_head, temperature, lm_weight, cfg.tail_bucket,
+                             use_reentrant=False)
         else:
-            out = _chunk_losses(*args, lm_head, temperature, lm_weight)
+            out = _chunk_losses(*args, lm_head, temperature, lm_weight, cfg.tail_bucket)
         if loss_sum is None:
             loss_sum, kd_sum, lm_sum, agree_sum = out
         else:

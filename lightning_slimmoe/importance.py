@@ -214,7 +214,8 @@ def _kd_taylor(student, teacher, batches, kd: KDConfig, progress, counted) -> tu
             batch = _to_device(batch, device)
             with torch.no_grad():
                 t_hidden_NH = teacher.model(input_ids=batch["input_ids"]).last_hidden_state.flatten(0, 1)
-                t_vals_NK, t_ids_NK = teacher_topk(t_hidden_NH, teacher.get_output_embeddings(), kd.top_k, kd.chunk_tokens)
+                t_vals_NK, t_ids_NK = teacher_topk(t_hidden_NH, teacher.get_output_embeddings(), kd.top_k, kd.chunk_tokens,
+                                                   log_probs_at=kd.temperature if kd.tail_bucket else None)
             s_hidden_NH = student.model(input_ids=batch["input_ids"]).last_hidden_state.flatten(0, 1)
             out = distill_loss(s_hidden_NH, student.get_output_embeddings(), batch["labels"].flatten(), t_vals_NK, t_ids_NK, kd)
             out.loss.backward()

@@ -82,8 +82,9 @@ class StageModule(pl.LightningModule):
         if self.teacher is not None:
             with torch.no_grad():
                 t_hidden_NH = self.teacher.model(input_ids=ids_BT, use_cache=False).last_hidden_state.flatten(0, 1)
-                t_vals_NK, t_ids_NK = teacher_topk(t_hidden_NH, self.teacher.get_output_embeddings(),
-                                                   self.kd.top_k, self.kd.chunk_tokens)
+                t_vals_NK, t_ids_NK = teacher_topk(
+                    t_hidden_NH, self.teacher.get_output_embeddings(), self.kd.top_k, self.kd.chunk_tokens,
+                    log_probs_at=self.kd.temperature if self.kd.tail_bucket else None)
                 reshard_head(self.teacher)
         return distill_loss(s_hidden_NH, self.student.get_output_embeddings(), labels_BT.flatten(),
                             t_vals_NK, t_ids_NK, self.kd)

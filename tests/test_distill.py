@@ -415,3 +415,73 @@ def test_at_most_one_chunk_of_logits_alive_forward_and_backward():
     finally:
         handle.remove()
     assert max(rows) <= chunk and max(alive_at_call) == 0
+
+
+# --- tail_bucket: top-k from the teacher's full softmax plus one "rest" bucket -------------------------
+def _tail_setup(seed=0, n=12, h=6, v=40):
+    gen = torch.Generator().manual_seed(seed)
+    head = torch.nn.Linear(h, v).double()
+    with torch.no_grad():
+        head.weight.copy_(torch.randn(v, h, generator=gen, dtype=torch.float64))
+        head.bias.copy_(torch.randn(v, generator=gen, dtype=torch.float64))
+    s_hidden = torch.randn(n, h, generator=gen, dtype=torch.float64, requires_grad=True)
+    t_logits = torch.randn(n, v, generator=gen, dtype=torch.float64) * 2
+    labels = torch.randint(0, v, (n,), generator=gen)
+    labels[2] = -100
+    return head, s_hidden, t_logits, labels
+
+
+def _tail_targets(t_logits, k, temperature):
+    """What teacher_topk(log_probs_at=T) returns, from full teacher logits."""
+    vals, ids = t_logits.topk(k, dim=-1)
+    return vals / temperature - torch.logsumexp(t_logits / temperature, -1, keepdim=True), ids
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_tail_bucket_with_full_vocab_equals_full_kl(temperature):
+    head, s_hidden, t_logits, labels = _tail_setup()
+    v = t_logits.shape[-1]
+    vals, ids = _tail_targets(t_logits, v, temperature)
+    out = distill_loss(s_hidden, head, labels, vals, ids, KDConfig(top_k=v, temperature=temperature, tail_bucket=True))
+    keep = labels != -100
+    p = torch.softmax(t_logits[keep] / temperature, -1)
+    log_q = torch.log_softmax(head(s_hidden[keep]) / temperature, -1)
+    ref = temperature**2 * (p * (p.log() - log_q)).sum(-1).mean()
+    torch.testing.assert_close(out.loss, ref)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_tail_bucket_topk_equals_naive_bucket_reference(temperature):
+    head, s_hidden, t_logits, labels = _tail_setup(seed=1)
+    k = 5
+    vals, ids = _tail_targets(t_logits, k, temperature)
+    out = distill_loss(s_hidden, head, labels, vals, ids, KDConfig(top_k=k, temperature=temperature, tail_bucket=True))
+    keep = labels != -100
+    total = 0.0
+    for i in keep.nonzero().squeeze(-1).tolist():
+        p_full = torch.softmax(t_logits[i] / temperature, -1)
+        q_full = torch.softmax(head(s_hidden[i]) / temperature, -1)
+        top = ids[i]
+        p, q = p_full[top], q_full[top]
+        p_rest, q_rest = 1 - p.sum(), 1 - q.sum()
+        total = total + (p * (p / q).log()).sum() + p_rest * (p_rest / q_rest).log()
+    ref = temperature**2 * total / keep.sum()
+    torch.testing.assert_close(out.loss, ref)
+
+
+def test_tail_bucket_chunked_equals_unchunked_and_teacher_topk_log_probs():
+    head, s_hidden, t_logits, labels = _tail_setup(seed=2)
+    vals, ids = _tail_targets(t_logits, 4, 2.0)
+    cfg_small, cfg_big = (KDConfig(top_k=4, temperature=2.0, tail_bucket=True, chunk_tokens=c) for c in (3, 10_000))
+    a = distill_loss(s_hidden, head, labels, vals, ids, cfg_small)
+    (ga,) = torch.autograd.grad(a.loss, s_hidden)
+    b = distill_loss(s_hidden, head, labels, vals, ids, cfg_big)
+    (gb,) = torch.autograd.grad(b.loss, s_hidden)
+    torch.testing.assert_close(a.loss, b.loss)
+    torch.testing.assert_close(ga, gb)
+    # teacher_topk(log_probs_at=T) gives exactly these targets from hidden states
+    t_hidden = torch.randn(7, 6, dtype=torch.float64)
+    got_vals, got_ids = teacher_topk(t_hidden, head, 4, 3, log_probs_at=2.0)
+    want_vals, want_ids = _tail_targets(head(t_hidden).detach(), 4, 2.0)
+    torch.testing.assert_close(got_vals.double(), want_vals.float().double(), rtol=1e-5, atol=1e-6)
+    assert torch.equal(got_ids, want_ids)
