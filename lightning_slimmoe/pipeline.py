@@ -102,9 +102,8 @@ def load_config(field: str, source: str, trust_remote_code: bool = False):
 
 
 def load_model(source: str, dtype: torch.dtype, trust_remote_code: bool = False):
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, trust_remote_code=trust_remote_code,
-                                                 use_safetensors=True)
-    return model
+    return AutoModelForCausalLM.from_pretrained(source, dtype=dtype, trust_remote_code=trust_remote_code,
+                                                use_safetensors=True)
 
 
 def tokenizer_signature(tokenizer) -> dict:
@@ -270,7 +269,6 @@ class Pipeline:
         tokens_per_step = samples_per_step * self.dm.hparams.seq_len
         probe_ids = self.dm.val_blocks[:1, : min(32, self.dm.hparams.seq_len)].clone()
 
-        teacher_source = spec.teacher
         teacher = None
         summary = {"teacher": {}, "stages": [], "final_dir": None}
         step_offset = sample_offset = 0
@@ -283,24 +281,19 @@ class Pipeline:
                 summary["stages"].append(meta["summary"])
             else:
                 if stage.pretrain is None and teacher is None:
-                    teacher = load_model(teacher_source, teacher_dtype, spec.trust_remote_code)
-                    teacher.slimmoe_fingerprint = model_fingerprint(teacher)  # before any sharding
+                    teacher = self._load_teacher(teacher_dtype)
                     if not summary["teacher"]:
-                        summary["teacher"] = self._teacher_summary(teacher, teacher_source, eval_trainer)
+                        summary["teacher"] = self._teacher_summary(teacher, self.teacher_source, eval_trainer)
                 student = self._incoming_student(k, stage, tokenizer, student_dtype, teacher_config)
                 stage_summary = self._run_stage(k, stage, stage_dir, student, None if stage.pretrain else teacher,
                                                 steps, step_offset, sample_offset, logger, tokens_per_step,
                                                 teacher_config, tokenizer, probe_ids)
                 summary["stages"].append(stage_summary)
-            if stage.pretrain is not None:
-                teacher_source = str(stage_dir / "hf")
             step_offset += steps
             sample_offset += steps * samples_per_step
         if not summary["teacher"]:
-            if teacher is None:
-                teacher = load_model(teacher_source, teacher_dtype, spec.trust_remote_code)
-                teacher.slimmoe_fingerprint = model_fingerprint(teacher)
-            summary["teacher"] = self._teacher_summary(teacher, teacher_source, eval_trainer)
+            teacher = teacher or self._load_teacher(teacher_dtype)
+            summary["teacher"] = self._teacher_summary(teacher, self.teacher_source, eval_trainer)
         summary["final_dir"] = str(self.out / "final")
         if eval_trainer.global_rank == 0:
             final_src = self.stage_dirs[-1] / "hf"
@@ -352,13 +345,21 @@ class Pipeline:
             return AutoModelForCausalLM.from_config(config, dtype=dtype)
         previous = next((d / "hf" for s, d in zip(reversed(spec.stages[:k]), reversed(self.stage_dirs[:k]))
                          if s.pretrain is None), None)
-        source = str(previous) if previous else (spec.student_init or self._teacher_source_for(k))
+        source = str(previous) if previous else (spec.student_init or self.teacher_source)
         return load_model(source, dtype, spec.trust_remote_code)
 
-    def _teacher_source_for(self, k):
+    def _load_teacher(self, dtype: torch.dtype):
+        teacher = load_model(self.teacher_source, dtype, self.spec.trust_remote_code)
+        teacher.slimmoe_fingerprint = model_fingerprint(teacher)  # before any sharding changes state_dict()
+        return teacher
+
+    @property
+    def teacher_source(self) -> str:
+        """The original teacher of every stage: `teacher:`, or the export of the pretrain stage (always
+        stage 0, see `plan`). Only read once that stage has run."""
         if self.spec.teacher is not None:
             return self.spec.teacher
-        return str(self.stage_dirs[0] / "hf")  # made by the pretrain stage
+        return str(self.stage_dirs[0] / "hf")
 
     @staticmethod
     def _gather_student(student, rank: int):
