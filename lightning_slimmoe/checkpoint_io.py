@@ -9,6 +9,7 @@ import os
 from typing import Any
 
 import torch
+from torch.distributed.tensor import DTensor
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.fabric.utilities.rank_zero import rank_zero_only
 
@@ -16,9 +17,11 @@ CHECKED_KEYS = ("state_dict", "optimizer_states")  # loop/callback state may leg
 
 
 def first_non_finite(obj: Any, name: str) -> str | None:
-    """Name of the first floating-point tensor inside ``obj`` (nested dicts/lists) that holds NaN or Inf."""
+    """Name of the first floating-point tensor inside ``obj`` (nested dicts/lists) that holds NaN or Inf.
+    A sharded (DTensor) entry is checked on this rank's local shard only: no collective per tensor."""
     if isinstance(obj, torch.Tensor):
-        return name if obj.is_floating_point() and not bool(torch.isfinite(obj).all()) else None
+        local = obj.to_local() if isinstance(obj, DTensor) else obj
+        return name if local.is_floating_point() and not bool(torch.isfinite(local).all()) else None
     items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, (list, tuple)) else ()
     for key, value in items:
         found = first_non_finite(value, f"{name}[{key!r}]")

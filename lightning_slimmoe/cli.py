@@ -20,6 +20,7 @@ import yaml
 
 from lightning.pytorch import Trainer
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.strategies import ModelParallelStrategy
 from lightning.pytorch.utilities import rank_zero_only
 
 from lightning_slimmoe.checkpoint_io import AtomicCheckpointIO
@@ -27,6 +28,7 @@ from lightning_slimmoe.config import StageConfig
 from lightning_slimmoe.data import TextDataModule
 from lightning_slimmoe.distributed import ParallelConfig
 from lightning_slimmoe.pipeline import Pipeline, RunSpec
+from lightning_slimmoe.strategies import AtomicModelParallelStrategy
 
 DEMO_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "conf", "demo.yaml")
 
@@ -93,7 +95,20 @@ class SlimMoECLI(LightningCLI):
         plugins = config.pop("plugins", None) or []
         plugins = plugins if isinstance(plugins, list) else [plugins]
         config.update(overrides)
+        config["strategy"] = with_atomic_checkpoints(config.get("strategy", "auto"))
         return Trainer(**config, callbacks=[*callbacks, *extra_callbacks], plugins=[*plugins, AtomicCheckpointIO()])
+
+
+def with_atomic_checkpoints(strategy):
+    """Lightning's stock ``ModelParallelStrategy`` rewrites a sharded checkpoint in place (a kill mid-save
+    leaves a directory that looks complete); the same strategy with atomic, finite-checked saves replaces it,
+    with the same arguments. Every other strategy is returned as given."""
+    if type(strategy) is not ModelParallelStrategy:
+        return strategy
+    return AtomicModelParallelStrategy(
+        data_parallel_size=strategy._data_parallel_size, tensor_parallel_size=strategy._tensor_parallel_size,
+        save_distributed_checkpoint=strategy._save_distributed_checkpoint,
+        process_group_backend=strategy._process_group_backend, timeout=strategy._timeout)
 
 
 _STAGE_OVERRIDE = re.compile(r"^--stages\.(\d+)\.([A-Za-z_][\w.]*)(?:=(.*))?$")

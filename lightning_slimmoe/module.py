@@ -91,17 +91,26 @@ class StageModule(pl.LightningModule):
 
     def training_step(self, batch, batch_idx):
         out = self.forward_loss(batch)
-        if not torch.isfinite(out.loss):
-            # Stop before optimizer.step so that weights and optimizer state stay finite (torchtitan's rule).
-            raise FloatingPointError(
-                f"non-finite training loss {out.loss.item()} at global step {self.global_step} on rank "
-                f"{self.global_rank} (kd_loss={out.kd_loss.item()}, lm_loss={out.lm_loss.item()})")
+        self._stop_if_non_finite(out)
         sync = self.trainer.world_size > 1  # log the global mean, not rank 0's share
         self.log("train/loss", out.loss, prog_bar=True, sync_dist=sync)
         self.log("train/kd_loss", out.kd_loss, sync_dist=sync)
         self.log("train/lm_loss", out.lm_loss, sync_dist=sync)
         self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"])
         return out.loss
+
+    def _stop_if_non_finite(self, out: DistillOutput) -> None:
+        """Stop every rank before backward and ``optimizer.step`` when any rank's loss is NaN/Inf, so weights
+        and optimizer state stay finite (torchtitan's rule). The ranks compare their losses first: a rank
+        that raised alone would leave the others waiting in the gradient reduce-scatter forever."""
+        losses_3 = torch.stack([out.loss.detach(), out.kd_loss.detach(), out.lm_loss.detach()]).float()  # (3,)
+        losses_W3 = self.all_gather(losses_3).reshape(-1, 3) if self.trainer.world_size > 1 else losses_3[None]
+        bad = [rank for rank in range(losses_W3.shape[0]) if not bool(torch.isfinite(losses_W3[rank, 0]))]
+        if bad:
+            where = "; ".join(f"rank {rank}: loss={losses_W3[rank, 0].item()} (kd_loss={losses_W3[rank, 1].item()}, "
+                              f"lm_loss={losses_W3[rank, 2].item()})" for rank in bad)
+            raise FloatingPointError(f"non-finite training loss at global step {self.global_step} on {where}; "
+                                     f"stopped before optimizer.step on every rank (this is rank {self.global_rank})")
 
     def validation_step(self, batch, batch_idx):
         out = self.forward_loss(batch)

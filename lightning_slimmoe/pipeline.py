@@ -47,6 +47,7 @@ from lightning_slimmoe.importance import ImportanceScores
 from lightning_slimmoe.module import StageModule, model_fingerprint
 from lightning_slimmoe.params import count_config_params, count_params
 from lightning_slimmoe.slimming import SlimTarget, resolve_target, slim_config
+from lightning_slimmoe.strategies import latest_complete_checkpoint
 from lightning_slimmoe.tb import ContinuousTensorBoardLogger
 
 RUN_FILE = "run.json"
@@ -387,7 +388,8 @@ class Pipeline:
         stage_dir.mkdir(parents=True, exist_ok=True)
         ckpt_dir = stage_dir / "checkpoints"
         last = ckpt_dir / "last.ckpt"
-        ckpt_path = str(last) if self.spec.resume and last.exists() else None
+        resume_from = latest_complete_checkpoint(ckpt_dir) if self.spec.resume and ckpt_dir.is_dir() else None
+        ckpt_path = str(resume_from) if resume_from else None
         val_every = min(steps, stage.val_every_n_steps or max(1, steps // 4))
         ckpt_every = min(steps, stage.checkpoint_every_n_steps or val_every)
         logger.step_offset = step_offset

@@ -49,7 +49,7 @@ STEPS = {"slim1": 4, "slim2": 6}
 
 DRIVER = r'''
 """Test-only driver: lightning_slimmoe.cli.main(argv) plus a recorder and one fault (see test_reliability)."""
-import io, json, os, signal, sys, time
+import hashlib, io, json, os, signal, sys, time
 sys.path.insert(0, os.getcwd())
 OPTS = json.loads(os.environ["RELIABILITY_DRIVER"])
 FAULT = OPTS.get("fault") or {}
@@ -64,8 +64,9 @@ def log(**record):
 
 
 def die(where):
+    # the whole process group: every rank of the job dies at once, as when a node is lost
     log(event="kill", where=where)
-    os.kill(os.getpid(), signal.SIGKILL)
+    os.killpg(os.getpgid(0), signal.SIGKILL)
 
 
 import torch
@@ -75,6 +76,7 @@ import lightning_slimmoe.cli as cli
 import lightning_slimmoe.export as export
 import callbacks.expert_slimming as expert_slimming
 from callbacks.expert_slimming import ExpertSlimming, widths_of
+from callbacks.preemption import CheckpointOnSigterm
 
 CURRENT = {"stage": None}
 
@@ -83,11 +85,44 @@ def stage_of(trainer):
     return next((c.stage.name for c in trainer.callbacks if isinstance(c, ExpertSlimming)), None)
 
 
-def at(kind, stage=None):
-    return FAULT.get("kind") == kind and (stage is None or FAULT.get("stage") == stage)
+def at(kind, stage=None, rank=None):
+    return (FAULT.get("kind") == kind and (stage is None or FAULT.get("stage") == stage)
+            and (rank is None or FAULT.get("rank") in (None, rank)))
+
+
+def local_state_hash(pl_module, trainer):
+    """sha256 of this rank's student weights (local shards) and optimizer state, in a fixed order."""
+    h = hashlib.sha256()
+
+    def add(name, t):
+        t = t.to_local() if hasattr(t, "to_local") else t
+        h.update(name.encode())
+        h.update(t.detach().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
+    for name, t in pl_module.student.state_dict().items():
+        add(name, t)
+    for opt in trainer.optimizers:
+        for g, group in enumerate(opt.param_groups):
+            for i, p in enumerate(group["params"]):
+                for k, v in sorted(opt.state.get(p, {}).items()):
+                    if torch.is_tensor(v):
+                        add(f"opt{g}.{i}.{k}", v)
+    return h.hexdigest()
 
 
 class Recorder(Callback):
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        name = stage_of(trainer)
+        if at("nan_loss", name) and trainer.global_step == FAULT["step"]:
+            log(event="state", when="before", stage=name, step=trainer.global_step, rank=trainer.global_rank,
+                hash=local_state_hash(pl_module, trainer))
+
+    def on_exception(self, trainer, pl_module, exception):
+        log(event="exception", stage=stage_of(trainer), step=trainer.global_step, rank=trainer.global_rank,
+            type=type(exception).__name__, message=str(exception))
+        if at("nan_loss", stage_of(trainer)):
+            log(event="state", when="after", stage=stage_of(trainer), step=trainer.global_step,
+                rank=trainer.global_rank, hash=local_state_hash(pl_module, trainer))
+
     def on_train_start(self, trainer, pl_module):
         name = stage_of(trainer)
         log(event="train_start", stage=name, step=trainer.global_step, rank=trainer.global_rank,
@@ -99,21 +134,23 @@ class Recorder(Callback):
         name = stage_of(trainer)
         log(event="step", stage=name, step=trainer.global_step, rank=trainer.global_rank,
             loss=outputs["loss"].item(), first_ids=batch["input_ids"][:, :4].tolist())
-        if at("step", name) and trainer.global_step == FAULT["step"]:
-            die(f"{name}: step {trainer.global_step}")
-        if at("await_sigterm", name) and trainer.global_step == FAULT["step"]:
-            log(event="ready", stage=name, step=trainer.global_step)
+        if at("step", name, trainer.global_rank) and trainer.global_step == FAULT["step"]:
+            die(f"{name}: step {trainer.global_step} on rank {trainer.global_rank}")
+        if at("await_sigterm", name, trainer.global_rank) and trainer.global_step == FAULT["step"]:
+            log(event="ready", stage=name, step=trainer.global_step, rank=trainer.global_rank)
+            preemption = next(c for c in trainer.callbacks if isinstance(c, CheckpointOnSigterm))
             deadline = time.time() + 60
-            while not trainer.received_sigterm and time.time() < deadline:
+            while not preemption.received and time.time() < deadline:
                 time.sleep(0.02)
-            log(event="sigterm_seen", received=trainer.received_sigterm)
+            log(event="sigterm_seen", received=preemption.received)
 
 
 _make_trainer = cli.SlimMoECLI.make_trainer
 
 
 def make_trainer(self, extra_callbacks=(), **overrides):
-    return _make_trainer(self, extra_callbacks=[*extra_callbacks, Recorder()], **overrides)
+    # first, so that its batch-end record (and a test's wait for a signal) comes before the product's callbacks
+    return _make_trainer(self, extra_callbacks=[Recorder(), *extra_callbacks], **overrides)
 
 
 cli.SlimMoECLI.make_trainer = make_trainer
@@ -193,19 +230,59 @@ expert_slimming.slim_model_ = slim_model_
 _reapply = ExpertSlimming._reapply
 
 
-def reapply(self, student):
+def reapply(self, *args, **kwargs):
     log(event="reapplied", stage=self.stage.name)
     CURRENT["reapplying"] = True
     try:
-        return _reapply(self, student)
+        return _reapply(self, *args, **kwargs)
     finally:
         CURRENT["reapplying"] = False
 
 
 ExpertSlimming._reapply = reapply
 
-cli.main(sys.argv[1:])
-log(event="done")
+import dataclasses
+import lightning.pytorch.strategies.model_parallel as model_parallel
+from lightning_slimmoe.module import StageModule
+
+_dcp_save = model_parallel._distributed_checkpoint_save
+
+
+def dcp_save(state, path):
+    _dcp_save(state, path)  # every shard and DCP's .metadata are written; Lightning's meta.pt and the rename not yet
+    if at("sharded_checkpoint_written") and str(path).endswith(FAULT["path_suffix"]):
+        CURRENT["saves"] = CURRENT.get("saves", 0) + 1
+        if CURRENT["saves"] < FAULT["occurrence"]:
+            return
+        import torch.distributed as dist
+        dist.barrier()  # both ranks' shards are on disk
+        if dist.get_rank() == 0:
+            die(f"sharded save of {path}: shards and .metadata written, not yet renamed")
+        time.sleep(60)
+
+
+model_parallel._distributed_checkpoint_save = dcp_save
+
+_forward_loss = StageModule.forward_loss
+
+
+def forward_loss(self, batch):
+    out = _forward_loss(self, batch)
+    if (self.training and at("nan_loss", CURRENT["stage"], self.global_rank) and self.global_step == FAULT["step"]):
+        nan = torch.tensor(float("nan"))
+        out = dataclasses.replace(out, loss=out.loss * nan, kd_loss=out.kd_loss * nan)
+    return out
+
+
+StageModule.forward_loss = forward_loss
+
+try:
+    cli.main(sys.argv[1:])
+except BaseException as exc:  # SystemExit included: record how each rank ended
+    log(event="exit", rank=int(os.environ.get("LOCAL_RANK", 0)), type=type(exc).__name__,
+        code=getattr(exc, "code", None))
+    raise
+log(event="done", rank=int(os.environ.get("LOCAL_RANK", 0)))
 '''
 
 
@@ -231,7 +308,7 @@ class Run:
         try:
             self.proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
-            self.proc.kill()
+            os.killpg(self.proc.pid, signal.SIGKILL)  # every rank (the driver leads its own process group)
             self.proc.wait()
             pytest.fail(f"watchdog: the run did not finish within {timeout}s\n{self.output()}")
         return self.proc.returncode
@@ -507,6 +584,205 @@ def test_sigterm_saves_one_checkpoint_and_resumes(tmp_path, baseline, expected_s
     resumed = run(tmp_path, recipe, "--resume", "true")
     assert [(x["stage"], x["step"]) for x in resumed.events("train_start")] == [("slim2", 3)]
     assert_matches_baseline(baseline, expected_stream, run_dir, committed(r, resumed))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Scenarios 1, 4, 5 with 2 ranks: FSDP2 (ModelParallelStrategy) over gloo, 2 samples per rank, so that a
+# global batch holds the same 4 samples as the 1-process runs above. Checkpoints are sharded (DCP dirs).
+# ---------------------------------------------------------------------------------------------------
+MODEL_PARALLEL = '{"class_path": "lightning.pytorch.strategies.ModelParallelStrategy"}'
+TWO_RANKS = ("--trainer.devices", "2", "--trainer.strategy", MODEL_PARALLEL, "--data.init_args.batch_size", "2")
+
+
+def by_rank(records: list[dict]) -> dict[int, list[dict]]:
+    out: dict[int, list[dict]] = {}
+    for r in records:
+        out.setdefault(r["rank"], []).append(r)
+    return out
+
+
+def committed_ranks(earlier: list[dict], resumed: Run) -> dict[int, list[dict]]:
+    """Per rank: the earlier steps up to the checkpoint each resumed stage restarted from, then the resumed ones."""
+    starts = {}
+    for rec in resumed.events("train_start"):
+        assert starts.setdefault(rec["stage"], rec["step"]) == rec["step"], "ranks resumed from different steps"
+    out = {}
+    for rank in (0, 1):
+        kept = [r for r in earlier if r["rank"] == rank and (r["stage"] not in starts or r["step"] <= starts[r["stage"]])]
+        kept += [r for r in resumed.events("step") if r["rank"] == rank]
+        out[rank] = sorted(kept, key=lambda r: (list(STEPS).index(r["stage"]), r["step"]))
+    return out
+
+
+def sharded_checkpoint_files(run_dir: Path) -> dict[str, str]:
+    """name -> sha256 of every file below every stage's checkpoints/ (sharded checkpoints are directories)."""
+    return {str(p.relative_to(run_dir)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(run_dir.glob("stage_*/checkpoints/**/*")) if p.is_file()}
+
+
+def load_sharded(path: Path, scratch: Path) -> dict:
+    """A sharded (DCP) checkpoint as one plain dict (DCP's own converter, no process group needed)."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    out = scratch / f"{path.parent.parent.name}-{path.name}.pt"
+    dcp_to_torch_save(str(path), str(out))
+    return torch.load(out, map_location="cpu", weights_only=True)
+
+
+def assert_sharded_checkpoints_complete(run_dir: Path, scratch: Path) -> None:
+    """Every checkpoint under a final name is a complete, finite sharded checkpoint; nothing half-written
+    or set aside is left behind."""
+    from lightning_slimmoe.strategies import is_complete_checkpoint
+
+    for path in run_dir.glob("stage_*/checkpoints/*"):
+        assert path.name.endswith(".ckpt"), f"left behind: {path}"
+        assert path.is_dir() and is_complete_checkpoint(path), path
+        state = load_sharded(path, scratch)
+        tensors = [v for v in state["state_dict"].values() if torch.is_tensor(v)]
+        assert tensors and all(torch.isfinite(t).all() for t in tensors if t.is_floating_point()), path
+
+
+def assert_two_ranks_match(baseline2, expected_stream, run_dir: Path, sequences: dict[int, list[dict]]) -> None:
+    for rank in (0, 1):
+        assert [strip(r) for r in sequences[rank]] == [strip(r) for r in baseline2["records"][rank]], rank
+    # no sample repeated or skipped: rank 0's and rank 1's halves of every step are the 1-process batch
+    assert [a["first_ids"] + b["first_ids"] for a, b in zip(sequences[0], sequences[1])] == expected_stream
+    assert weights_hash(run_dir / "final") == baseline2["hash"]
+    for k, s in enumerate(STEPS):
+        meta = json.loads((run_dir / f"stage_{k}_{s}" / "meta.json").read_text())
+        assert meta["status"] == "complete" and meta["kept_index_hash"] == baseline2["meta"][s]["kept_index_hash"]
+    assert not list(run_dir.rglob("*.tmp")) and not list(run_dir.rglob("*.old"))
+
+
+@pytest.fixture(scope="module")
+def baseline2(tmp_path_factory, phimoe_teacher, corpus_file):
+    """The uninterrupted 2-rank run."""
+    work = tmp_path_factory.mktemp("baseline2")
+    recipe = recipe_in(work, phimoe_teacher, corpus_file)
+    r = run(work, recipe, *TWO_RANKS)
+    records = by_rank(r.events("step"))
+    for rank in (0, 1):
+        assert [(x["stage"], x["step"]) for x in records[rank]] == [(s, k) for s, n in STEPS.items()
+                                                                     for k in range(1, n + 1)]
+    run_dir = work / "run"
+    return {"records": records, "hash": weights_hash(run_dir / "final"),
+            "meta": {s: json.loads((run_dir / f"stage_{k}_{s}" / "meta.json").read_text())
+                     for k, s in enumerate(STEPS)}}
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_two_ranks_match_one_process_exactly_enough(baseline, baseline2):
+    """Sanity link between the two references: same kept indices, same losses (to float noise)."""
+    for s in STEPS:
+        assert baseline2["meta"][s]["kept_index_hash"] == baseline["meta"][s]["kept_index_hash"]
+    for one, a, b in zip(baseline["records"], baseline2["records"][0], baseline2["records"][1]):
+        assert abs(one["loss"] - (a["loss"] + b["loss"]) / 2) < 1e-5
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_two_ranks_sigkill_at_random_step_resumes_exactly(tmp_path, baseline2, expected_stream, phimoe_teacher,
+                                                          corpus_file):
+    """Scenario 1 with 2 ranks: the whole job is killed (-9) at a random step of stage 2 (after that step,
+    before its checkpoint); the 2-rank resume reproduces every per-rank loss, the sample stream and the
+    final weights of the uninterrupted 2-rank run bit for bit."""
+    kill_step = random.Random(11).randint(1, STEPS["slim2"] - 1)
+    recipe = recipe_in(tmp_path, phimoe_teacher, corpus_file)
+    first = killed(tmp_path, recipe, {"kind": "step", "stage": "slim2", "step": kill_step, "rank": 0}, *TWO_RANKS)
+    run_dir = tmp_path / "run"
+    assert_sharded_checkpoints_complete(run_dir, tmp_path)
+    resumed = run(tmp_path, recipe, "--resume", "true", *TWO_RANKS)
+    restart = (kill_step - 1) // 2 * 2
+    assert sorted((r["stage"], r["step"], r["rank"]) for r in resumed.events("train_start")) == \
+        [("slim2", restart, 0), ("slim2", restart, 1)]
+    assert not resumed.events("scored") and not resumed.events("sliced")
+    assert_two_ranks_match(baseline2, expected_stream, run_dir, committed_ranks(first.events("step"), resumed))
+    assert_sharded_checkpoints_complete(run_dir, tmp_path)
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_two_ranks_kill_mid_sharded_checkpoint_keeps_previous(tmp_path, baseline2, expected_stream, phimoe_teacher,
+                                                              corpus_file):
+    """Scenario 2 for sharded checkpoints: killed after every shard of the new last.ckpt is written but before
+    it is complete: the previous last.ckpt is still there, complete, and is what resumes; the half-made
+    directory is never under a final name."""
+    recipe = recipe_in(tmp_path, phimoe_teacher, corpus_file)
+    run_dir = tmp_path / "run"
+    ckpts = run_dir / "stage_1_slim2" / "checkpoints"
+    first = killed(tmp_path, recipe, {"kind": "sharded_checkpoint_written", "path_suffix": "stage_1_slim2/checkpoints/"
+                                      "last.ckpt.tmp", "occurrence": 2}, *TWO_RANKS)  # step 4's
+    assert first.events("kill")[0]["where"].startswith("sharded save of")
+    assert (ckpts / "last.ckpt.tmp").is_dir()  # the new one: shards + .metadata, no meta.pt
+    assert torch.load(ckpts / "last.ckpt/meta.pt", weights_only=True)["global_step"] == 2  # the previous one
+    resumed = run(tmp_path, recipe, "--resume", "true", *TWO_RANKS)
+    assert sorted((x["stage"], x["step"]) for x in resumed.events("train_start")) == [("slim2", 2)] * 2
+    assert_two_ranks_match(baseline2, expected_stream, run_dir, committed_ranks(first.events("step"), resumed))
+    assert_sharded_checkpoints_complete(run_dir, tmp_path)
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_sigterm_to_one_rank_stops_all_ranks(tmp_path, baseline2, expected_stream, phimoe_teacher, corpus_file):
+    """Scenario 4 with 2 ranks: SIGTERM to rank 1 only, mid stage 2. Both ranks stop within the grace period
+    with status 143, exactly one new complete checkpoint (last.ckpt) is written, nothing deadlocks (the
+    watchdog), and the resume continues exactly."""
+    recipe = recipe_in(tmp_path, phimoe_teacher, corpus_file)
+    run_dir = tmp_path / "run"
+    r = start(tmp_path, recipe, *TWO_RANKS, fault={"kind": "await_sigterm", "stage": "slim2", "step": 3, "rank": 1})
+    deadline = time.time() + WATCHDOG_S
+    while not r.events("ready") and r.proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert r.events("ready"), r.output()
+    (ready,) = r.events("ready")
+    assert ready["rank"] == 1 and ready["pid"] != r.proc.pid  # the signal goes to the child rank only
+    before = sharded_checkpoint_files(run_dir)
+    signalled = time.time()
+    os.kill(ready["pid"], signal.SIGTERM)
+    rc = r.wait(timeout=30)  # the grace period; a deadlock fails here (the watchdog kills the whole group)
+    assert time.time() - signalled < 30
+    assert rc == 128 + signal.SIGTERM, r.output()
+    exits = {e["rank"]: e for e in r.events("exit")}
+    assert set(exits) == {0, 1} and all(e["code"] == 128 + signal.SIGTERM for e in exits.values()), r.records
+    after = sharded_checkpoint_files(run_dir)
+    changed = {k for k in after if before.get(k) != after[k]}
+    assert changed and all(k.startswith("stage_1_slim2/checkpoints/last.ckpt/") for k in changed), changed
+    assert set(before) - set(after) <= {k for k in before if k.startswith("stage_1_slim2/checkpoints/last.ckpt/")}
+    assert sorted(p.name for p in (run_dir / "stage_1_slim2/checkpoints").iterdir()) == \
+        ["last.ckpt", "step0000002.ckpt"]
+    assert_sharded_checkpoints_complete(run_dir, tmp_path)
+    assert torch.load(run_dir / "stage_1_slim2/checkpoints/last.ckpt/meta.pt", weights_only=True)["global_step"] == 3
+    resumed = run(tmp_path, recipe, "--resume", "true", *TWO_RANKS)
+    assert sorted((x["stage"], x["step"]) for x in resumed.events("train_start")) == [("slim2", 3)] * 2
+    assert_two_ranks_match(baseline2, expected_stream, run_dir, committed_ranks(r.events("step"), resumed))
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_nan_on_one_rank_stops_all_ranks_before_the_step(tmp_path, phimoe_teacher, corpus_file):
+    """Scenario 5 with 2 ranks: a NaN loss at stage-2 step 3 on rank 1 only. Both ranks stop before
+    optimizer.step (their weight and optimizer-state shards are bit-identical before and after), both errors
+    name the step, the rank and the tensor, and the last finite checkpoint is kept."""
+    recipe = recipe_in(tmp_path, phimoe_teacher, corpus_file)
+    r = run(tmp_path, recipe, *TWO_RANKS, fault={"kind": "nan_loss", "stage": "slim2", "step": 3, "rank": 1},
+            expect_rc=None)
+    assert r.proc.returncode not in (0, None), r.output()
+    errors = {e["rank"]: e for e in r.events("exception")}
+    assert set(errors) == {0, 1}, r.records
+    for e in errors.values():
+        assert e["type"] == "FloatingPointError" and e["step"] == 3, e
+        assert "global step 3" in e["message"] and "rank 1: loss=nan" in e["message"], e["message"]
+        assert "rank 0: loss" not in e["message"]  # rank 0's loss was finite
+    states = {(s["rank"], s["when"]): s["hash"] for s in r.events("state")}
+    assert set(states) == {(0, "before"), (1, "before"), (0, "after"), (1, "after")}, states
+    for rank in (0, 1):
+        assert states[(rank, "before")] == states[(rank, "after")], f"rank {rank} changed its shards"
+    run_dir = tmp_path / "run"
+    assert_sharded_checkpoints_complete(run_dir, tmp_path)
+    ckpts = run_dir / "stage_1_slim2/checkpoints"
+    assert sorted(p.name for p in ckpts.iterdir()) == ["last.ckpt", "step0000002.ckpt"]
+    assert torch.load(ckpts / "last.ckpt/meta.pt", weights_only=True)["global_step"] == 2
 
 
 # ---------------------------------------------------------------------------------------------------

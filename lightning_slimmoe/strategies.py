@@ -1,0 +1,144 @@
+"""ModelParallelStrategy whose sharded checkpoints are complete-or-absent and never hold NaN/Inf.
+
+Lightning's ``ModelParallelStrategy`` writes a distributed (DCP) checkpoint *into* its target directory: the
+stage's ``last.ckpt/`` is rewritten in place every time, so a kill half-way through leaves the previous
+``.metadata`` next to half-new shard files — a directory that looks complete and is not. PyTorch DCP's own
+rule is that a checkpoint is complete only when its metadata is written last; this strategy extends that to
+the directory: every rank writes its shards into ``<path>.tmp/``, DCP writes ``.metadata`` after all
+shards, rank 0 writes Lightning's ``meta.pt`` after that, and only then is the directory renamed into place
+(the previous one, if any, is first moved aside to ``<path>.old`` and deleted after). A reader therefore
+sees either the old or the new checkpoint under ``<path>``; :func:`latest_complete_checkpoint` also accepts a
+``.old`` left by a kill between the two renames.
+
+Before anything is written, every rank checks its local shards of the weights and optimizer state for
+NaN/Inf and the ranks agree (all-gather): a poisoned checkpoint is refused on *every* rank, naming the rank
+and tensor, so retention never replaces the last finite checkpoint (torchtitan's rule, issue 7).
+
+Checkpoints written without sharding (``save_distributed_checkpoint: false``) go through the Trainer's
+``CheckpointIO`` on rank 0 (``AtomicCheckpointIO``), which applies the same two rules to a single file.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from lightning.pytorch.strategies import ModelParallelStrategy
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
+                                                     set_optimizer_state_dict)
+
+from lightning_slimmoe.checkpoint_io import CHECKED_KEYS, first_non_finite
+from lightning_slimmoe.module import STUDENT_PREFIX
+
+DCP_METADATA = ".metadata"  # written by torch.distributed.checkpoint after every shard
+LIGHTNING_META = "meta.pt"  # Lightning's loop/callback state, written by rank 0 after DCP finished
+
+
+def is_complete_checkpoint(path: Path) -> bool:
+    """A single-file checkpoint exists only once complete (atomic rename); a sharded one needs both
+    metadata files, which are written last."""
+    if path.is_file():
+        return True
+    return path.is_dir() and (path / DCP_METADATA).is_file() and (path / LIGHTNING_META).is_file()
+
+
+_STEP = re.compile(r"step(\d+)\.ckpt$")
+
+
+def latest_complete_checkpoint(ckpt_dir: Path) -> Path | None:
+    """The checkpoint ``--resume true`` continues from: ``last.ckpt`` when complete; else (a kill between
+    the two renames of a sharded save) ``last.ckpt.old``; else the newest complete ``step*.ckpt``."""
+    for name in ("last.ckpt", "last.ckpt.old"):
+        if is_complete_checkpoint(ckpt_dir / name):
+            return ckpt_dir / name
+    steps = sorted((int(m.group(1)), p) for p in ckpt_dir.glob("step*.ckpt") if (m := _STEP.search(p.name)))
+    for _, path in reversed(steps):
+        if is_complete_checkpoint(path):
+            return path
+    return None
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class AtomicModelParallelStrategy(ModelParallelStrategy):
+    """Lightning's FSDP2 strategy (``fully_shard`` in ``configure_model``) with atomic, finite-checked
+    sharded checkpoints that hold the student only. Same constructor arguments as ``ModelParallelStrategy``."""
+
+    # --- the student only: the frozen teacher is never gathered, saved or expected in a checkpoint --------
+    def lightning_module_state_dict(self) -> dict[str, Any]:
+        student = getattr(self.lightning_module, "student", None)
+        if student is None:
+            return super().lightning_module_state_dict()
+        options = StateDictOptions(full_state_dict=not self._save_distributed_checkpoint, cpu_offload=True)
+        return {STUDENT_PREFIX + k: v for k, v in get_model_state_dict(student, options=options).items()}
+
+    def load_checkpoint(self, checkpoint_path, weights_only: bool | None = None) -> dict[str, Any]:
+        """Lightning's sharded load asks DCP for *every* key of the module, the teacher's included, which a
+        checkpoint never holds; load the student's keys (strictly) and the optimizer state instead."""
+        path = Path(self.broadcast(str(checkpoint_path)))
+        module = self.lightning_module
+        student = getattr(module, "student", None)
+        if student is None or not path.is_dir():
+            return super().load_checkpoint(path, weights_only=weights_only)
+        model_state = {"state_dict": {STUDENT_PREFIX + k: v for k, v in get_model_state_dict(student).items()}}
+        dcp.load(model_state, checkpoint_id=path)
+        module.load_state_dict(model_state["state_dict"], strict=True)
+        for idx, optimizer in enumerate(self.optimizers):
+            key = f"optimizer_{idx}"
+            optim_state = {key: get_optimizer_state_dict(self.model, optimizer)}
+            dcp.load(optim_state, checkpoint_id=path)
+            set_optimizer_state_dict(self.model, optimizer, optim_state_dict=optim_state[key],
+                                     options=StateDictOptions(cpu_offload=True))
+        return torch.load(path / LIGHTNING_META, weights_only=True if weights_only is None else weights_only)
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath, storage_options: Any | None = None) -> None:
+        if not self._save_distributed_checkpoint:
+            return super().save_checkpoint(checkpoint, filepath, storage_options)
+        path = Path(self.broadcast(str(filepath)))
+        self._refuse_non_finite(checkpoint, path)
+        tmp = path.with_name(path.name + ".tmp")
+        if self.global_rank == 0 and tmp.exists():
+            shutil.rmtree(tmp)  # a half-written leftover of a killed save
+        self.barrier("atomic_checkpoint_clean")
+        super().save_checkpoint(checkpoint, tmp, storage_options)  # shards, then .metadata, then meta.pt
+        self.barrier("atomic_checkpoint_written")
+        if self.global_rank == 0:
+            old = path.with_name(path.name + ".old")
+            if old.exists():
+                shutil.rmtree(old) if old.is_dir() else old.unlink()
+            if path.exists():
+                os.replace(path, old)
+            os.replace(tmp, path)
+            _fsync_dir(path.parent)
+            if old.exists():
+                shutil.rmtree(old) if old.is_dir() else old.unlink()
+        self.barrier("atomic_checkpoint_renamed")
+
+    def _refuse_non_finite(self, checkpoint: dict[str, Any], path: Path) -> None:
+        """Every rank checks its own shards; all ranks refuse together (a one-rank raise would deadlock)."""
+        bad = None
+        for key in CHECKED_KEYS:
+            bad = bad or first_non_finite(checkpoint.get(key, {}), key)
+        found = [bad]
+        if dist.is_available() and dist.is_initialized() and self.world_size > 1:
+            found = [None] * self.world_size
+            dist.all_gather_object(found, bad)
+        culprits = [(rank, name) for rank, name in enumerate(found) if name is not None]
+        if culprits:
+            where = "; ".join(f"rank {rank}: tensor {name}" for rank, name in culprits)
+            raise FloatingPointError(
+                f"refusing to write checkpoint {path} at global step {checkpoint.get('global_step')} "
+                f"(this is rank {self.global_rank}): non-finite values (NaN/Inf) in {where}; the previous "
+                "checkpoint is kept")
