@@ -60,6 +60,9 @@ class StageConfig:
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     val_every_n_steps: Optional[int] = None  # default: 4 validations per stage
     checkpoint_every_n_steps: Optional[int] = None  # default: with each validation
+    # a step whose loss is NaN/Inf on any rank stops the run (0, torchtitan's rule); N > 0 skips up to N such
+    # steps of this stage (no backward, no weight or optimizer-state change) and stops at the N+1-th
+    max_nonfinite_skips: int = 0
     pretrain: Optional[PretrainConfig] = None
 
     def __post_init__(self):
@@ -67,6 +70,8 @@ class StageConfig:
         _check(self.max_tokens > 0, f"stages[{self.name}].max_tokens", self.max_tokens, "must be > 0")
         _check(self.calibration_tokens > 0, f"stages[{self.name}].calibration_tokens", self.calibration_tokens,
                "must be > 0")
+        _check(self.max_nonfinite_skips >= 0, f"stages[{self.name}].max_nonfinite_skips", self.max_nonfinite_skips,
+               "must be >= 0")
         if self.pretrain is not None:
             pruning = [k for k in ("expert_width", "attention_groups", "shared_expert_width", "remove_experts_to")
                        if getattr(self, k) is not None]

@@ -14,6 +14,7 @@ from dataclasses import asdict
 import lightning.pytorch as pl
 import torch
 from torch import nn
+from lightning.pytorch.utilities import rank_zero_warn
 from torchmetrics import MeanMetric
 
 from lightning_slimmoe.config import OptimizerConfig
@@ -36,8 +37,11 @@ def model_fingerprint(model: nn.Module) -> str:
 
 class StageModule(pl.LightningModule):
     def __init__(self, student: nn.Module, teacher: nn.Module | None = None, kd: KDConfig | None = None,
-                 optimizer: OptimizerConfig | None = None, parallel: ParallelConfig | None = None):
+                 optimizer: OptimizerConfig | None = None, parallel: ParallelConfig | None = None,
+                 max_nonfinite_skips: int = 0):
         super().__init__()
+        self.max_nonfinite_skips = max_nonfinite_skips
+        self.nonfinite_skips = 0  # steps skipped so far in this stage (kept in the checkpoint)
         self.student = student
         self.teacher = teacher
         self.kd = kd or KDConfig()
@@ -91,7 +95,10 @@ class StageModule(pl.LightningModule):
 
     def training_step(self, batch, batch_idx):
         out = self.forward_loss(batch)
-        self._stop_if_non_finite(out)
+        if self._skip_or_stop_if_non_finite(out):
+            # Returning None skips backward and leaves every gradient unset, so the optimizer changes neither
+            # weights nor state; the step still counts, so the data stream and a resume stay aligned.
+            return None
         sync = self.trainer.world_size > 1  # log the global mean, not rank 0's share
         self.log("train/loss", out.loss, prog_bar=True, sync_dist=sync)
         self.log("train/kd_loss", out.kd_loss, sync_dist=sync)
@@ -99,18 +106,29 @@ class StageModule(pl.LightningModule):
         self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"])
         return out.loss
 
-    def _stop_if_non_finite(self, out: DistillOutput) -> None:
+    def _skip_or_stop_if_non_finite(self, out: DistillOutput) -> bool:
         """Stop every rank before backward and ``optimizer.step`` when any rank's loss is NaN/Inf, so weights
-        and optimizer state stay finite (torchtitan's rule). The ranks compare their losses first: a rank
-        that raised alone would leave the others waiting in the gradient reduce-scatter forever."""
+        and optimizer state stay finite (torchtitan's rule) — or, within ``max_nonfinite_skips``, tell every
+        rank to skip the step (returns True). The ranks compare their losses first: a rank that raised or
+        skipped alone would leave the others waiting in the gradient reduce-scatter forever."""
         losses_3 = torch.stack([out.loss.detach(), out.kd_loss.detach(), out.lm_loss.detach()]).float()  # (3,)
         losses_W3 = self.all_gather(losses_3).reshape(-1, 3) if self.trainer.world_size > 1 else losses_3[None]
         bad = [rank for rank in range(losses_W3.shape[0]) if not bool(torch.isfinite(losses_W3[rank, 0]))]
         if bad:
             where = "; ".join(f"rank {rank}: loss={losses_W3[rank, 0].item()} (kd_loss={losses_W3[rank, 1].item()}, "
                               f"lm_loss={losses_W3[rank, 2].item()})" for rank in bad)
+            if self.nonfinite_skips < self.max_nonfinite_skips:
+                self.nonfinite_skips += 1
+                rank_zero_warn(f"skipped global step {self.global_step} (no update): non-finite training loss on "
+                               f"{where} [{self.nonfinite_skips}/{self.max_nonfinite_skips} skips allowed]")
+                self.log("train/nonfinite_skips", float(self.nonfinite_skips))
+                return True
+            limit = (f"; {self.nonfinite_skips} of max_nonfinite_skips={self.max_nonfinite_skips} skips already used"
+                     if self.max_nonfinite_skips else "")
             raise FloatingPointError(f"non-finite training loss at global step {self.global_step} on {where}; "
-                                     f"stopped before optimizer.step on every rank (this is rank {self.global_rank})")
+                                     f"stopped before optimizer.step on every rank (this is rank {self.global_rank})"
+                                     + limit)
+        return False
 
     def validation_step(self, batch, batch_idx):
         out = self.forward_loss(batch)
@@ -164,8 +182,10 @@ class StageModule(pl.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith(TEACHER_PREFIX)}
         checkpoint["teacher_fingerprint"] = self.teacher_fingerprint
+        checkpoint["nonfinite_skips"] = self.nonfinite_skips
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.nonfinite_skips = int(checkpoint.get("nonfinite_skips", 0))
         saved = checkpoint.get("teacher_fingerprint")
         if saved != self.teacher_fingerprint:
             raise ValueError(

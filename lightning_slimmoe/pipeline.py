@@ -54,6 +54,10 @@ RUN_FILE = "run.json"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
+# Stage keys that change no result and may differ on --resume (e.g. allow skipping a NaN step after one stopped the run).
+RESUME_MAY_CHANGE = ("max_nonfinite_skips",)
+
+
 class ConfigError(ValueError):
     """A run configuration that cannot work, found before any compute."""
 
@@ -210,8 +214,8 @@ class Pipeline:
                        if pickled else ""))
 
     def _run_record(self, batch: dict | None = None) -> dict:
-        record = {"stages": [dataclasses.asdict(s) for s in self.spec.stages], "teacher": self.spec.teacher,
-                  "student_init": self.spec.student_init}
+        stages = [{k: v for k, v in dataclasses.asdict(s).items() if k not in RESUME_MAY_CHANGE} for s in self.spec.stages]
+        record = {"stages": stages, "teacher": self.spec.teacher, "student_init": self.spec.student_init}
         if batch is not None:  # the data-stream geometry: a resume with another one would skip or repeat samples
             record["batch"] = batch
         return json.loads(json.dumps(record))
@@ -401,13 +405,14 @@ class Pipeline:
             ThroughputMonitor(tokens_per_batch=self.dm.hparams.batch_size * self.dm.hparams.seq_len),
             ModelCheckpoint(dirpath=str(ckpt_dir), filename="step{step:07d}", auto_insert_metric_name=False,
                             every_n_train_steps=ckpt_every, save_last=True, save_top_k=1,
-                            monitor="step", mode="max"),
+                            monitor="step", mode="max", enable_version_counter=False),  # last.ckpt, never last-v1
             CheckpointOnSigterm(str(last)),  # SIGTERM: finish the step, write last.ckpt, exit 143
         ]
         trainer = self.make_trainer(default_root_dir=str(stage_dir), logger=logger, max_steps=steps,
                                     val_check_interval=val_every, check_val_every_n_epoch=None,
                                     extra_callbacks=callbacks)
-        module = StageModule(student, teacher, kd=stage.kd, optimizer=stage.optimizer, parallel=self.spec.parallel)
+        module = StageModule(student, teacher, kd=stage.kd, optimizer=stage.optimizer, parallel=self.spec.parallel,
+                             max_nonfinite_skips=stage.max_nonfinite_skips)
         rank_zero_info(f"[{stage.name}] stage {k}: {steps} steps, {steps * tokens_per_step:,} tokens"
                        + (f", resuming from {ckpt_path}" if ckpt_path else ""))
         fit_started = time.time()

@@ -924,6 +924,57 @@ def test_nan_loss_stops_before_optimizer_step(tmp_path, interrupted, with_callba
     assert_finite_checkpoints(tmp_path / "run/stage_1_slim2/checkpoints", expect_last_step=2)
 
 
+def _inject_nan_loss(monkeypatch, steps: set[int]) -> None:
+    import dataclasses
+
+    from lightning_slimmoe.module import StageModule
+
+    original = StageModule.forward_loss
+
+    def forward_loss(self, batch):
+        out = original(self, batch)
+        if self.training and slim2(self) and self.global_step in steps:
+            nan = torch.tensor(float("nan"))
+            out = dataclasses.replace(out, loss=out.loss * nan, kd_loss=out.kd_loss * nan)
+        return out
+    monkeypatch.setattr(StageModule, "forward_loss", forward_loss)
+
+
+def skipping(limit: int) -> list[dict]:
+    stages = copy.deepcopy(STAGES)
+    stages[1]["max_nonfinite_skips"] = limit
+    return stages
+
+
+def test_nan_skip_policy_skips_the_step_and_continues(tmp_path, interrupted, with_callbacks, monkeypatch):
+    """Opt-in policy (``max_nonfinite_skips: 1``, allowed to change on --resume): the NaN step leaves weights and
+    optimizer state as they were, the step still counts (data stream unchanged), and the stage finishes."""
+    recipe = clone(interrupted, tmp_path, stages=skipping(1))
+    _inject_nan_loss(monkeypatch, {3})
+    before, after = Snapshot(3), Snapshot(4)
+    with_callbacks(before, after)
+    summary = main_("--config", recipe, "--resume", "true")
+    assert summary["final_dir"] and (tmp_path / "run/final").is_dir()
+    assert all(torch.equal(after.weights[k], v) for k, v in before.weights.items())  # step 3 changed nothing
+    for k, state in before.optim["state"].items():
+        assert all(torch.equal(after.optim["state"][k][n], v) if torch.is_tensor(v) else after.optim["state"][k][n] == v
+                   for n, v in state.items())
+    last = torch.load(tmp_path / "run/stage_1_slim2/checkpoints/last.ckpt", weights_only=True)
+    assert last["global_step"] == STEPS["slim2"] and last["nonfinite_skips"] == 1
+    # the run dir was copied elsewhere before resuming: last.ckpt is still the one updated (never a last-v1.ckpt)
+    assert not list((tmp_path / "run/stage_1_slim2/checkpoints").glob("last-v*"))
+
+
+def test_nan_skip_policy_stops_past_its_limit(tmp_path, interrupted, with_callbacks, monkeypatch):
+    recipe = clone(interrupted, tmp_path, stages=skipping(1))
+    _inject_nan_loss(monkeypatch, {3, 4})
+    with pytest.raises(FloatingPointError) as info:
+        main_("--config", recipe, "--resume", "true")
+    message = str(info.value)
+    assert "global step 4" in message and "1 of max_nonfinite_skips=1 skips already used" in message
+    assert_finite_checkpoints(tmp_path / "run/stage_1_slim2/checkpoints", expect_last_step=4)
+
+
 def test_nan_weights_never_reach_a_checkpoint(tmp_path, interrupted, with_callbacks):
     """Finite loss but a NaN gradient at step 4: the step-4 checkpoint is refused (naming the tensor), and
     retention never deletes the last finite checkpoint."""
