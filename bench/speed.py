@@ -8,6 +8,8 @@ half-KV-group student; random weights, speed does not depend on them), one batch
 the same token windows for every configuration:
 
   ours_topk      our Lightning training step (StageModule + Trainer), chunked top-k KD loss (k = 8)
+  ours_topk_cached  ours_topk reading the teacher's top-8 from a prebuilt teacher cache (teacher_cache.py) instead
+                 of running the teacher forward; the one-off build pass is timed separately (cache_build_*)
   ours_fullkl    the same step with the KD loss over the full vocabulary (top_k = vocab size)
   ours_topk_flash  (CUDA with flash-attn installed) ours_topk with attn_implementation=flash_attention_2
   floor          a plain PyTorch loop: student + teacher forward, full-vocab KL, backward, AdamW step
@@ -17,7 +19,9 @@ the same token windows for every configuration:
 Every configuration runs in a fresh subprocess, so that the peak memory figure is its own: on CPU the
 process's ``ru_maxrss`` (peak resident set size: interpreter, libraries, both models, activations and
 optimizer state), also shown minus the RSS measured right before the first (warm-up) step; on CUDA
-``torch.cuda.max_memory_allocated`` from the first step on. Throughput is measured after warm-up steps.
+``torch.cuda.max_memory_allocated`` from the first step on. Throughput is measured after warm-up steps; our
+Lightning steps also report the process's CPU time per step (``step_cpu_s``), steadier than the wall clock on a
+CPU shared with other jobs.
 Writes ``speed.json`` (absolute figures and ratios ours/TRL) and ``speed.md``.
 """
 
@@ -42,7 +46,7 @@ PRESETS = {
     "cpu": dict(quality_preset="cpu", batch_size=8, seq_len=256, warmup=3, steps=12, max_chars=400_000),
     "gpu": dict(quality_preset="gpu", batch_size=8, seq_len=1024, warmup=5, steps=30, max_chars=4_000_000),
 }
-CONFIGS = ["ours_topk", "ours_fullkl", "floor", "trl_gkd", "scoring", "ours_topk_flash"]
+CONFIGS = ["ours_topk", "ours_topk_cached", "ours_fullkl", "floor", "trl_gkd", "scoring", "ours_topk_flash"]
 PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12}  # dense bf16
 
 
@@ -139,7 +143,40 @@ def _mem_report(device: str, base_rss: float) -> dict:
     return result
 
 
-def worker_ours(setup: dict, p: dict, device: str, top_k: int | None, attn: str | None = None) -> dict:
+def build_cache(module, windows, p: dict, device: str, directory: str) -> dict:
+    """Teacher top-k cache of the benchmark's windows (one block per window), attached to ``module``: its
+    training steps then read the teacher's targets from disk. Returns the build pass's own throughput."""
+    import torch
+
+    from lightning_slimmoe.teacher_cache import TeacherCache, cache_key
+
+    teacher = module.teacher.to(device)
+    key = cache_key([("bench", module.kd)], seq_len=p["seq_len"] - 1, vocab_size=teacher.config.vocab_size,
+                    value_dtype="float32", teacher_dtype="float32",
+                    precision="bf16-mixed" if device == "cuda" else "32-true")
+    cache = TeacherCache(directory, key, windows, torch.arange(windows.shape[0]))
+    cache.check()
+    cache.check_teacher(module.teacher_fingerprint)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device == "cuda")  # as bf16-mixed steps run it
+
+    def targets(ids_BT):
+        with autocast:
+            return module.teacher_targets(ids_BT.to(device))
+
+    t0 = time.perf_counter()
+    cache.build(targets, p["batch_size"])
+    if device == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - t0
+    module.teacher.to("cpu")  # the Trainer places the whole module
+    module.teacher_cache = cache.open()
+    tokens = windows.shape[0] * (p["seq_len"] - 1)
+    return {"cache_build_s": seconds, "cache_build_tokens_per_s": tokens / seconds,
+            "cache_bytes": cache.info()["bytes"], "cache_bytes_per_token": key.bytes_per_token}
+
+
+def worker_ours(setup: dict, p: dict, device: str, top_k: int | None, attn: str | None = None,
+                cached: bool = False) -> dict:
     import lightning.pytorch as pl
     import torch
     from torch.utils.data import DataLoader
@@ -153,7 +190,12 @@ def worker_ours(setup: dict, p: dict, device: str, top_k: int | None, attn: str 
     data = list(_batches(windows, p["batch_size"], n))
     kd = KDConfig(top_k=top_k or setup["vocab_size"])
     module = StageModule(student, teacher, kd=kd, optimizer=OptimizerConfig(lr=1e-4, warmup_ratio=0.0))
-    marks = {}
+    marks, cache_stats = {}, {}
+    cache_dir = tempfile.TemporaryDirectory()
+    if cached:
+        cache_stats = build_cache(module, windows[: n * p["batch_size"]], p, device, cache_dir.name)
+        for i, batch in enumerate(data):  # training samples carry their block index (data.py does the same)
+            batch["block_index"] = torch.arange(i * p["batch_size"], (i + 1) * p["batch_size"])
 
     class Timer(pl.Callback):
         def on_train_start(self, trainer, pl_module):
@@ -163,23 +205,26 @@ def worker_ours(setup: dict, p: dict, device: str, top_k: int | None, attn: str 
             if batch_idx == p["warmup"]:
                 if device == "cuda":
                     torch.cuda.synchronize()
-                marks["t0"] = time.perf_counter()
+                marks["t0"], marks["cpu0"] = time.perf_counter(), time.process_time()
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             if batch_idx == n - 1:
                 if device == "cuda":
                     torch.cuda.synchronize()
-                marks["t1"] = time.perf_counter()
+                marks["t1"], marks["cpu1"] = time.perf_counter(), time.process_time()
 
     trainer = pl.Trainer(accelerator="gpu" if device == "cuda" else "cpu", devices=1, max_steps=n, logger=False,
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                          num_sanity_val_steps=0, limit_val_batches=0,
                          precision="bf16-mixed" if device == "cuda" else "32-true", callbacks=[Timer()])
     trainer.fit(module, train_dataloaders=DataLoader(data, batch_size=None))
+    cache_dir.cleanup()
     seconds = marks["t1"] - marks["t0"]
     tokens = p["steps"] * p["batch_size"] * (p["seq_len"] - 1)
-    return {"tokens_per_s": tokens / seconds, "step_s": seconds / p["steps"], "tokens": tokens, "kd_top_k": kd.top_k,
-            **_mem_report(device, marks["base_rss"])}
+    # CPU seconds of this process per step: on a CPU shared with other jobs, steadier than the wall clock.
+    step_cpu_s = (marks["cpu1"] - marks["cpu0"]) / p["steps"]
+    return {"tokens_per_s": tokens / seconds, "step_s": seconds / p["steps"], "step_cpu_s": step_cpu_s,
+            "tokens": tokens, "kd_top_k": kd.top_k, **cache_stats, **_mem_report(device, marks["base_rss"])}
 
 
 def worker_floor(setup: dict, p: dict, device: str) -> dict:
@@ -293,6 +338,8 @@ def run_worker(name: str, setup: dict, p: dict, device: str) -> dict:
     torch.manual_seed(0)
     if name == "ours_topk":
         result = worker_ours(setup, p, device, top_k=8)
+    elif name == "ours_topk_cached":
+        result = worker_ours(setup, p, device, top_k=8, cached=True)
     elif name == "ours_fullkl":
         result = worker_ours(setup, p, device, top_k=None)
     elif name == "ours_topk_flash":
@@ -383,6 +430,13 @@ def main(argv: list[str] | None = None) -> dict:
                 ratios[f"{ours}/{peer}_peak_memory"] = results[ours][key] / results[peer][key]
     if "scoring" in results and "ours_topk" in results:
         ratios["scoring/ours_topk_tokens_per_s"] = results["scoring"]["tokens_per_s"] / results["ours_topk"]["tokens_per_s"]
+    if "ours_topk_cached" in results and "ours_topk" in results:
+        cached, live = results["ours_topk_cached"], results["ours_topk"]
+        ratios["ours_topk_cached/ours_topk_step_s"] = cached["step_s"] / live["step_s"]
+        ratios["ours_topk_cached/ours_topk_tokens_per_s"] = cached["tokens_per_s"] / live["tokens_per_s"]
+        ratios["ours_topk_cached/ours_topk_step_cpu_s"] = cached["step_cpu_s"] / live["step_cpu_s"]
+        # The build pass runs the teacher once per block; every later read of the block saves (live - cached).
+        ratios["cache_build/ours_topk_tokens_per_s"] = cached["cache_build_tokens_per_s"] / live["tokens_per_s"]
     if "ours_topk_flash" in results and "ours_topk" in results:
         ratios["flash/sdpa_tokens_per_s"] = results["ours_topk_flash"]["tokens_per_s"] / results["ours_topk"]["tokens_per_s"]
     if args.device == "cuda":
@@ -390,9 +444,10 @@ def main(argv: list[str] | None = None) -> dict:
 
         name = torch.cuda.get_device_name()
         peak = next((v for k, v in PEAK_FLOPS.items() if k in name), None)
-        flops_per_token = 6 * active_params(setup["student"]) + 2 * active_params(setup["teacher"])
-        for r in results.values():
-            if peak and "scoring" not in r:
+        student_flops, teacher_flops = 6 * active_params(setup["student"]), 2 * active_params(setup["teacher"])
+        for config, r in results.items():
+            if peak and "scoring" not in config:  # the cached step runs no teacher forward
+                flops_per_token = student_flops + (0 if config == "ours_topk_cached" else teacher_flops)
                 r["mfu"] = r["tokens_per_s"] * flops_per_token / peak
     import torch
 

@@ -5,10 +5,17 @@ moves/wraps the model and before optimizers exist — so that no parameter chang
 fit and the optimizer only ever sees the slim parameters. The kept indices are written to ``keep.pt``
 (atomically, last): a resumed stage re-applies them instead of re-scoring, so nothing is pruned twice
 and the stage's shape never depends on callback state.
+
+Under FSDP2 (``ModelParallelStrategy``) the student arrives on the meta device with its checkpoint
+recorded (lightning_slimmoe/loading.py): ``setup`` calls ``configure_model`` early to shard and load it
+and the teacher, scores the sharded student, and replaces it by a meta model of the sliced shape that
+``configure_model`` then loads from the same checkpoint with the keep indices applied at read time. No
+rank ever holds the whole student, sliced or not (design.md §4).
 """
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import time
@@ -24,6 +31,7 @@ from lightning_slimmoe.config import StageConfig
 from lightning_slimmoe.distributed import all_reduce_scores_
 from lightning_slimmoe.families import get_family, head_dim
 from lightning_slimmoe.importance import ImportanceScores, compute_scores, expert_saliency
+from lightning_slimmoe.loading import PendingLoad, meta_model, pending_load
 from lightning_slimmoe.slimming import KeepIndices, remove_experts_, resolve_target, select_keep, slim_model_
 
 KEEP_FORMAT = "lightning_slimmoe.keep/1"
@@ -63,9 +71,12 @@ class ExpertSlimming(Callback):
         if stage != "fit" or not self.stage.prunes:
             return
         student = pl_module.student
+        # Under ModelParallelStrategy the pipeline hands over the student on the meta device, its weights still
+        # on disk (loading.py): it is scored sharded and the slice is applied while loading, never in memory.
+        pending = pending_load(student)
         # One decision for all ranks (rank 0 may already have written keep.pt when another rank looks).
         if trainer.strategy.broadcast(self.keep_path.exists()):
-            self._reapply(student)
+            self._reapply(pl_module, pending)
             return
         self.stage_dir.mkdir(parents=True, exist_ok=True)
         started = time.time()
@@ -73,8 +84,12 @@ class ExpertSlimming(Callback):
                                 attention_groups=self.stage.attention_groups,
                                 shared_expert_width=self.stage.shared_expert_width, round_to=self.stage.round_to,
                                 reference_config=self.reference_config)
-        device = trainer.strategy.root_device
-        pl_module.to(device)
+        if pending is None:
+            pl_module.to(trainer.strategy.root_device)
+        else:
+            # Shard and load the unsliced student (and the teacher) now; Lightning's own configure_model call
+            # after setup then finds them done and loads the sliced student built below.
+            pl_module.configure_model()
         calibration = trainer.datamodule.calibration_batches(self.stage.calibration_tokens,
                                                              self.stage.calibration_batch_size)
         progress = lambda it: tqdm(it, desc=f"[{self.stage.name}] calibration ({self.stage.criterion})",
@@ -84,9 +99,19 @@ class ExpertSlimming(Callback):
             saliency = expert_saliency(student, calibration, progress=progress)
             kept_experts = {layer: s.topk(self.stage.remove_experts_to).indices.sort().values
                             for layer, s in saliency.items()}
-            remove_experts_(student, kept_experts)
+            if pending is None:
+                remove_experts_(student, kept_experts)
+            else:
+                student = None  # the unsliced shards are freed before the expert-removed ones are loaded
+                student = self._load_student(pl_module, pending, kept_experts=kept_experts, configure=True)
         if self.stage.scores_file:
             scores = ImportanceScores.load(self.stage.scores_file, student)
+        elif pending is not None:
+            # Sharded student: every rank runs every calibration batch (the same batch on all ranks, so the
+            # gradient FSDP2 averages over ranks is that batch's gradient, and |θ ⊙ g| stays per batch), and
+            # each rank scores the rows it holds; structure_scores all-reduces the tables (design.md §5).
+            scores = compute_scores(student, calibration, self.stage.criterion, teacher=pl_module.teacher,
+                                    kd=self.stage.kd, seed=self.seed, progress=progress)
         elif self.stage.criterion == "kd_taylor" and trainer.world_size > 1:
             # Each rank scores its share of the calibration batches; the fp64 sums are all-reduced so every
             # rank keeps exactly the neurons a single process would.
@@ -107,7 +132,11 @@ class ExpertSlimming(Callback):
             scores.save(str(self.stage_dir / "scores.pt"))
             self._log_histograms(trainer, scores)
         before = widths_of(student.config)
-        slim_model_(student, keep)
+        if pending is None:
+            slim_model_(student, keep)
+        else:  # the sliced student, read from the same checkpoint with `keep` applied; loaded by configure_model
+            student = None
+            student = self._load_student(pl_module, pending, keep=keep, kept_experts=kept_experts or {})
         if trainer.global_rank == 0:
             atomic_torch_save({"format": KEEP_FORMAT, "keep": keep.to_dict(),
                                "kept_experts": {str(k): v for k, v in (kept_experts or {}).items()}}, str(self.keep_path))
@@ -119,15 +148,34 @@ class ExpertSlimming(Callback):
         rank_zero_info(f"[{self.stage.name}] slimmed {before} -> {widths_of(student.config)} "
                        f"in {time.time() - started:.1f}s (criterion {self.stage.criterion})")
 
-    def _reapply(self, student) -> None:
+    def _reapply(self, pl_module, pending: PendingLoad | None) -> None:
         saved = torch.load(self.keep_path, map_location="cpu", weights_only=True)
         if saved.get("format") != KEEP_FORMAT:
             raise ValueError(f"{self.keep_path} is not a lightning_slimmoe keep-indices file")
-        if saved["kept_experts"]:
-            remove_experts_(student, {int(k): v for k, v in saved["kept_experts"].items()})
-        slim_model_(student, KeepIndices.from_dict(saved["keep"]))
+        kept_experts = {int(k): v for k, v in saved["kept_experts"].items()}
+        keep = KeepIndices.from_dict(saved["keep"])
+        if pending is not None:  # straight from the incoming checkpoint with the saved slice, never whole
+            student = self._load_student(pl_module, pending, keep=keep, kept_experts=kept_experts)
+        else:
+            student = pl_module.student
+            if kept_experts:
+                remove_experts_(student, kept_experts)
+            slim_model_(student, keep)
         rank_zero_info(f"[{self.stage.name}] resumed: re-applied the saved slice {widths_of(student.config)} "
                        "(no re-scoring)")
+
+    @staticmethod
+    def _load_student(pl_module, pending: PendingLoad, keep: KeepIndices | None = None,
+                      kept_experts: dict | None = None, configure: bool = False):
+        """Replace the student by the incoming checkpoint with ``kept_experts`` / ``keep`` applied at read time,
+        built on the meta device (the old student is dropped); ``configure``: shard and load it now."""
+        dtype = next(pl_module.student.parameters()).dtype
+        pl_module.student = None  # drop the unsliced shards before the sliced ones are allocated
+        gc.collect()  # FSDP state and hooks form reference cycles: free them now, not at some later collection
+        pl_module.student = meta_model(pending.source, dtype, keep=keep, kept_experts=kept_experts)
+        if configure:
+            pl_module.configure_model()
+        return pl_module.student
 
     def _log_histograms(self, trainer, scores: ImportanceScores) -> None:
         experiment = getattr(trainer.logger, "experiment", None)

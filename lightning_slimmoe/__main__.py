@@ -6,6 +6,8 @@
 * ``eval --model DIR [--ppl-file FILE] [--tasks T1,T2] [--teacher DIR] [--seq-len N] [--json]`` — held-out
   perplexity of an HF dir over non-overlapping windows of a text file (and top-1 agreement with a
   teacher), plus lm-evaluation-harness tasks (optional extra: ``pip install -r bench/requirements.txt``).
+* ``export --checkpoint DIR --out DIR [--tokenizer PATH] [--config PATH]`` — consolidate a sharded
+  (ModelParallelStrategy / DCP) stage checkpoint into a stock HF dir, in one process, one tensor at a time.
 """
 
 from __future__ import annotations
@@ -106,7 +108,9 @@ def evaluate(args: list[str]) -> dict:
 
 
 def main(argv: list[str]) -> None:
-    commands = {"plan": plan, "eval": evaluate, "train": lambda a: __import__("lightning_slimmoe.cli", fromlist=["main"]).main(a)}
+    commands = {"plan": plan, "eval": evaluate,
+                "export": lambda a: __import__("lightning_slimmoe.consolidate", fromlist=["main"]).main(a),
+                "train": lambda a: __import__("lightning_slimmoe.cli", fromlist=["main"]).main(a)}
     if not argv or argv[0] not in commands:
         print(__doc__)
         sys.exit(0 if argv and argv[0] in ("-h", "--help") else 2)

@@ -14,7 +14,7 @@ import os
 import re
 import sys
 import warnings
-from typing import Optional
+from typing import Literal, Optional
 
 import yaml
 
@@ -57,8 +57,16 @@ class SlimMoECLI(LightningCLI):
         parser.add_argument("--resume", type=bool, default=False, help="continue the run in output_dir")
         parser.add_argument("--trust_remote_code", type=bool, default=False,
                             help="allow models that ship their own modelling code (off: it runs that code)")
+        parser.add_argument("--teacher_8bit", type=bool, default=False,
+                            help="load the frozen teacher's nn.Linear layers as bitsandbytes 8-bit (LLM.int8) to "
+                                 "save memory; fused MoE experts stay in the run's dtype (see docs/scaling.md)")
         parser.add_argument("--parallel", type=ParallelConfig, default=ParallelConfig(),
                             help="FSDP2 settings, used with trainer.strategy=ModelParallelStrategy")
+        parser.add_argument("--teacher_cache", type=Optional[str], default=None,
+                            help="directory of the teacher's top-k for the training blocks, computed once and read "
+                                 "by every KD stage instead of the teacher forward; null = live teacher")
+        parser.add_argument("--teacher_cache_dtype", type=Literal["float32", "bfloat16"], default="float32",
+                            help="dtype of the cached teacher values (bfloat16 halves them; float32 = live losses)")
 
     def parse_arguments(self, parser, args) -> None:
         """Adds ``--stages.<i>.<key>[.<sub>] VALUE`` overrides (jsonargparse has no index syntax for lists of
@@ -85,8 +93,10 @@ class SlimMoECLI(LightningCLI):
             output_dir=self.config_init["output_dir"], stages=list(self.config_init["stages"]),
             teacher=self.config_init["teacher"], teacher_config=self.config_init["teacher_config"],
             student_init=self.config_init["student_init"], resume=self.config_init["resume"],
-            trust_remote_code=self.config_init["trust_remote_code"], seed=int(self.config_init["seed_everything"]),
-            parallel=self.config_init["parallel"])
+            trust_remote_code=self.config_init["trust_remote_code"], teacher_8bit=self.config_init["teacher_8bit"],
+            seed=int(self.config_init["seed_everything"]),
+            parallel=self.config_init["parallel"], teacher_cache=self.config_init["teacher_cache"],
+            teacher_cache_dtype=self.config_init["teacher_cache_dtype"])
 
     def make_trainer(self, extra_callbacks=(), **overrides) -> Trainer:
         """A fresh Trainer from the ``trainer`` section (user callbacks copied), with per-stage overrides."""

@@ -37,6 +37,12 @@ def _block_to_sample(block: torch.Tensor) -> dict[str, torch.Tensor]:
     return {"input_ids": block[:-1], "labels": block[1:]}
 
 
+def _train_sample(blocks: torch.Tensor, index: int) -> dict[str, torch.Tensor | int]:
+    # The training block's index travels with the sample: the teacher top-k cache (teacher_cache.py) is keyed
+    # by it, since the teacher's targets depend only on the block's tokens.
+    return {**_block_to_sample(blocks[index]), "block_index": index}
+
+
 class PackedBlockDataset(Dataset):
     """Map-style view over packed blocks ``[N, seq_len + 1]``, in stored order (used for validation)."""
 
@@ -110,7 +116,19 @@ class ResumableBlockStream(IterableDataset):
             epoch, position = divmod(sample_index, num_blocks)
             if epoch != cached_epoch:
                 cached_epoch, permutation = epoch, self.epoch_permutation(epoch)
-            yield _block_to_sample(self.blocks[permutation[position]])
+            yield _train_sample(self.blocks, int(permutation[position]))
+
+    def block_indices(self, start_sample: int, num_samples: int) -> torch.Tensor:
+        """Sorted distinct block indices read by global samples ``[start_sample, start_sample + num_samples)``."""
+        num_blocks = self.blocks.shape[0]
+        end = start_sample + num_samples
+        if -(-start_sample // num_blocks) * num_blocks + num_blocks <= end:  # holds a whole epoch: every block
+            return torch.arange(num_blocks)
+        parts = []
+        for epoch in range(start_sample // num_blocks, (end - 1) // num_blocks + 1):
+            lo, hi = max(start_sample, epoch * num_blocks), min(end, (epoch + 1) * num_blocks)
+            parts.append(self.epoch_permutation(epoch)[lo - epoch * num_blocks : hi - epoch * num_blocks])
+        return torch.cat(parts).unique()  # unique() sorts
 
 
 class TextDataModule(pl.LightningDataModule):

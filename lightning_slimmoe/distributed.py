@@ -13,7 +13,7 @@ from typing import Optional
 
 import torch
 import torch.distributed as dist
-from torch import nn
+from torch import Tensor, nn
 
 from lightning_slimmoe.families import get_family
 
@@ -76,18 +76,30 @@ def shard_model(model: nn.Module, mesh, cfg: ParallelConfig, trainable: bool) ->
     return model
 
 
+def local_rows(tensor: Tensor) -> tuple[Tensor, int, int]:
+    """``(local tensor, first row, last row + 1)``: the part of dim 0 this rank holds.
+
+    A plain tensor is held whole. A DTensor's local chunk and its offset come from DTensor's own
+    ``compute_local_shape_and_global_offset`` (FSDP2 shards dim 0, ``torch.chunk`` style, possibly unevenly).
+    """
+    from torch.distributed.tensor import DTensor
+
+    if not isinstance(tensor, DTensor):
+        return tensor, 0, (tensor.shape[0] if tensor.dim() else 1)
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    shape, offset = compute_local_shape_and_global_offset(tensor.shape, tensor.device_mesh, tensor.placements)
+    if tuple(shape[1:]) != tuple(tensor.shape[1:]) or any(offset[1:]):
+        raise NotImplementedError(f"only dim-0 sharding (FSDP2's) is supported, got placements {tensor.placements} "
+                                  f"for a tensor of shape {tuple(tensor.shape)}")
+    return tensor.to_local(), int(offset[0]), int(offset[0]) + int(shape[0])
+
+
 def reshard_head(model: nn.Module) -> None:
     """Free the gathered lm_head of a model that runs no backward (the teacher)."""
     head = model.get_output_embeddings()
     if hasattr(head, "reshard"):
         head.reshard()
-
-
-def full_state_dict_on_rank0(model: nn.Module) -> dict:
-    """Gather a sharded model's full state dict onto rank 0's CPU (collective; empty on other ranks)."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
 def all_reduce_scores_(tables: list[dict[int, torch.Tensor]]) -> None:

@@ -66,6 +66,107 @@ def export_hf(model: nn.Module, out_dir: str | Path, tokenizer=None, probe_ids: 
     return out_dir
 
 
+# A sharded export is also reloaded with stock ``from_pretrained`` (on every rank, whole) up to this size; above
+# it the check reads back each rank's own rows through loading.py instead (never the whole model on a rank).
+STOCK_RELOAD_CHECK_MAX_BYTES = 2 * 2**30
+
+
+def export_sharded_hf(model: nn.Module, out_dir: str | Path, tokenizer=None, extra_files: dict[str, str] | None = None,
+                      max_shard_bytes: int = 2 * 2**30,
+                      stock_check_max_bytes: int = STOCK_RELOAD_CHECK_MAX_BYTES) -> Path:
+    """Write an FSDP2-sharded ``model`` as a stock HF dir at ``out_dir`` without gathering it on any rank.
+
+    Collective: every rank calls it. Tensor by tensor, in the same order on every rank, ``full_tensor()``
+    all-gathers one tensor; rank 0 converts it to the layout ``save_pretrained`` writes (transformers' own
+    ``revert_weight_conversion``: fused experts back to per-expert keys) and appends it to a safetensors shard
+    (streaming.py's writer), then writes config, generation config and tokenizer. Rank 0's extra memory is one
+    full tensor plus one output shard (``max_shard_bytes``).
+
+    Checked before the directory is renamed into place: every rank reads its own rows of every tensor back
+    through :mod:`lightning_slimmoe.loading` and requires them bit-identical to its shards (bounded memory);
+    for a model of at most ``stock_check_max_bytes``, every rank also reloads the directory with stock
+    ``AutoModelForCausalLM.from_pretrained`` and compares its shards with that model's tensors. Bigger models
+    skip the stock reload (it would hold the whole model on each rank); ``tests/test_loading.py`` proves that
+    loading.py reads what ``from_pretrained`` reads. Unlike :func:`export_hf` the check compares parameters,
+    not logits: a sharded forward in a lower ``param_dtype`` would not match an fp32 reload bit for bit.
+    """
+    import torch.distributed as dist
+    from torch.distributed.tensor import DTensor
+    from transformers.core_model_loading import revert_weight_conversion
+
+    from lightning_slimmoe.loading import persistent_tensors
+    from lightning_slimmoe.streaming import _ShardWriter
+
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    out_dir = Path(out_dir)
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    writer = None
+    if rank == 0:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+        writer = _ShardWriter(tmp, max_shard_bytes)
+    total_bytes = 0
+    with torch.no_grad():
+        for name, tensor in persistent_tensors(model):
+            full = tensor.full_tensor() if isinstance(tensor, DTensor) else tensor  # collective: one tensor
+            total_bytes += full.numel() * full.element_size()
+            if writer is not None:
+                for key, piece in revert_weight_conversion(model, {name: full.detach().cpu()}).items():
+                    writer.add(key, piece)
+            del full
+    if writer is not None:
+        writer.finish()
+        # What save_pretrained records besides the weights.
+        model.config.dtype = str(model.dtype).split(".")[1]
+        model.config.architectures = [type(model).__name__.removeprefix("FSDP")]
+        model.config.save_pretrained(tmp)
+        if model.can_generate():
+            model.generation_config.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text)
+    if dist.is_initialized():
+        dist.barrier()
+    problem = _check_export_shards(model, tmp, stock=total_bytes <= stock_check_max_bytes)
+    failed = torch.tensor([0 if problem is None else 1])
+    if dist.is_initialized():
+        dist.all_reduce(failed, op=dist.ReduceOp.MAX)  # every rank fails together, none waits forever
+    if problem is not None:
+        raise ExportMismatchError(f"export {tmp} (rank {rank}): {problem}")
+    if int(failed):
+        raise ExportMismatchError(f"export {tmp}: another rank found a mismatch (see its error)")
+    if rank == 0:
+        replace_dir(tmp, out_dir)
+    if dist.is_initialized():
+        dist.barrier()
+    return out_dir
+
+
+@torch.no_grad()
+def _check_export_shards(model: nn.Module, directory: Path, stock: bool) -> str | None:
+    """None if this rank's rows of every tensor read back bit-identically from ``directory``, else what differs."""
+    from lightning_slimmoe.distributed import local_rows
+    from lightning_slimmoe.loading import CheckpointReader, persistent_tensors
+
+    reference = None
+    if stock:
+        reference = AutoModelForCausalLM.from_pretrained(directory, dtype=model.dtype).state_dict()
+    with CheckpointReader(directory, model) as reader:
+        for name, tensor in persistent_tensors(model):
+            local, start, stop = local_rows(tensor)
+            for offset, block in reader.blocks(name, tensor, start, stop):
+                mine = local if local.dim() == 0 else local[offset:offset + block.shape[0]]
+                if block.shape != mine.shape or not torch.equal(block.to(mine.device, mine.dtype), mine):
+                    return f"{name} rows {start + offset}.. read back differently"
+            if reference is not None:
+                theirs = reference.get(name)
+                if theirs is None or not torch.equal(theirs[start:stop] if theirs.dim() else theirs, local.cpu()):
+                    return f"stock from_pretrained reloads {name} differently"
+    return None
+
+
 def _fmt(n: float) -> str:
     return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.2f}M"
 

@@ -20,9 +20,12 @@ from dataclasses import dataclass, field, replace
 from typing import Callable, Iterable
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
+from torch.distributed.tensor import DTensor
 
 from lightning_slimmoe.distill import KDConfig, distill_loss, teacher_topk
+from lightning_slimmoe.distributed import local_rows, reshard_head
 from lightning_slimmoe.families import MoEFamily, get_family, head_dim
 from lightning_slimmoe.slimming import expert_weights, shared_expert_weights
 
@@ -115,41 +118,83 @@ def _attention_tensors(attn: nn.Module) -> list[tuple[str, Tensor]]:
     return names
 
 
+def _summed(p: Tensor, contrib: Callable[[Tensor], Tensor], dims: tuple[int, ...]) -> Tensor:
+    """``contrib(p)`` in fp32, summed over ``dims``: a full-size table on every rank.
+
+    Under FSDP2 ``p`` is a DTensor whose dim-0 rows are spread over the ranks, and so is ``contrib(p)``
+    (elementwise). Only the local rows are reduced: when dim 0 survives the sum they are placed at their
+    row offset in a zero table (every row has exactly one owner); when dim 0 is summed over (o_proj
+    columns, shared-expert down columns) the local sum is a partial sum. :func:`structure_scores` then
+    all-reduces its tables once, so every rank ends with the single-process sums (owned rows exactly, the
+    partial sums up to summation order) without gathering any parameter (design.md §5).
+    """
+    c = contrib(p)
+    local, start, stop = local_rows(c)
+    dims = tuple(d % c.dim() for d in dims)
+    local = local.float()
+    reduced = local.sum(dims) if dims else local
+    if not isinstance(c, DTensor) or 0 in dims:
+        return reduced
+    full = reduced.new_zeros((c.shape[0], *reduced.shape[1:]))
+    full[start:stop] = reduced
+    return full
+
+
 def _group_reduce(attn: nn.Module, contrib: Callable[[Tensor], Tensor], num_groups: int) -> Tensor:
     """Sum a per-element contribution over each GQA group's q/k/v rows (+biases) and o_proj columns."""
     total_G = None
     for tag, p in _attention_tensors(attn):
-        c = contrib(p).float()
         if tag == "o":
-            per_row = c.sum(0)  # (nH*D,) o_proj input columns
-        elif c.dim() == 2:
-            per_row = c.sum(1)  # (rows,)
+            per_row = _summed(p, contrib, (0,))  # (nH*D,) o_proj input columns
+        elif p.dim() == 2:
+            per_row = _summed(p, contrib, (1,))  # (rows,)
         else:
-            per_row = c
+            per_row = _summed(p, contrib, ())
         g_G = per_row.reshape(num_groups, -1).sum(1)
         total_G = g_G if total_G is None else total_G + g_G
     return total_G
 
 
 def structure_scores(model: nn.Module, contrib: Callable[[Tensor], Tensor]):
-    """(experts, shared, groups) dicts of per-structure sums of ``contrib(param)``."""
+    """(experts, shared, groups) dicts of per-structure sums of ``contrib(param)``.
+
+    Collective when the model is FSDP2-sharded: every rank calls it (see :func:`_summed`).
+    """
     family = get_family(model)
     experts, shared, groups = {}, {}, {}
     for layer, block in family.moe_blocks(model):
-        gate_EIH, up_EIH, down_EHI = expert_weights(block.experts)
         # contrib on the fused parameter, then split, so grads line up with the view
-        c_gate_up = contrib(block.experts.gate_up_proj).float()
-        width = gate_EIH.shape[1]
-        c_down = contrib(block.experts.down_proj).float()
-        experts[layer] = c_gate_up[:, :width].sum(-1) + c_gate_up[:, width:].sum(-1) + c_down.sum(1)  # (E, I)
+        gate_up_E2I = _summed(block.experts.gate_up_proj, contrib, (-1,))  # (E, 2I, H) -> (E, 2I): gate, then up
+        width = gate_up_E2I.shape[1] // 2
+        down_EI = _summed(block.experts.down_proj, contrib, (1,))  # (E, H, I) -> (E, I)
+        experts[layer] = gate_up_E2I[:, :width] + gate_up_E2I[:, width:] + down_EI  # (E, I)
         mlp = family.shared_expert(block)
         if mlp is not None:
-            g, u, d = (contrib(w).float() for w in shared_expert_weights(mlp))
-            shared[layer] = g.sum(-1) + u.sum(-1) + d.sum(0)  # (I_shared,)
+            g, u, d = shared_expert_weights(mlp)
+            shared[layer] = _summed(g, contrib, (-1,)) + _summed(u, contrib, (-1,)) + _summed(d, contrib, (0,))  # (I_shared,)
     num_groups = int(model.config.num_key_value_heads)
     for layer, attn in family.attention_modules(model):
         groups[layer] = _group_reduce(attn, contrib, num_groups)
+    _all_reduce_shards_(model, (experts, shared, groups))
     return experts, shared, groups
+
+
+def _all_reduce_shards_(model: nn.Module, tables: tuple[dict[int, Tensor], ...]) -> None:
+    """Sum the per-rank tables of a sharded model (one flat all-reduce over its FSDP mesh); no-op otherwise."""
+    sharded = [p for p in scored_parameters(model) if isinstance(p, DTensor)]
+    if not sharded:
+        return
+    mesh = sharded[0].device_mesh
+    if mesh.ndim != 1:
+        raise NotImplementedError(f"scoring a model sharded on a {mesh.ndim}-D mesh: only FSDP's 1-D mesh is supported")
+    entries = [(table, key) for table in tables for key in sorted(table)]
+    flat = torch.cat([table[key].reshape(-1) for table, key in entries])
+    dist.all_reduce(flat, group=mesh.get_group())
+    offset = 0
+    for table, key in entries:
+        n = table[key].numel()
+        table[key] = flat[offset:offset + n].view_as(table[key])
+        offset += n
 
 
 def scored_parameters(model: nn.Module) -> list[nn.Parameter]:
@@ -216,6 +261,7 @@ def _kd_taylor(student, teacher, batches, kd: KDConfig, progress, counted) -> tu
                 t_hidden_NH = teacher.model(input_ids=batch["input_ids"]).last_hidden_state.flatten(0, 1)
                 t_vals_NK, t_ids_NK = teacher_topk(t_hidden_NH, teacher.get_output_embeddings(), kd.top_k, kd.chunk_tokens,
                                                    log_probs_at=kd.temperature if kd.tail_bucket else None)
+                reshard_head(teacher)  # a sharded teacher's gathered lm_head is freed at once (no backward frees it)
             s_hidden_NH = student.model(input_ids=batch["input_ids"]).last_hidden_state.flatten(0, 1)
             out = distill_loss(s_hidden_NH, student.get_output_embeddings(), batch["labels"].flatten(), t_vals_NK, t_ids_NK, kd)
             out.loss.backward()

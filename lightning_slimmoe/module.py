@@ -20,13 +20,19 @@ from torchmetrics import MeanMetric
 from lightning_slimmoe.config import OptimizerConfig
 from lightning_slimmoe.distill import DistillOutput, KDConfig, distill_loss, teacher_topk
 from lightning_slimmoe.distributed import ParallelConfig, fsdp_mesh, reshard_head, shard_model
+from lightning_slimmoe.loading import materialize_, pending_fingerprint, pending_load
 
 TEACHER_PREFIX = "teacher."
 STUDENT_PREFIX = "student."
 
 
 def model_fingerprint(model: nn.Module) -> str:
-    """Cheap identity of a model: its config and a sample of every tensor (not a full-weight hash)."""
+    """Cheap identity of a model: its config and a sample of every tensor (not a full-weight hash).
+
+    A meta-built model still waiting for its sharded load (loading.py) gets the same value, read from its
+    checkpoint: sharded and single-process runs record the same teacher fingerprint."""
+    if pending_load(model) is not None:
+        return pending_fingerprint(model)
     h = hashlib.sha256(model.config.to_json_string(use_diff=False).encode())
     with torch.no_grad():
         for name, p in model.state_dict().items():
@@ -61,6 +67,9 @@ class StageModule(pl.LightningModule):
         self.val_loss = MeanMetric()
         self.val_lm_loss = MeanMetric()
         self.val_agreement = MeanMetric()
+        # A TeacherCacheReader (lightning_slimmoe/teacher_cache.py), attached for a fit by
+        # callbacks/teacher_cache.py: training batches then read the teacher's top-k from disk.
+        self.teacher_cache = None
 
     # --- the teacher stays frozen whatever Lightning toggles ----------------------------------------
     def train(self, mode: bool = True):
@@ -71,27 +80,50 @@ class StageModule(pl.LightningModule):
 
     # --- FSDP2 under ModelParallelStrategy: student and teacher sharded per decoder layer -----------
     def configure_model(self) -> None:
+        """Shard student and teacher, then load the ones built on the meta device (loading.py), each rank
+        reading only its shards: no rank ever holds a whole model (design.md §4). Idempotent, as Lightning
+        requires: ExpertSlimming calls it early to score the sharded student, Lightning calls it again."""
+        device = self.trainer.strategy.root_device if self._trainer is not None else self.device
         if self.device_mesh is None:  # single device / DDP: nothing to shard
+            for model in (self.student, self.teacher):
+                if model is not None:
+                    materialize_(model, device)
             return
-        mesh = fsdp_mesh(self.device)
+        mesh = fsdp_mesh(device)
         shard_model(self.student, mesh, self.parallel, trainable=True)
+        materialize_(self.student, device)
         if self.teacher is not None:
             shard_model(self.teacher, mesh, self.parallel, trainable=False)
+            materialize_(self.teacher, device)
 
     # --- loss ---------------------------------------------------------------------------------------
     def forward_loss(self, batch: dict) -> DistillOutput:
         ids_BT, labels_BT = batch["input_ids"], batch["labels"]
         s_hidden_NH = self.student.model(input_ids=ids_BT, use_cache=False).last_hidden_state.flatten(0, 1)
         t_vals_NK = t_ids_NK = None
-        if self.teacher is not None:
-            with torch.no_grad():
-                t_hidden_NH = self.teacher.model(input_ids=ids_BT, use_cache=False).last_hidden_state.flatten(0, 1)
-                t_vals_NK, t_ids_NK = teacher_topk(
-                    t_hidden_NH, self.teacher.get_output_embeddings(), self.kd.top_k, self.kd.chunk_tokens,
-                    log_probs_at=self.kd.temperature if self.kd.tail_bucket else None)
-                reshard_head(self.teacher)
+        if self.teacher_cache is not None and "block_index" in batch:
+            # A training batch (samples carry their block index) with the cache attached: no teacher forward.
+            t_vals_BTK, t_ids_BTK = self.teacher_cache.lookup(batch["block_index"], self.kd.top_k)
+            if t_vals_BTK.shape[:2] != ids_BT.shape:
+                raise ValueError(f"teacher cache holds (blocks, tokens) {tuple(t_vals_BTK.shape[:2])} for a batch of "
+                                 f"{tuple(ids_BT.shape)}")
+            t_vals_NK = t_vals_BTK.flatten(0, 1).to(ids_BT.device, non_blocking=True)  # (N, k)
+            t_ids_NK = t_ids_BTK.flatten(0, 1).to(ids_BT.device, non_blocking=True)  # (N, k)
+        elif self.teacher is not None:
+            t_vals_NK, t_ids_NK = self.teacher_targets(ids_BT)
         return distill_loss(s_hidden_NH, self.student.get_output_embeddings(), labels_BT.flatten(),
                             t_vals_NK, t_ids_NK, self.kd)
+
+    def teacher_targets(self, ids_BT: torch.Tensor, top_k: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The frozen teacher's top-k (values, ids), (N, k) each with N = B*T: what the KD loss distils towards,
+        and what the teacher cache stores (one function for both, so the cached numbers are the live ones)."""
+        with torch.no_grad():
+            t_hidden_NH = self.teacher.model(input_ids=ids_BT, use_cache=False).last_hidden_state.flatten(0, 1)
+            t_vals_NK, t_ids_NK = teacher_topk(
+                t_hidden_NH, self.teacher.get_output_embeddings(), top_k or self.kd.top_k, self.kd.chunk_tokens,
+                log_probs_at=self.kd.temperature if self.kd.tail_bucket else None)
+            reshard_head(self.teacher)
+        return t_vals_NK, t_ids_NK
 
     def training_step(self, batch, batch_idx):
         out = self.forward_loss(batch)

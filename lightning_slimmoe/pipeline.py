@@ -32,23 +32,28 @@ from typing import Callable
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.strategies import ModelParallelStrategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from callbacks import ExpertSlimming, ParamAndWidthLogger, ThroughputMonitor
 from callbacks.expert_slimming import widths_of, write_json_atomic
 from callbacks.preemption import CheckpointOnSigterm
+from callbacks.teacher_cache import TeacherCacheCallback
 from lightning_slimmoe.config import StageConfig
+from lightning_slimmoe.consolidate import StudentConfigWriter
 from lightning_slimmoe.data import TextDataModule
-from lightning_slimmoe.distributed import ParallelConfig, full_state_dict_on_rank0, is_sharded
-from lightning_slimmoe.export import export_hf, model_card, replace_dir
+from lightning_slimmoe.distributed import ParallelConfig, is_sharded
+from lightning_slimmoe.export import export_hf, export_sharded_hf, model_card, replace_dir
 from lightning_slimmoe.families import get_family
 from lightning_slimmoe.importance import ImportanceScores
+from lightning_slimmoe.loading import meta_model
 from lightning_slimmoe.module import StageModule, model_fingerprint
 from lightning_slimmoe.params import count_config_params, count_params
 from lightning_slimmoe.slimming import SlimTarget, resolve_target, slim_config
 from lightning_slimmoe.strategies import latest_complete_checkpoint
 from lightning_slimmoe.tb import ContinuousTensorBoardLogger
+from lightning_slimmoe.teacher_cache import TeacherCache, TeacherCacheError, cache_key
 
 RUN_FILE = "run.json"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -71,8 +76,11 @@ class RunSpec:
     student_init: str | None = None  # start the first slimming stage from this HF dir instead of the teacher
     resume: bool = False
     trust_remote_code: bool = False
+    teacher_8bit: bool = False  # frozen teacher in 8-bit: Linear8bitLt + int8 fused experts (quantize.py)
     seed: int = 0
     parallel: ParallelConfig = dataclasses.field(default_factory=ParallelConfig)  # FSDP2 settings
+    teacher_cache: str | None = None  # directory of the teacher top-k cache (teacher_cache.py); None = live teacher
+    teacher_cache_dtype: str = "float32"  # cached values: float32 (= live losses) or bfloat16 (half the size)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -106,7 +114,12 @@ def load_config(field: str, source: str, trust_remote_code: bool = False):
     return config
 
 
-def load_model(source: str, dtype: torch.dtype, trust_remote_code: bool = False):
+def load_model(source: str, dtype: torch.dtype, trust_remote_code: bool = False, sharded: bool = False):
+    """The model in ``source``, whole (``from_pretrained``) — or, for a sharded run, on the meta device with
+    its load pending: ``StageModule.configure_model`` shards it and each rank reads only its own rows of every
+    tensor (loading.py), so no rank ever holds the whole model (design.md §4)."""
+    if sharded:
+        return meta_model(source, dtype, trust_remote_code=trust_remote_code)
     return AutoModelForCausalLM.from_pretrained(source, dtype=dtype, trust_remote_code=trust_remote_code,
                                                 use_safetensors=True)
 
@@ -145,6 +158,9 @@ class Pipeline:
         self.out = Path(spec.output_dir)
         self.stage_dirs = [self.out / f"stage_{k}_{s.name}" for k, s in enumerate(spec.stages)]
         self._unsaved_tokenizer: Path | None = None  # a pretrain run's new tokenizer, written by _start_run
+        self.teacher_cache: TeacherCache | None = None  # checked before weights (_prepare_teacher_cache)
+        self._cache_build_s = 0.0
+        self.sharded = False  # set by run() from the trainer's strategy (ModelParallelStrategy: FSDP2)
 
     # ---- validation: everything that can be checked without weights -----------------------------
     def plan(self) -> tuple[object, list]:
@@ -263,7 +279,17 @@ class Pipeline:
         self._check_run_dir()
         tokenizer = self._setup_tokenizer_and_data(teacher_config)  # tokenizers match, data packs: still no writes
         eval_trainer = self.make_trainer(default_root_dir=str(self.out), logger=False, enable_checkpointing=False)
+        # FSDP2 runs build teacher and students on the meta device and load them shard by shard (loading.py);
+        # single-process and DDP runs hold whole models on each device by definition and load them whole.
+        self.sharded = isinstance(eval_trainer.strategy, ModelParallelStrategy)
+        if spec.teacher_8bit:  # bitsandbytes present, and not a combination that would corrupt the teacher
+            from lightning_slimmoe.quantize import check_teacher_8bit
+            try:
+                check_teacher_8bit(self.sharded, eval_trainer.precision)
+            except ValueError as err:
+                raise ConfigError(str(err)) from err
         world, accumulate = eval_trainer.world_size, eval_trainer.accumulate_grad_batches
+        self.teacher_cache = self._prepare_teacher_cache(teacher_config, tokenizer, eval_trainer)
         self._start_run({"world_size": world, "accumulate_grad_batches": accumulate,
                          "batch_size": self.dm.hparams.batch_size, "seq_len": self.dm.hparams.seq_len,
                          "data_seed": self.dm.hparams.seed})
@@ -300,6 +326,8 @@ class Pipeline:
             teacher = teacher or self._load_teacher(teacher_dtype)
             summary["teacher"] = self._teacher_summary(teacher, self.teacher_source, eval_trainer)
         summary["final_dir"] = str(self.out / "final")
+        if self.teacher_cache is not None:
+            summary["teacher_cache"] = {**self.teacher_cache.info(), "build_s": round(self._cache_build_s, 3)}
         if eval_trainer.global_rank == 0:
             final_src = self.stage_dirs[-1] / "hf"
             tmp = self.out / "final.tmp"
@@ -339,6 +367,39 @@ class Pipeline:
         dm.setup("fit")  # tokenise + pack now: a too-short corpus fails before any weight is loaded
         return dm.tokenizer
 
+    def _prepare_teacher_cache(self, teacher_config, tokenizer, eval_trainer) -> TeacherCache | None:
+        """``teacher_cache:`` checked before any weight: the KD stages agree on what it holds, the directory can
+        be written, and a complete cache matches this run in everything but the teacher's fingerprint (checked
+        once the teacher is loaded). It covers the training blocks that the run's KD stages read."""
+        spec, dm = self.spec, self.dm
+        if spec.teacher_cache is None:
+            return None
+        world, accumulate = eval_trainer.world_size, eval_trainer.accumulate_grad_batches
+        samples_per_step = dm.hparams.batch_size * accumulate * world
+        stream, needed, sample_offset = dm.train_stream(), [], 0
+        for stage in spec.stages:  # the same sample offsets as the stage loop in run()
+            samples = dm.steps_for_tokens(stage.max_tokens, accumulate, world) * samples_per_step
+            if stage.pretrain is None:
+                needed.append(stream.block_indices(sample_offset, samples))
+            sample_offset += samples
+        _, teacher_dtype = _precision_dtypes(eval_trainer.precision)
+        teacher_dtype = spec.parallel.dtype("param_dtype") or teacher_dtype  # as run() loads the teacher
+        # A pretrain stage's teacher gets the tokenizer's vocabulary (_incoming_student).
+        vocab_size = teacher_config.vocab_size if spec.teacher is not None else len(tokenizer)
+        try:
+            key = cache_key([(s.name, s.kd) for s in spec.stages if s.pretrain is None], seq_len=dm.hparams.seq_len,
+                            vocab_size=vocab_size, value_dtype=spec.teacher_cache_dtype,
+                            teacher_dtype=str(teacher_dtype).removeprefix("torch."),
+                            precision=str(eval_trainer.precision))
+            cache = TeacherCache(spec.teacher_cache, key, dm.train_blocks, torch.cat(needed) if needed else [])
+            status = cache.check()
+        except TeacherCacheError as err:
+            raise ConfigError(str(err)) from err
+        rank_zero_info(f"teacher cache {spec.teacher_cache}: {status}; {len(cache.needed):,} training blocks, "
+                       f"{len(cache.needed) * key.seq_len * key.bytes_per_token / 2**20:,.1f} MiB "
+                       f"({key.bytes_per_token} B/token)")
+        return cache
+
     def _incoming_student(self, k, stage, tokenizer, dtype, teacher_config):
         spec = self.spec
         if stage.pretrain is not None:
@@ -351,11 +412,20 @@ class Pipeline:
         previous = next((d / "hf" for s, d in zip(reversed(spec.stages[:k]), reversed(self.stage_dirs[:k]))
                          if s.pretrain is None), None)
         source = str(previous) if previous else (spec.student_init or self.teacher_source)
-        return load_model(source, dtype, spec.trust_remote_code)
+        return load_model(source, dtype, spec.trust_remote_code, sharded=self.sharded)
 
     def _load_teacher(self, dtype: torch.dtype):
-        teacher = load_model(self.teacher_source, dtype, self.spec.trust_remote_code)
-        teacher.slimmoe_fingerprint = model_fingerprint(teacher)  # before any sharding changes state_dict()
+        if self.spec.teacher_8bit:  # checked in run(): bitsandbytes present, not sharded, no true-half precision
+            from lightning_slimmoe.quantize import load_teacher_8bit, quantized_bytes
+            teacher = load_teacher_8bit(self.teacher_source, dtype, self.spec.trust_remote_code)
+            b = quantized_bytes(teacher)
+            rank_zero_info(f"teacher in 8-bit: {b['int8_bytes'] / 2**20:,.1f} of {b['total_bytes'] / 2**20:,.1f} MiB "
+                           f"int8 ({b['fused_expert_bytes'] / 2**20:,.1f} MiB of fused experts stay {dtype})")
+        else:
+            teacher = load_model(self.teacher_source, dtype, self.spec.trust_remote_code, sharded=self.sharded)
+        # Before any sharding changes state_dict(); a meta-built teacher's is read from its checkpoint and is the
+        # one a single process records, so resume and the teacher cache see the same teacher either way.
+        teacher.slimmoe_fingerprint = model_fingerprint(teacher)
         return teacher
 
     @property
@@ -365,18 +435,6 @@ class Pipeline:
         if self.spec.teacher is not None:
             return self.spec.teacher
         return str(self.stage_dirs[0] / "hf")
-
-    @staticmethod
-    def _gather_student(student, rank: int):
-        """The trained student as a plain CPU model on rank 0 (gathered from its FSDP shards if sharded)."""
-        if not is_sharded(student):
-            return student.to("cpu")
-        full = full_state_dict_on_rank0(student)  # collective: every rank takes part
-        if rank != 0:
-            return None
-        plain = AutoModelForCausalLM.from_config(student.config, dtype=next(iter(full.values())).dtype)
-        plain.load_state_dict(full)
-        return plain
 
     def _teacher_summary(self, teacher, source, trainer) -> dict:
         metrics = trainer.validate(StageModule(teacher, parallel=self.spec.parallel), datamodule=self.dm,
@@ -407,21 +465,34 @@ class Pipeline:
                             every_n_train_steps=ckpt_every, save_last=True, save_top_k=1,
                             monitor="step", mode="max", enable_version_counter=False),  # last.ckpt, never last-v1
             CheckpointOnSigterm(str(last)),  # SIGTERM: finish the step, write last.ckpt, exit 143
+            StudentConfigWriter(stage_dir),  # <stage_dir>/config.json: a sharded checkpoint's architecture
         ]
+        cache_callback = None  # KD stages with `teacher_cache:` build it (first one) and read their targets from it
+        if teacher is not None and self.teacher_cache is not None:
+            cache_callback = TeacherCacheCallback(self.teacher_cache, stage.name)
+            callbacks.append(cache_callback)
         trainer = self.make_trainer(default_root_dir=str(stage_dir), logger=logger, max_steps=steps,
                                     val_check_interval=val_every, check_val_every_n_epoch=None,
                                     extra_callbacks=callbacks)
         module = StageModule(student, teacher, kd=stage.kd, optimizer=stage.optimizer, parallel=self.spec.parallel,
                              max_nonfinite_skips=stage.max_nonfinite_skips)
+        if cache_callback is not None:
+            try:  # a complete cache of another teacher fails here, before scoring or any step
+                self.teacher_cache.check_teacher(module.teacher_fingerprint)
+            except TeacherCacheError as err:
+                raise ConfigError(str(err)) from err
         rank_zero_info(f"[{stage.name}] stage {k}: {steps} steps, {steps * tokens_per_step:,} tokens"
                        + (f", resuming from {ckpt_path}" if ckpt_path else ""))
         fit_started = time.time()
         trainer.fit(module, datamodule=self.dm, ckpt_path=ckpt_path)
         fit_s = time.time() - fit_started
+        build_s = cache_callback.build_s if cache_callback is not None else 0.0  # a one-off, not this stage's speed
+        self._cache_build_s += build_s
         if trainer.interrupted:
             raise KeyboardInterrupt(f"[{stage.name}] interrupted; continue with --resume true")
         metrics = trainer.validate(module, datamodule=self.dm, verbose=False)[0]
-        student = self._gather_student(module.student, trainer.global_rank)
+        sharded = is_sharded(module.student)
+        student = None if sharded else module.student.to("cpu")
         counts = count_params(module.student)
         meta_path = stage_dir / "meta.json"
         meta = json.loads(meta_path.read_text()) if meta_path.exists() else {"stage": stage.name}
@@ -430,14 +501,18 @@ class Pipeline:
             "total_params": counts.total, "active_params": counts.active,
             "tokens": steps * tokens_per_step, "val_loss": metrics["val/loss"], "val_ppl": metrics["val/ppl"],
             "teacher_top1_agreement": metrics.get("val/teacher_agreement"),
-            "tokens_per_s": round(steps * tokens_per_step / max(fit_s, 1e-9), 1) if ckpt_path is None else None,
+            "tokens_per_s": round(steps * tokens_per_step / max(fit_s - build_s, 1e-9), 1) if ckpt_path is None else None,
             "wall_s": round(time.time() - started + meta.get("scoring_s", 0.0), 3),
             "kept_index_hash": meta.get("kept_index_hash"), "criterion": stage.criterion if stage.prunes else None,
         }
+        if sharded:  # collective, streamed tensor by tensor: no rank gathers the whole student
+            export_sharded_hf(module.student, stage_dir / "hf", tokenizer=tokenizer)
         if trainer.global_rank == 0:
-            export_hf(student, stage_dir / "hf", tokenizer=tokenizer, probe_ids=probe_ids)
-            meta.update({"status": "complete", "widths": widths_of(student.config), "steps": steps,
-                         "tokens": steps * tokens_per_step, "fit_s": round(fit_s, 3), "summary": stage_summary})
+            if not sharded:
+                export_hf(student, stage_dir / "hf", tokenizer=tokenizer, probe_ids=probe_ids)
+            meta.update({"status": "complete", "widths": widths_of(module.student.config), "steps": steps,
+                         "tokens": steps * tokens_per_step, "fit_s": round(fit_s, 3), "summary": stage_summary,
+                         "teacher_cache_build_s": round(build_s, 3)})
             write_json_atomic(meta_path, meta)
         trainer.strategy.barrier()
         rank_zero_info(f"[{stage.name}] done: val ppl {stage_summary['val_ppl']:.3f}, "

@@ -79,13 +79,34 @@ class _ShardWriter:
             json.dumps({"metadata": {}, "weight_map": dict(sorted(weight_map.items()))}, indent=2))
 
 
-def _slice(name: str, tensor: torch.Tensor, keep: KeepIndices, heads_per_group: int, dim: int) -> torch.Tensor:
+def plain_selection(name: str, keep: KeepIndices, heads_per_group: int, dim: int) -> tuple[int, torch.Tensor] | None:
+    """``(axis, index)`` that ``keep`` selects from the 1-D/2-D tensor called ``name`` (a per-expert legacy key,
+    a shared-expert projection, or a q/k/v/o projection), or None when it is kept whole. The fused 3-D expert
+    tensors are not plain (each expert keeps its own rows): :func:`_slice` gathers those. Shared with the
+    sharded loader (``lightning_slimmoe.loading``), which applies the same selection at read time."""
     if m := _PER_EXPERT.search(name):
         layer, expert = int(m["layer"]), int(m["expert"])
         if layer not in keep.experts:
-            return tensor
-        idx = keep.experts[layer][expert]
-        return tensor.index_select(0 if m["proj"] in _ROWS else 1, idx)
+            return None
+        return (0 if m["proj"] in _ROWS else 1), keep.experts[layer][expert]
+    if m := _SHARED.search(name):
+        layer = int(m["layer"])
+        if layer not in keep.shared:
+            return None
+        return (0 if m["proj"] in _ROWS else 1), keep.shared[layer]
+    if m := _ATTN.search(name):
+        layer = int(m["layer"])
+        if layer not in keep.groups:
+            return None
+        groups = keep.groups[layer]
+        rows = group_rows(groups, heads_per_group * dim) if m["proj"] in ("q_proj", "o_proj") else group_rows(groups, dim)
+        if m["proj"] == "o_proj":
+            return None if m["kind"] == "bias" else (1, rows)
+        return 0, rows
+    return None
+
+
+def _slice(name: str, tensor: torch.Tensor, keep: KeepIndices, heads_per_group: int, dim: int) -> torch.Tensor:
     if m := _FUSED.search(name):
         layer = int(m["layer"])
         if layer not in keep.experts:
@@ -96,21 +117,8 @@ def _slice(name: str, tensor: torch.Tensor, keep: KeepIndices, heads_per_group: 
             idx = keep_EW[:, :, None].expand(-1, -1, tensor.shape[2])
             return torch.cat([tensor[:, :width].gather(1, idx), tensor[:, width:].gather(1, idx)], dim=1)
         return tensor.gather(2, keep_EW[:, None, :].expand(-1, tensor.shape[1], -1))  # (E, H, I)
-    if m := _SHARED.search(name):
-        layer = int(m["layer"])
-        if layer not in keep.shared:
-            return tensor
-        return tensor.index_select(0 if m["proj"] in _ROWS else 1, keep.shared[layer])
-    if m := _ATTN.search(name):
-        layer = int(m["layer"])
-        if layer not in keep.groups:
-            return tensor
-        groups = keep.groups[layer]
-        rows = group_rows(groups, heads_per_group * dim) if m["proj"] in ("q_proj", "o_proj") else group_rows(groups, dim)
-        if m["proj"] == "o_proj":
-            return tensor if m["kind"] == "bias" else tensor.index_select(1, rows)
-        return tensor.index_select(0, rows)
-    return tensor
+    selection = plain_selection(name, keep, heads_per_group, dim)
+    return tensor if selection is None else tensor.index_select(*selection)
 
 
 def slim_checkpoint(src: str | Path, dst: str | Path, keep: KeepIndices, max_shard_bytes: int = 2 * 2**30) -> Path:

@@ -1,0 +1,357 @@
+"""Sharded loading: a big model is built on the meta device, sharded, and each rank reads only its rows.
+
+design.md §4: "big models never materialise whole on one rank". Under ``ModelParallelStrategy`` the
+pipeline builds teacher and student with :func:`meta_model` (shapes only, no memory) and records where
+their weights are (:class:`PendingLoad`); ``StageModule.configure_model`` applies FSDP2 ``fully_shard``
+to the meta model, ``to_empty`` allocates each rank's shards, and :func:`materialize_` fills them with
+:func:`load_sharded_`: for every parameter it reads, from the safetensors files, only the rows of dim 0
+this rank holds (FSDP2 shards dim 0, ``torch.chunk`` style) — through ``safe_open(...).get_slice``, so a
+rank neither holds nor reads the whole model. Peak memory per rank is its shards plus one expert (fused
+expert tensors are assembled expert by expert) or, for a row-sliced tensor, the covering rows of one
+checkpoint tensor.
+
+A slimmed student is loaded the same way, with the stage's keep indices applied at read time (the same
+selections as :func:`lightning_slimmoe.slimming.slim_model_` and :mod:`lightning_slimmoe.streaming`), so
+the unsliced student is never written to disk between scoring and training.
+
+Checkpoint layouts: transformers 5 fuses experts in memory (``mlp.experts.gate_up_proj [E, 2I, H]``, gate
+rows then up rows, and ``mlp.experts.down_proj [E, H, I]``) while ``save_pretrained`` writes legacy
+per-expert keys (``block_sparse_moe.experts.{e}.w1/w2/w3.weight`` for PhiMoE/Mixtral,
+``mlp.experts.{e}.gate_proj/up_proj/down_proj.weight`` for Qwen/OLMoE) and renames a few others (PhiMoE's
+router ``block_sparse_moe.gate`` -> ``mlp.router``). Both layouts are read: the expert keys through the
+regexes of :mod:`lightning_slimmoe.streaming`, every other name through transformers' own
+``revert_weight_conversion`` (the mapping ``save_pretrained`` applies), so no family table is duplicated.
+
+Never ``torch.load``: only safetensors are read.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import hashlib
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from safetensors import safe_open
+from torch import Tensor, nn
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from lightning_slimmoe.distributed import local_rows
+from lightning_slimmoe.families import get_family, head_dim
+from lightning_slimmoe.slimming import KeepIndices, SlimTarget, slim_config
+from lightning_slimmoe.streaming import _FUSED, _PER_EXPERT, _weight_files, plain_selection
+
+PENDING_ATTR = "slimmoe_pending_load"
+_ROLE = {"w1": "gate", "gate_proj": "gate", "w3": "up", "up_proj": "up", "w2": "down", "down_proj": "down"}
+
+
+@dataclass
+class PendingLoad:
+    """Where a meta-built model's weights are, and what to keep of them (applied at read time)."""
+
+    source: str  # local HF model dir with *.safetensors
+    keep: KeepIndices | None = None  # neurons / groups kept by a slimming stage
+    kept_experts: dict[int, Tensor] = field(default_factory=dict)  # layer -> kept expert ids (expert removal)
+
+
+def pending_load(model: nn.Module) -> PendingLoad | None:
+    """The load a meta-built model still waits for (None for a model that holds its weights)."""
+    return getattr(model, PENDING_ATTR, None)
+
+
+def local_model_dir(source: str) -> str:
+    """A local directory for ``source``: itself, or the hub snapshot (config + safetensors only)."""
+    if os.path.isdir(source):
+        return source
+    from huggingface_hub import snapshot_download
+
+    return snapshot_download(source, allow_patterns=["*.json", "*.safetensors"])
+
+
+def keep_target(keep: KeepIndices, config) -> SlimTarget:
+    """The uniform widths ``keep`` gives a model of ``config`` (what ``slim_model_`` writes into the config)."""
+    family = get_family(config)
+    widths = {int(k.shape[1]) for k in keep.experts.values()}
+    groups = {int(k.numel()) for k in keep.groups.values()}
+    shared = {int(k.numel()) for k in keep.shared.values()}
+    if len(widths) > 1 or len(groups) > 1 or len(shared) > 1:
+        raise ValueError("SlimMoE widths are uniform across layers; got per-layer widths "
+                         f"experts={sorted(widths)} shared={sorted(shared)} groups={sorted(groups)}")
+    return SlimTarget(
+        expert_width=widths.pop() if widths else family.expert_width(config),
+        attention_groups=groups.pop() if groups else int(config.num_key_value_heads),
+        shared_expert_width=shared.pop() if shared else family.shared_expert_width(config))
+
+
+def meta_model(source: str, dtype: torch.dtype, keep: KeepIndices | None = None,
+               kept_experts: dict[int, Tensor] | None = None, trust_remote_code: bool = False) -> nn.Module:
+    """The model in ``source`` (after ``kept_experts`` and ``keep``) on the meta device, with its load pending.
+
+    Nothing is read but the config: the weights come in :func:`materialize_`, after sharding.
+    """
+    source = local_model_dir(source)
+    config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
+    family = get_family(config)
+    kept_experts = dict(kept_experts or {})
+    if kept_experts:
+        counts = {int(v.numel()) for v in kept_experts.values()}
+        if len(counts) != 1:
+            raise ValueError(f"expert counts must be uniform across layers, got {sorted(counts)}")
+        config = copy.deepcopy(config)
+        setattr(config, family.num_experts_field, counts.pop())
+    if keep is not None:
+        config = slim_config(config, keep_target(keep, config))
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+    setattr(model, PENDING_ATTR, PendingLoad(source=source, keep=keep, kept_experts=kept_experts))
+    return model
+
+
+# ---------------------------------------------------------------------------------------------------
+# Reading rows of model tensors from a checkpoint
+# ---------------------------------------------------------------------------------------------------
+class CheckpointReader:
+    """Rows ``[start, stop)`` of dim 0 of any tensor of ``model`` (its final, sliced shape), read from the
+    safetensors checkpoint ``source`` without reading the rest of it."""
+
+    def __init__(self, source: str | Path, model: nn.Module, keep: KeepIndices | None = None,
+                 kept_experts: dict[int, Tensor] | None = None):
+        self.source = Path(source)
+        self.model = model
+        self.keep = keep
+        self.kept_experts = kept_experts or {}
+        config = model.config
+        self.heads_per_group = config.num_attention_heads // config.num_key_value_heads
+        self.head_dim = head_dim(config)
+        self.router_attr = get_family(config).router_attr
+        self._stack = contextlib.ExitStack()
+        self._handles: dict[Path, object] = {}
+        self.file_of: dict[str, Path] = {}
+        for path in _weight_files(self.source):
+            for name in self._handle(path).keys():
+                self.file_of[name] = path
+        self.release()
+        self.per_expert: dict[tuple[int, int, str], str] = {}  # (layer, expert, gate|up|down) -> key
+        for name in self.file_of:
+            if m := _PER_EXPERT.search(name):
+                self.per_expert[(int(m["layer"]), int(m["expert"]), _ROLE[m["proj"]])] = name
+
+    def __enter__(self) -> "CheckpointReader":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stack.close()
+
+    def release(self) -> None:
+        """Close the open files. safetensors reads through mmap and every page read stays mapped — and counted
+        in the process's RSS — while its file is open, so the loader releases after each tensor: what a rank
+        holds stays its shards plus one tensor's pages, not every page of the checkpoint it read."""
+        self._stack.close()
+        self._stack = contextlib.ExitStack()
+        self._handles = {}
+
+    def _handle(self, path: Path):
+        if path not in self._handles:
+            self._handles[path] = self._stack.enter_context(safe_open(str(path), framework="pt", device="cpu"))
+        return self._handles[path]
+
+    def _slice(self, key: str):
+        return self._handle(self.file_of[key]).get_slice(key)
+
+    def _rows(self, key: str, rows: slice | Tensor) -> Tensor:
+        """Rows of checkpoint tensor ``key``: a range, or sorted ids (read as their covering range)."""
+        sl = self._slice(key)
+        if isinstance(rows, slice):
+            return sl[rows]
+        if rows.numel() == 0:
+            return sl[0:0]
+        lo, hi = int(rows.min()), int(rows.max()) + 1
+        return sl[lo:hi].index_select(0, rows.to(torch.long) - lo)
+
+    def checkpoint_key(self, name: str, like: Tensor) -> str:
+        """The checkpoint tensor holding model tensor ``name`` (not for fused experts)."""
+        if name in self.file_of:
+            return name
+        from transformers.core_model_loading import revert_weight_conversion
+
+        # save_pretrained's own renaming (e.g. PhiMoE mlp.router -> block_sparse_moe.gate), on a meta stand-in.
+        candidates = list(revert_weight_conversion(self.model, {name: torch.empty(like.shape, device="meta")}))
+        for candidate in candidates:
+            if candidate in self.file_of:
+                return candidate
+        raise KeyError(f"{self.source}: no checkpoint tensor for model parameter {name!r} (looked for "
+                       f"{sorted({name, *candidates})}); is this the checkpoint of a {self.model.config.model_type} "
+                       "model with this config?")
+
+    def blocks(self, name: str, like: Tensor, start: int, stop: int) -> Iterator[tuple[int, Tensor]]:
+        """``(offset, block)`` pieces covering rows ``[start, stop)`` of model tensor ``name`` (shaped like
+        ``like``, the final model's global tensor); offsets are relative to ``start``."""
+        if stop <= start:
+            return
+        if m := _FUSED.search(name):
+            yield from self._expert_blocks(name, int(m["layer"]), m["proj"], like, start, stop)
+            return
+        key = self.checkpoint_key(name, like)
+        selection = None if self.keep is None else plain_selection(name, self.keep, self.heads_per_group, self.head_dim)
+        if selection is None and (r := self._router_rows(name)) is not None:
+            selection = (0, r)  # expert removal: the router keeps the rows of the kept experts
+        if like.dim() == 0:
+            yield 0, self._handle(self.file_of[key]).get_tensor(key)
+        elif selection is not None and selection[0] == 0:
+            yield 0, self._rows(key, selection[1][start:stop])
+        else:
+            block = self._rows(key, slice(start, stop))
+            yield 0, block if selection is None else block.index_select(selection[0], selection[1])
+
+    def _router_rows(self, name: str) -> Tensor | None:
+        for layer, ids in self.kept_experts.items():
+            if name.endswith((f"layers.{layer}.mlp.{self.router_attr}.weight", f"layers.{layer}.mlp.{self.router_attr}.bias")):
+                return ids.sort().values
+        return None
+
+    def _expert_blocks(self, name: str, layer: int, proj: str, like: Tensor, start: int, stop: int):
+        """Fused experts, one expert at a time: from a fused checkpoint tensor or from per-expert keys."""
+        for e_new in range(start, stop):
+            yield e_new - start, self._expert_piece(name, layer, proj, e_new)[None]
+
+    def _expert_piece(self, name: str, layer: int, proj: str, e_new: int, rows: int | None = None) -> Tensor:
+        """Expert ``e_new`` of the final model: ``(2W, H)`` for gate_up_proj, ``(H, W)`` for down_proj; with
+        ``rows``, only its first rows (gate rows only for gate_up_proj), reading no more than those."""
+        ids = self.kept_experts.get(layer)
+        e = int(ids.sort().values[e_new]) if ids is not None else e_new
+        keep_EW = self.keep.experts.get(layer) if self.keep is not None else None  # (E, W), of the kept experts
+        k_W = None if keep_EW is None else keep_EW[e_new].to(torch.long)
+        fused = name in self.file_of
+        if proj == "gate_up_proj":
+            if fused:
+                w_2IH = self._rows(name, slice(e, e + 1))[0]  # (2I, H): gate rows then up rows
+                width = w_2IH.shape[0] // 2
+                gate_IH, up_IH = w_2IH[:width], w_2IH[width:]
+                if k_W is not None:
+                    gate_IH, up_IH = gate_IH.index_select(0, k_W), up_IH.index_select(0, k_W)
+            else:
+                if rows is not None:  # a prefix of the gate rows
+                    wanted = slice(0, rows) if k_W is None else k_W[:rows]
+                    return self._rows(self._expert_key(layer, e, "gate", name), wanted)
+                wanted = slice(None) if k_W is None else k_W
+                gate_IH = self._rows(self._expert_key(layer, e, "gate", name), wanted)
+                up_IH = self._rows(self._expert_key(layer, e, "up", name), wanted)
+            piece = torch.cat([gate_IH, up_IH], dim=0)  # (2W, H)
+        else:
+            w_HI = (self._rows(name, slice(e, e + 1))[0] if fused
+                    else self._rows(self._expert_key(layer, e, "down", name), slice(None) if rows is None else slice(0, rows)))
+            piece = w_HI if k_W is None else w_HI.index_select(1, k_W)  # (H, W)
+        return piece if rows is None else piece[:rows]
+
+    def first_values(self, name: str, like: Tensor, n: int = 16) -> Tensor:
+        """The first ``n`` values of the flattened model tensor ``name``, reading only the rows they lie in."""
+        m = _FUSED.search(name)
+        if m and like.dim() == 3:
+            rows = -(-n // like.shape[2])  # rows of expert 0's (2W, H) or (H, W) block
+            if rows <= (like.shape[1] // 2 if m["proj"] == "gate_up_proj" else like.shape[1]):
+                return self._expert_piece(name, int(m["layer"]), m["proj"], 0, rows=rows).reshape(-1)[:n]
+        row = math.prod(like.shape[1:]) if like.dim() else 1
+        stop = min(like.shape[0], -(-n // max(row, 1))) if like.dim() else 1
+        blocks = [b.reshape(-1) for _, b in self.blocks(name, like, 0, stop)]
+        return (torch.cat(blocks) if blocks else torch.empty(0))[:n]
+
+    def _expert_key(self, layer: int, expert: int, role: str, name: str) -> str:
+        key = self.per_expert.get((layer, expert, role))
+        if key is None:
+            raise KeyError(f"{self.source}: no checkpoint tensor for expert {expert} ({role}) of layer {layer}, "
+                           f"needed by {name!r} (neither the fused key nor a per-expert key is present)")
+        return key
+
+
+# ---------------------------------------------------------------------------------------------------
+# Filling a (sharded) model
+# ---------------------------------------------------------------------------------------------------
+def persistent_tensors(model: nn.Module) -> Iterator[tuple[str, Tensor]]:
+    """Parameters and persistent buffers in ``state_dict`` order, each shared (tied) tensor once — the
+    tensors a checkpoint holds. Sharded (FSDP2) parameters come as DTensors."""
+    seen: set[int] = set()
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        if id(tensor) in seen:
+            continue
+        seen.add(id(tensor))
+        yield name, tensor
+
+
+@torch.no_grad()
+def load_sharded_(model: nn.Module, source: str | Path, keep: KeepIndices | None = None,
+                  kept_experts: dict[int, Tensor] | None = None) -> nn.Module:
+    """Fill every parameter and persistent buffer of ``model`` (materialised, e.g. ``fully_shard`` +
+    ``to_empty``; plain or sharded) from the safetensors checkpoint ``source``, this rank's rows only,
+    with ``kept_experts`` / ``keep`` applied at read time; then recompute the non-persistent buffers."""
+    with CheckpointReader(source, model, keep, kept_experts) as reader:
+        for name, tensor in persistent_tensors(model):
+            if tensor.is_meta:
+                raise RuntimeError(f"{name} is still on the meta device: materialise the model (to_empty) first")
+            local, start, stop = local_rows(tensor)
+            for offset, block in reader.blocks(name, tensor, start, stop):
+                target = local if local.dim() == 0 else local[offset:offset + block.shape[0]]
+                if block.shape != target.shape:
+                    raise ValueError(f"{source}: checkpoint gives shape {tuple(block.shape)} for rows "
+                                     f"{start + offset}..{start + offset + len(target)} of {name!r} "
+                                     f"{tuple(tensor.shape)} (model expects {tuple(target.shape)}); the checkpoint "
+                                     "does not match the config")
+                target.copy_(block)
+            reader.release()
+    init_non_persistent_buffers_(model)
+    return model
+
+
+@torch.no_grad()
+def init_non_persistent_buffers_(model: nn.Module) -> None:
+    """``to_empty`` leaves buffers that no checkpoint holds (rotary ``inv_freq``) uninitialised: recompute them
+    with the model's own ``_init_weights``, as ``from_pretrained`` does for missing keys."""
+    for name, module in model.named_modules():
+        if not module._non_persistent_buffers_set:
+            continue
+        if any(True for _ in module.parameters(recurse=False)):
+            raise NotImplementedError(f"{name} ({type(module).__name__}) has parameters and non-persistent buffers: "
+                                      "re-initialising it would overwrite loaded weights")
+        model._init_weights(module)
+        for buffer_name in module._non_persistent_buffers_set:
+            buffer = getattr(module, buffer_name, None)
+            if buffer is not None and buffer.is_floating_point() and not bool(torch.isfinite(buffer).all()):
+                raise RuntimeError(f"buffer {name}.{buffer_name} was not re-initialised by {type(model).__name__}"
+                                   "._init_weights")
+
+
+def materialize_(model: nn.Module, device: torch.device | str) -> bool:
+    """Allocate a meta-built (and possibly ``fully_shard``-ed) model on ``device`` and load its pending
+    weights, each rank its own shards. Returns False (and does nothing) for a model holding its weights,
+    so callers may call it again (``configure_model`` must be idempotent)."""
+    pending = pending_load(model)
+    if pending is None:
+        return False
+    model.to_empty(device=device)  # FSDP2 re-registers its padded local shards on to_empty
+    if getattr(model.config, "tie_word_embeddings", False):
+        model.tie_weights()  # to_empty made separate tensors of tied ones: tie before loading (one key on disk)
+    load_sharded_(model, pending.source, pending.keep, pending.kept_experts)
+    delattr(model, PENDING_ATTR)
+    return True
+
+
+def pending_fingerprint(model: nn.Module) -> str:
+    """:func:`lightning_slimmoe.module.model_fingerprint` of the model a pending load will produce, without
+    loading it: the config, and the name, shape and first 16 values (in the model's dtype) of every state-dict
+    tensor, read from the checkpoint (the first rows only). A sharded run and a single process therefore
+    record the same teacher fingerprint, which resume checks."""
+    pending = pending_load(model)
+    if pending is None:
+        raise ValueError("pending_fingerprint: the model has no pending load (use model_fingerprint)")
+    h = hashlib.sha256(model.config.to_json_string(use_diff=False).encode())
+    first_name: dict[int, str] = {}
+    with CheckpointReader(pending.source, model, pending.keep, pending.kept_experts) as reader:
+        for name, tensor in model.state_dict(keep_vars=True).items():
+            source_name = first_name.setdefault(id(tensor), name)  # a tied tensor is read under its first name
+            h.update(f"{name}:{tuple(tensor.shape)}".encode())
+            h.update(reader.first_values(source_name, tensor).to(tensor.dtype).float().numpy().tobytes())
+    return h.hexdigest()
