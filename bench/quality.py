@@ -4,6 +4,8 @@
         --test /work/shared/data/wikitext-2-raw/wiki.test.raw --out bench/out/quality-wikitext --preset cpu
     python bench/quality.py --train /work/shared/data/tinyshakespeare/input.txt --test-fraction 0.1 \
         --out bench/out/quality-shakespeare --preset cpu
+    # KD with the teacher's top-k from its full softmax + one rest-mass bucket (kd.tail_bucket) in every stage
+    python bench/quality.py ... --tail-bucket
 
 1. Train a Qwen3-MoE-shaped teacher (8 experts, top-2, GQA 8/4) from scratch on ``--train`` with the
    pipeline's own ``pretrain`` stage (BPE tokenizer trained on the same text); it is an HF dir.
@@ -96,9 +98,12 @@ def base_config(p: dict, train_file: str, output_dir: Path, teacher: str | None,
                "log_every_n_steps": 5, "limit_val_batches": p["limit_val_batches"], "enable_progress_bar": False,
                "enable_model_summary": False}
     data = {"files": [train_file], "seq_len": p["seq_len"], "batch_size": p["batch_size"], "val_fraction": 0.02}
+    seed = p.get("seed", 0)
+    if seed:  # the data seed too: train/val split, training-stream order, calibration batches
+        data["seed"] = seed
     if p.get("max_chars"):
         data["max_chars"] = p["max_chars"]
-    return {"seed_everything": 0, "output_dir": str(output_dir), "teacher": teacher, "trainer": trainer,
+    return {"seed_everything": seed, "output_dir": str(output_dir), "teacher": teacher, "trainer": trainer,
             "data": {"class_path": "lightning_slimmoe.data.TextDataModule", "init_args": data},
             "stages": stages, **top}
 
@@ -264,6 +269,15 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--temperature", type=float, default=None, help="override the KD temperature")
     parser.add_argument("--top-k", type=int, default=None,
                         help="override the KD top_k (default 8 as in the paper; the vocabulary size = full KL)")
+    parser.add_argument("--tail-bucket", action="store_true",
+                        help="kd.tail_bucket: true in every KD stage of every method (teacher top-k from its full "
+                             "softmax + one rest-of-the-mass bucket, instead of renormalising over the top-k)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed of the runs and of their data stream (split, order, calibration batches); "
+                             "for a noise estimate, with --reuse-teacher so that the teacher stays the same")
+    parser.add_argument("--first-scores-from", default=None,
+                        help="another --out dir with the same teacher: every method's first prune reuses that run's "
+                             "stage-0 scores.pt (scores_file) instead of calibrating")
     parser.add_argument("--reuse-teacher", default=None,
                         help="another --out dir of the same preset and data: reuse its trained teacher")
     parser.add_argument("--report-only", action="store_true",
@@ -282,6 +296,7 @@ def main(argv: list[str] | None = None) -> dict:
         p["calibration_tokens"] = args.calibration_tokens
     if args.kd_lr:
         p["kd_lr"] = args.kd_lr
+    p["seed"] = args.seed
     if args.stage_split:
         p["slim_stages"] = [tuple(float(x) for x in s.split(":")) for s in args.stage_split.split(",")]
     out = Path(args.out).resolve()
@@ -347,6 +362,16 @@ def main(argv: list[str] | None = None) -> dict:
                 stage["kd"]["temperature"] = args.temperature
             if args.top_k:
                 stage["kd"]["top_k"] = args.top_k
+            if args.tail_bucket:
+                stage["kd"]["tail_bucket"] = True
+        first = config["stages"][0]
+        if args.first_scores_from and ("expert_width" in first or "remove_experts_to" in first):
+            # the first prune's scores from another --out dir (same teacher, same method): e.g. kd_taylor scored
+            # with the top-k KD loss, recovered with another loss
+            src = Path(args.first_scores_from).resolve() / "runs" / name / f"stage_0_{first['name']}" / "scores.pt"
+            if not src.exists():
+                parser.error(f"--first-scores-from: {src} does not exist")
+            first["scores_file"] = str(src)
         print(f"=== {name}", flush=True)
         summary, wall = run_pipeline(config, out / "configs" / f"{name}.yaml")
         final = AutoModelForCausalLM.from_pretrained(summary["final_dir"], dtype=torch.float32)
@@ -378,7 +403,8 @@ def main(argv: list[str] | None = None) -> dict:
     results["config"] = {"preset": args.preset, "train": train_file, "test": test_file, "kd_tokens": p["kd_tokens"],
                          "calibration_tokens": p["calibration_tokens"], "slim_stages": p["slim_stages"],
                          "kd_lr": p["kd_lr"], "temperature": args.temperature or 1.0,
-                         "kd_top_k": args.top_k or 8,
+                         "kd_top_k": args.top_k or 8, "kd_tail_bucket": bool(args.tail_bucket), "seed": args.seed,
+                         "first_scores_from": args.first_scores_from,
                          "eval_seq_len": p["eval_seq_len"], "eval_tokens": evaluator.teacher.tokens,
                          "final_expert_width": FINAL_WIDTH, "final_kv_heads": p["kv_heads"] // 2,
                          "expert_removal": {"num_experts": removal_experts, "total_params": removal_total,
@@ -408,7 +434,9 @@ def markdown(results: dict) -> str:
     t = results["teacher"]
     c = results.get("config", {})
     lines = [f"Held-out perplexity on `{Path(c.get('test', '?')).name}` ({c.get('eval_tokens', 0):,} predicted tokens, "
-             f"non-overlapping windows of {c.get('eval_seq_len')}); KD budget {c.get('kd_tokens', 0):,} tokens per method, KD top_k {c.get('kd_top_k', 8)}, T {c.get('temperature', 1.0)}.",
+             f"non-overlapping windows of {c.get('eval_seq_len')}); KD budget {c.get('kd_tokens', 0):,} tokens per method, KD top_k {c.get('kd_top_k', 8)}"
+             f"{' + tail bucket' if c.get('kd_tail_bucket') else ''}, T {c.get('temperature', 1.0)}"
+             f"{', seed ' + str(c['seed']) if c.get('seed') else ''}.",
              "",
              "| method | total params | active params | KD tokens | test ppl before KD | test ppl | top-1 agreement | wall s |",
              "|---|---:|---:|---:|---:|---:|---:|---:|",

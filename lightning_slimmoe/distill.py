@@ -141,7 +141,11 @@ def teacher_topk(teacher_hidden: Tensor, lm_head: nn.Module, top_k: int, chunk_t
 
     Returns:
         ``(values, ids)``: ``(N, k)`` float32 raw logits (no temperature) sorted in
-        descending order, and their ``(N, k)`` int64 vocabulary ids.
+        descending order, and their ``(N, k)`` int64 vocabulary ids.  When ``top_k``
+        equals the vocabulary size nothing is dropped, so nothing is sorted: the values
+        are every logit in vocabulary order and ``ids`` is ``arange(V)`` expanded over
+        the tokens (a read-only, stride-0 view).  :func:`distill_loss` does not depend
+        on the order of the k entries, so both give the same loss.
     """
     if top_k < 1:
         raise ValueError(f"top_k={top_k} is invalid: must be >= 1")
@@ -150,17 +154,28 @@ def teacher_topk(teacher_hidden: Tensor, lm_head: nn.Module, top_k: int, chunk_t
     hidden = teacher_hidden.reshape(-1, teacher_hidden.shape[-1])  # (N, H)
     n = hidden.shape[0]
     values = torch.empty(n, top_k, dtype=torch.float32, device=hidden.device)  # (N, k)
-    ids = torch.empty(n, top_k, dtype=torch.int64, device=hidden.device)  # (N, k)
+    ids = None  # (N, k), allocated once the vocabulary size is known
     for start, end in _chunk_bounds(n, chunk_tokens):
         logits = _upcast(lm_head(hidden[start:end]))  # (c, V)
-        if top_k > logits.shape[-1]:
-            raise ValueError(f"top_k={top_k} exceeds the vocabulary size {logits.shape[-1]}")
-        v, i = logits.topk(top_k, dim=-1, largest=True, sorted=True)  # (c, k), (c, k)
+        vocab = logits.shape[-1]
+        if top_k > vocab:
+            raise ValueError(f"top_k={top_k} exceeds the vocabulary size {vocab}")
+        if top_k == vocab:  # full vocabulary: a sort would only reorder what the loss sums over
+            v, i = logits, None  # (c, V)
+        else:
+            v, i = logits.topk(top_k, dim=-1, largest=True, sorted=True)  # (c, k), (c, k)
         if log_probs_at is not None:
             v = v / log_probs_at - torch.logsumexp(logits / log_probs_at, dim=-1, keepdim=True)  # (c, k)
         values[start:end] = v
-        ids[start:end] = i
+        if i is not None:
+            if ids is None:
+                ids = torch.empty(n, top_k, dtype=torch.int64, device=hidden.device)  # (N, k)
+            ids[start:end] = i
+        elif ids is None:
+            ids = torch.arange(vocab, dtype=torch.int64, device=hidden.device).expand(n, vocab)  # (N, V) view
         del logits, v, i  # free the (c, V) buffer before the next chunk is projected
+    if ids is None:  # no tokens: nothing was projected
+        ids = torch.empty(n, top_k, dtype=torch.int64, device=hidden.device)  # (0, k)
     return values, ids
 
 

@@ -125,12 +125,50 @@ def test_quality_tiny_runs_every_method(tmp_path, corpus_file):
     if _has("matplotlib"):
         assert (out / "quality.png").stat().st_size > 0
     assert (out / "data" / "train.txt").exists() and (out / "data" / "test.txt").exists()
+    assert results["config"]["kd_tail_bucket"] is False and "tail bucket" not in (out / "quality.md").read_text()
 
     # --student-init: an externally pruned model recovered with the same budget (finished runs are reused)
     again = quality.main(["--train", corpus_file, "--test-fraction", "0.1", "--out", str(out), "--preset", "tiny",
                           "--student-init", str(out / "runs" / "oneshot" / "final"), "--methods", "student_init"])
     row = again["methods"]["student_init"]
     assert row["tokens"] == budget and row["val_ppl_before_kd"] == pytest.approx(methods["oneshot"]["val_ppl"], rel=1e-4)
+
+
+def test_quality_tail_bucket_flag_reaches_every_kd_stage(tmp_path, corpus_file):
+    out = tmp_path / "q"
+    methods = ["slimmoe", "oneshot", "from_scratch"]
+    results = quality.main(["--train", corpus_file, "--test-fraction", "0.1", "--out", str(out), "--preset", "tiny",
+                            "--tail-bucket", "--methods", ",".join(methods)])
+    assert set(results["methods"]) == set(methods)
+    assert results["config"]["kd_tail_bucket"] is True and results["config"]["kd_top_k"] == 8
+    assert json.loads((out / "quality.json").read_text())["config"]["kd_tail_bucket"] is True
+    assert "KD top_k 8 + tail bucket" in (out / "quality.md").read_text()
+    for name in methods:
+        # what the pipeline itself parsed (StageConfig.kd), not only the YAML we wrote: every stage has it on
+        stages = json.loads((out / "runs" / name / "run.json").read_text())["stages"]
+        assert stages and all(s["kd"]["tail_bucket"] is True for s in stages), name
+        assert all(s["kd"]["top_k"] == 8 for s in stages), name
+        assert math.isfinite(results["methods"][name]["val_ppl"]), name
+    assert len(json.loads((out / "runs" / "slimmoe" / "run.json").read_text())["stages"]) == 2
+    # the teacher's pretrain stage has no KD; its loss settings are left alone
+    assert json.loads((out / "runs" / "teacher" / "run.json").read_text())["stages"][0]["kd"]["tail_bucket"] is False
+
+    # --first-scores-from (+ --reuse-teacher, --seed): the first prune reuses that run's scores, so it keeps the same
+    # neurons; the seed reaches the run and its data stream
+    again = quality.main(["--train", corpus_file, "--test-fraction", "0.1", "--out", str(tmp_path / "q2"), "--preset",
+                          "tiny", "--tail-bucket", "--methods", "oneshot,from_scratch", "--reuse-teacher", str(out),
+                          "--first-scores-from", str(out), "--seed", "1"])
+    assert again["config"]["seed"] == 1 and again["config"]["first_scores_from"] == str(out)
+    record = json.loads((tmp_path / "q2" / "runs" / "oneshot" / "run.json").read_text())
+    assert record["stages"][0]["scores_file"] == str(out / "runs" / "oneshot" / "stage_0_prune" / "scores.pt")
+    assert record["batch"]["data_seed"] == 1
+    keeps = [torch.load(d / "runs" / "oneshot" / "stage_0_prune" / "keep.pt", weights_only=True)["keep"]
+             for d in (out, tmp_path / "q2")]
+    assert all(torch.equal(a, b) for kind in ("experts", "groups") for a, b in
+               zip(keeps[0][kind].values(), keeps[1][kind].values()))
+    assert again["methods"]["oneshot"]["val_ppl_before_kd"] == pytest.approx(results["methods"]["oneshot"]["val_ppl_before_kd"])
+    scratch = json.loads((tmp_path / "q2" / "runs" / "from_scratch" / "run.json").read_text())["stages"][0]
+    assert scratch["scores_file"] is None  # no prune, nothing to score
 
 
 def _has(module: str) -> bool:

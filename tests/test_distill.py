@@ -185,6 +185,56 @@ def test_kd_zero_when_student_equals_teacher():
     assert out.agreement == 1.0
 
 
+def _sorted_teacher_topk(t_hidden, t_head, k, log_probs_at=None):
+    """The sorting path for any k (what teacher_topk did for k = V before it skipped the sort)."""
+    with torch.no_grad():
+        logits = t_head(t_hidden)
+        v, i = logits.topk(k, dim=-1, largest=True, sorted=True)
+        if log_probs_at is not None:
+            v = v / log_probs_at - torch.logsumexp(logits / log_probs_at, dim=-1, keepdim=True)
+    return v.float(), i
+
+
+@pytest.mark.parametrize("tail_bucket", [False, True])
+@pytest.mark.parametrize("T, lm_weight", [(1.0, 0.0), (2.0, 0.3)])
+def test_full_vocab_skips_the_sort_and_equals_the_sorted_path(tail_bucket, T, lm_weight):
+    """top_k = V: teacher_topk returns the logits in vocabulary order with ids = arange(V) (no sort); the
+    KD loss, its gradients and the agreement equal those of the sorted top-V targets within 1e-6."""
+    sh, th, labels, s_head, t_head = _setup(seed=11)
+    cfg = KDConfig(top_k=V, temperature=T, lm_weight=lm_weight, chunk_tokens=7, tail_bucket=tail_bucket)
+    log_probs_at = T if tail_bucket else None
+    fast_v, fast_i = teacher_topk(th, t_head, V, cfg.chunk_tokens, log_probs_at=log_probs_at)
+    ref_v, ref_i = _sorted_teacher_topk(th, t_head, V, log_probs_at=log_probs_at)
+    assert fast_v.shape == ref_v.shape == (N, V) and fast_v.dtype == torch.float32 and fast_i.dtype == torch.int64
+    assert torch.equal(fast_i, torch.arange(V).expand(N, V))  # vocabulary order: nothing was sorted
+    assert not torch.equal(ref_i, fast_i)  # ... while the sorted path does reorder
+    # the same (id, value) pairs, in another order
+    assert torch.equal(fast_v.gather(-1, ref_i), ref_v)
+    results = []
+    for vals, ids in ((fast_v, fast_i), (ref_v, ref_i)):
+        s_head.zero_grad()
+        h = sh.clone().requires_grad_(True)
+        out = distill_loss(h, s_head, labels, vals, ids, cfg)
+        out.loss.backward()
+        results.append((out, [h.grad, s_head.weight.grad.clone(), s_head.bias.grad.clone()]))
+    (a, ga), (b, gb) = results
+    for name in ("loss", "kd_loss", "lm_loss", "agreement"):
+        torch.testing.assert_close(getattr(a, name).detach(), getattr(b, name).detach(), rtol=1e-6, atol=1e-6)
+    for x, y in zip(ga, gb):
+        torch.testing.assert_close(x, y, rtol=1e-6, atol=1e-6)
+    assert a.kd_loss > 0 and ga[0].abs().sum() > 0
+    # and it is still full-vocabulary KL (tail bucket: the rest mass is 0, so the same value)
+    with torch.no_grad():
+        ref = _ref_full_kl(s_head(sh), t_head(th), labels, T)
+    torch.testing.assert_close(a.kd_loss, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_full_vocab_no_tokens():
+    _, th, _, _, t_head = _setup()
+    v, i = teacher_topk(th[:0], t_head, V, 4)
+    assert v.shape == i.shape == (0, V) and i.dtype == torch.int64
+
+
 # --------------------------------------------------------------------------- chunking
 
 
