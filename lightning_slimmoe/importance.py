@@ -364,7 +364,11 @@ def compute_scores(
     num_tokens = sum(int(b["input_ids"].numel()) for b in batches)
     with _EvalMode(student, teacher):
         if criterion == "kd_taylor":
-            experts, shared, groups = _kd_taylor(student, teacher, batches, kd or KDConfig(), progress, counted)
+            # The score is the gradient of the paper's loss: teacher renormalised over its top-k. The tail-bucket
+            # KL (a recovery-loss option) is an exact divergence whose gradient vanishes while the student still
+            # equals the teacher — every stage that starts from the teacher — so all scores would be 0.
+            kd = replace(kd or KDConfig(), tail_bucket=False)
+            experts, shared, groups = _kd_taylor(student, teacher, batches, kd, progress, counted)
             if counted is not None:
                 num_tokens = sum(int(b["input_ids"].numel()) for b, c in zip(batches, counted) if c)
         elif criterion == "activation":

@@ -160,3 +160,17 @@ def test_unknown_criterion_and_missing_teacher():
         compute_scores(model, [], "taylor")
     with pytest.raises(ValueError, match="needs a teacher"):
         compute_scores(model, [random_batch()], "kd_taylor")
+
+
+def test_kd_taylor_scores_the_papers_loss_even_with_tail_bucket():
+    """At a stage that starts from the teacher (student == teacher) the tail-bucket KL has zero gradient, so
+    scoring with it would make every score 0 and prune a fixed block of indices (found by bench/quality.py).
+    kd_taylor always scores the renormalised top-k loss: the same scores with or without tail_bucket, non-zero."""
+    teacher = tiny_model("qwen3_moe", seed=2)
+    student = tiny_model("qwen3_moe", seed=2)  # the first prune: the student is the teacher
+    batches = [random_batch(seed=s) for s in range(2)]
+    plain = compute_scores(student, batches, "kd_taylor", teacher=teacher, kd=KDConfig(top_k=5))
+    tail = compute_scores(student, batches, "kd_taylor", teacher=teacher, kd=KDConfig(top_k=5, tail_bucket=True))
+    for layer, values in plain.experts.items():
+        assert torch.equal(values, tail.experts[layer]) and torch.equal(plain.groups[layer], tail.groups[layer])
+        assert values.abs().max() > 0 and plain.groups[layer].abs().max() > 0
