@@ -30,6 +30,11 @@ def check_teacher_8bit(sharded: bool, precision: str) -> None:
         import bitsandbytes  # noqa: F401
     except ImportError as err:
         raise ValueError(BNB_MISSING) from err
+    try:
+        import accelerate  # noqa: F401  (transformers' 8-bit loading needs it)
+    except ImportError as err:
+        raise ValueError("teacher_8bit: true needs accelerate (pip install accelerate; it is in requirements.txt); "
+                         "it is not installed. Set teacher_8bit: false, or install it") from err
     if sharded:
         # FSDP2 fully_shard would shard Int8Params like plain tensors and lose their scale (SCB) pairing;
         # transformers/bitsandbytes do not support it, so refuse rather than train against a broken teacher.
