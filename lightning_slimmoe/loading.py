@@ -43,7 +43,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from lightning_slimmoe.distributed import local_rows
 from lightning_slimmoe.families import get_family, head_dim
-from lightning_slimmoe.slimming import KeepIndices, SlimTarget, slim_config
+from lightning_slimmoe.slimming import KeepIndices, keep_target, slim_config
 from lightning_slimmoe.streaming import _FUSED, _PER_EXPERT, _weight_files, plain_selection
 
 PENDING_ATTR = "slimmoe_pending_load"
@@ -71,21 +71,6 @@ def local_model_dir(source: str) -> str:
     from huggingface_hub import snapshot_download
 
     return snapshot_download(source, allow_patterns=["*.json", "*.safetensors"])
-
-
-def keep_target(keep: KeepIndices, config) -> SlimTarget:
-    """The uniform widths ``keep`` gives a model of ``config`` (what ``slim_model_`` writes into the config)."""
-    family = get_family(config)
-    widths = {int(k.shape[1]) for k in keep.experts.values()}
-    groups = {int(k.numel()) for k in keep.groups.values()}
-    shared = {int(k.numel()) for k in keep.shared.values()}
-    if len(widths) > 1 or len(groups) > 1 or len(shared) > 1:
-        raise ValueError("SlimMoE widths are uniform across layers; got per-layer widths "
-                         f"experts={sorted(widths)} shared={sorted(shared)} groups={sorted(groups)}")
-    return SlimTarget(
-        expert_width=widths.pop() if widths else family.expert_width(config),
-        attention_groups=groups.pop() if groups else int(config.num_key_value_heads),
-        shared_expert_width=shared.pop() if shared else family.shared_expert_width(config))
 
 
 def meta_model(source: str, dtype: torch.dtype, keep: KeepIndices | None = None,

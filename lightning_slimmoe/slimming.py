@@ -254,16 +254,26 @@ def slice_attention_groups_(attn: nn.Module, keep_G: Tensor, heads_per_group: in
     attn.num_key_value_groups = heads_per_group
 
 
+def keep_target(keep: KeepIndices, config) -> SlimTarget:
+    """The uniform widths ``keep`` gives a model of ``config`` (what ``slim_model_`` writes into the config)."""
+    family = get_family(config)
+    widths = {int(k.shape[1]) for k in keep.experts.values()}
+    groups = {int(k.numel()) for k in keep.groups.values()}
+    shared = {int(k.numel()) for k in keep.shared.values()}
+    if len(widths) > 1 or len(groups) > 1 or len(shared) > 1:
+        raise ValueError("SlimMoE widths are uniform across layers; got per-layer widths "
+                         f"experts={sorted(widths)} shared={sorted(shared)} groups={sorted(groups)}")
+    return SlimTarget(
+        expert_width=widths.pop() if widths else family.expert_width(config),
+        attention_groups=groups.pop() if groups else int(config.num_key_value_heads),
+        shared_expert_width=shared.pop() if shared else family.shared_expert_width(config))
+
+
 def slim_model_(model: nn.Module, keep: KeepIndices) -> nn.Module:
     """Slice ``model`` in place to ``keep`` and rewrite its config (shared by every module)."""
     family = get_family(model)
     config = model.config
-    widths = {int(k.shape[1]) for k in keep.experts.values()}
-    shared_widths = {int(k.numel()) for k in keep.shared.values()}
-    group_counts = {int(k.numel()) for k in keep.groups.values()}
-    if len(widths) > 1 or len(shared_widths) > 1 or len(group_counts) > 1:
-        raise ValueError("SlimMoE widths are uniform across layers; got per-layer widths "
-                         f"experts={sorted(widths)} shared={sorted(shared_widths)} groups={sorted(group_counts)}")
+    target = keep_target(keep, config)  # before slicing: a non-uniform keep fails with nothing changed
     for layer, block in family.moe_blocks(model):
         if layer in keep.experts:
             slice_experts_(block.experts, keep.experts[layer])
@@ -274,17 +284,12 @@ def slim_model_(model: nn.Module, keep: KeepIndices) -> nn.Module:
             slice_shared_expert_(shared, keep.shared[layer])
     dim = head_dim(config)
     heads_per_group = config.num_attention_heads // config.num_key_value_heads
-    if group_counts and group_counts != {config.num_key_value_heads} and not family.attention_prunable:
+    if keep.groups and target.attention_groups != config.num_key_value_heads and not family.attention_prunable:
         raise ValueError(f"attention pruning is not supported for {family.model_type}: "
                          f"{family.attention_not_prunable_reason}")
     for layer, attn in family.attention_modules(model):
         if layer in keep.groups:
             slice_attention_groups_(attn, keep.groups[layer], heads_per_group, dim)
-    target = SlimTarget(
-        expert_width=widths.pop() if widths else family.expert_width(config),
-        attention_groups=group_counts.pop() if group_counts else int(config.num_key_value_heads),
-        shared_expert_width=shared_widths.pop() if shared_widths else family.shared_expert_width(config),
-    )
     new_config = slim_config(config, target)
     for key in (family.width_field, family.shared_expert_width_field, "num_attention_heads",
                 "num_key_value_heads", "head_dim"):
