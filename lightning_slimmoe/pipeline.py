@@ -27,7 +27,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import lightning.pytorch as pl
 import torch
@@ -61,6 +61,13 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 # Stage keys that change no result and may differ on --resume (e.g. allow skipping a NaN step after one stopped the run).
 RESUME_MAY_CHANGE = ("max_nonfinite_skips",)
+
+
+class StageSpan(NamedTuple):
+    steps: int
+    step_offset: int  # global steps of the earlier stages (TensorBoard's step axis continues)
+    first_sample: int  # global sample index where the stage's part of the data stream starts
+    num_samples: int
 
 
 class ConfigError(ValueError):
@@ -289,22 +296,21 @@ class Pipeline:
             except ValueError as err:
                 raise ConfigError(str(err)) from err
         world, accumulate = eval_trainer.world_size, eval_trainer.accumulate_grad_batches
-        self.teacher_cache = self._prepare_teacher_cache(teacher_config, tokenizer, eval_trainer)
+        schedule = self._schedule(world, accumulate)
+        student_dtype, teacher_dtype = _precision_dtypes(eval_trainer.precision)
+        teacher_dtype = spec.parallel.dtype("param_dtype") or teacher_dtype  # the frozen teacher needs no fp32 master
+        self.teacher_cache = self._prepare_teacher_cache(teacher_config, tokenizer, eval_trainer, schedule,
+                                                         teacher_dtype)
         self._start_run({"world_size": world, "accumulate_grad_batches": accumulate,
                          "batch_size": self.dm.hparams.batch_size, "seq_len": self.dm.hparams.seq_len,
                          "data_seed": self.dm.hparams.seed})
         logger = ContinuousTensorBoardLogger(str(self.out / "tb"))
-        student_dtype, teacher_dtype = _precision_dtypes(eval_trainer.precision)
-        teacher_dtype = spec.parallel.dtype("param_dtype") or teacher_dtype  # the frozen teacher needs no fp32 master
-        samples_per_step = self.dm.hparams.batch_size * accumulate * world
-        tokens_per_step = samples_per_step * self.dm.hparams.seq_len
+        tokens_per_step = self.dm.hparams.batch_size * accumulate * world * self.dm.hparams.seq_len
         probe_ids = self.dm.val_blocks[:1, : min(32, self.dm.hparams.seq_len)].clone()
 
         teacher = None
         summary = {"teacher": {}, "stages": [], "final_dir": None}
-        step_offset = sample_offset = 0
-        for k, (stage, stage_dir) in enumerate(zip(spec.stages, self.stage_dirs)):
-            steps = self.dm.steps_for_tokens(stage.max_tokens, accumulate, world)
+        for k, (stage, stage_dir, span) in enumerate(zip(spec.stages, self.stage_dirs, schedule)):
             meta_path = stage_dir / "meta.json"
             meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
             if meta.get("status") == "complete" and (stage_dir / "hf").is_dir():
@@ -317,11 +323,9 @@ class Pipeline:
                         summary["teacher"] = self._teacher_summary(teacher, self.teacher_source, eval_trainer)
                 student = self._incoming_student(k, stage, tokenizer, student_dtype, teacher_config)
                 stage_summary = self._run_stage(k, stage, stage_dir, student, None if stage.pretrain else teacher,
-                                                steps, step_offset, sample_offset, logger, tokens_per_step,
-                                                teacher_config, tokenizer, probe_ids)
+                                                span.steps, span.step_offset, span.first_sample, logger,
+                                                tokens_per_step, teacher_config, tokenizer, probe_ids)
                 summary["stages"].append(stage_summary)
-            step_offset += steps
-            sample_offset += steps * samples_per_step
         if not summary["teacher"]:
             teacher = teacher or self._load_teacher(teacher_dtype)
             summary["teacher"] = self._teacher_summary(teacher, self.teacher_source, eval_trainer)
@@ -367,23 +371,27 @@ class Pipeline:
         dm.setup("fit")  # tokenise + pack now: a too-short corpus fails before any weight is loaded
         return dm.tokenizer
 
-    def _prepare_teacher_cache(self, teacher_config, tokenizer, eval_trainer) -> TeacherCache | None:
+    def _schedule(self, world: int, accumulate: int) -> list[StageSpan]:
+        """Each stage's steps and where it starts: the stages continue one data stream (and one step axis)."""
+        samples_per_step = self.dm.hparams.batch_size * accumulate * world
+        spans, step_offset = [], 0
+        for stage in self.spec.stages:
+            steps = self.dm.steps_for_tokens(stage.max_tokens, accumulate, world)
+            spans.append(StageSpan(steps, step_offset, step_offset * samples_per_step, steps * samples_per_step))
+            step_offset += steps
+        return spans
+
+    def _prepare_teacher_cache(self, teacher_config, tokenizer, eval_trainer, schedule: list[StageSpan],
+                               teacher_dtype: torch.dtype) -> TeacherCache | None:
         """``teacher_cache:`` checked before any weight: the KD stages agree on what it holds, the directory can
         be written, and a complete cache matches this run in everything but the teacher's fingerprint (checked
         once the teacher is loaded). It covers the training blocks that the run's KD stages read."""
         spec, dm = self.spec, self.dm
         if spec.teacher_cache is None:
             return None
-        world, accumulate = eval_trainer.world_size, eval_trainer.accumulate_grad_batches
-        samples_per_step = dm.hparams.batch_size * accumulate * world
-        stream, needed, sample_offset = dm.train_stream(), [], 0
-        for stage in spec.stages:  # the same sample offsets as the stage loop in run()
-            samples = dm.steps_for_tokens(stage.max_tokens, accumulate, world) * samples_per_step
-            if stage.pretrain is None:
-                needed.append(stream.block_indices(sample_offset, samples))
-            sample_offset += samples
-        _, teacher_dtype = _precision_dtypes(eval_trainer.precision)
-        teacher_dtype = spec.parallel.dtype("param_dtype") or teacher_dtype  # as run() loads the teacher
+        stream = dm.train_stream()
+        needed = [stream.block_indices(span.first_sample, span.num_samples)
+                  for stage, span in zip(spec.stages, schedule) if stage.pretrain is None]
         # A pretrain stage's teacher gets the tokenizer's vocabulary (_incoming_student).
         vocab_size = teacher_config.vocab_size if spec.teacher is not None else len(tokenizer)
         try:
