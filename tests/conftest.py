@@ -124,3 +124,20 @@ def tiny_recipe(tmp_path, teacher: str | None, corpus: str, stages: list | None 
 
 def read_summary(run_dir) -> dict:
     return json.loads((Path(run_dir) / "summary.json").read_text())
+
+
+@pytest.fixture
+def no_weights(monkeypatch):
+    """Any attempt to load (or build) model weights fails the test; the list records the attempts."""
+    import lightning_slimmoe.pipeline as pipeline
+
+    calls = []
+
+    def refuse(*args, **kwargs):
+        calls.append(args[:1])
+        raise AssertionError(f"model weights were loaded: {args[:1]}")
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", refuse)
+    monkeypatch.setattr(AutoModelForCausalLM, "from_config", refuse)
+    monkeypatch.setattr(pipeline, "load_model", refuse)
+    return calls

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+from transformers import LlamaConfig, LlamaForCausalLM
 
 import lightning_slimmoe.pipeline as pipeline
 from conftest import tiny_config, tiny_recipe
@@ -21,21 +21,6 @@ from lightning_slimmoe.importance import ImportanceScores, model_shape
 
 STAGE = {"name": "s", "expert_width": 16, "calibration_tokens": 128, "max_tokens": 256}
 MAX_S = 10.0
-
-
-@pytest.fixture
-def no_weights(monkeypatch):
-    """Any attempt to load (or build) model weights fails the test."""
-    calls = []
-
-    def refuse(*args, **kwargs):
-        calls.append(args[:1])
-        raise AssertionError(f"model weights were loaded: {args[:1]}")
-
-    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", refuse)
-    monkeypatch.setattr(AutoModelForCausalLM, "from_config", refuse)
-    monkeypatch.setattr(pipeline, "load_model", refuse)
-    return calls
 
 
 @pytest.fixture(scope="module")

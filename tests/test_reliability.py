@@ -854,19 +854,6 @@ def clone(interrupted, dest: Path, stages=STAGES) -> str:
     return recipe_in(dest, str(interrupted["teacher"]), interrupted["corpus"], stages=stages)
 
 
-@pytest.fixture
-def no_weights(monkeypatch):
-    import lightning_slimmoe.pipeline as pipeline
-
-    calls = []
-
-    def refuse(*args, **kwargs):
-        calls.append(args[:1])
-        raise AssertionError(f"weights loaded: {args[:1]}")
-    monkeypatch.setattr(pipeline, "load_model", refuse)
-    return calls
-
-
 # 5. NaN ---------------------------------------------------------------------------------------------
 class Snapshot(Callback):
     """Student weights and optimizer state just before the step that goes wrong."""
@@ -1156,14 +1143,17 @@ def test_custom_code_needs_trust_remote_code(tmp_path, corpus_file, no_weights):
 
 
 def test_pickled_weights_are_refused(tmp_path, phimoe_teacher, corpus_file, no_weights):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from safetensors.torch import load_file
+    from transformers import AutoTokenizer
 
     from lightning_slimmoe.pipeline import ConfigError
 
     teacher = tmp_path / "bin_teacher"
-    model = AutoModelForCausalLM.from_pretrained(phimoe_teacher)
-    model.config.save_pretrained(teacher)  # transformers 5 only writes safetensors: write the legacy .bin by hand
-    torch.save(model.state_dict(), teacher / "pytorch_model.bin")
+    teacher.mkdir()
+    # transformers 5 only writes safetensors: write the legacy .bin by hand (the same tensors, pickled), without
+    # building a model (no_weights forbids it)
+    shutil.copy(Path(phimoe_teacher) / "config.json", teacher / "config.json")
+    torch.save(load_file(Path(phimoe_teacher) / "model.safetensors"), teacher / "pytorch_model.bin")
     AutoTokenizer.from_pretrained(phimoe_teacher).save_pretrained(teacher)
     assert (teacher / "pytorch_model.bin").is_file() and not list(teacher.glob("*.safetensors"))
     recipe = tiny_recipe(tmp_path, str(teacher), corpus_file,
