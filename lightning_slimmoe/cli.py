@@ -20,7 +20,7 @@ import yaml
 
 from lightning.pytorch import Trainer
 from lightning.pytorch.cli import LightningCLI
-from lightning.pytorch.strategies import ModelParallelStrategy
+from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 from lightning.pytorch.utilities import rank_zero_only
 
 from lightning_slimmoe.checkpoint_io import AtomicCheckpointIO
@@ -28,7 +28,8 @@ from lightning_slimmoe.config import StageConfig
 from lightning_slimmoe.data import TextDataModule
 from lightning_slimmoe.distributed import ParallelConfig
 from lightning_slimmoe.pipeline import Pipeline, RunSpec
-from lightning_slimmoe.strategies import AtomicModelParallelStrategy
+from lightning_slimmoe.strategies import (LIGHTNING_ACTIVATION_CHECKPOINTING, AtomicModelParallelStrategy,
+                                          SlimFSDPStrategy)
 
 DEMO_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "conf", "demo.yaml")
 
@@ -112,7 +113,19 @@ class SlimMoECLI(LightningCLI):
 def with_atomic_checkpoints(strategy):
     """Lightning's stock ``ModelParallelStrategy`` rewrites a sharded checkpoint in place (a kill mid-save
     leaves a directory that looks complete); the same strategy with atomic, finite-checked saves replaces it,
-    with the same arguments. Every other strategy is returned as given."""
+    with the same arguments. ``FSDPStrategy`` (FSDP1, also as "fsdp" / "fsdp_cpu_offload") becomes
+    :class:`SlimFSDPStrategy` (per-layer units for teacher and student, student-only checkpoints).
+    Every other strategy is returned as given."""
+    if strategy in ("fsdp", "fsdp_cpu_offload"):
+        return SlimFSDPStrategy(cpu_offload=strategy == "fsdp_cpu_offload")
+    if type(strategy) is FSDPStrategy:
+        if strategy._activation_checkpointing_kwargs:  # not passed on below: refused here, as the class does
+            raise ValueError(LIGHTNING_ACTIVATION_CHECKPOINTING)
+        return SlimFSDPStrategy(
+            process_group_backend=strategy._process_group_backend, timeout=strategy._timeout,
+            cpu_offload=strategy.cpu_offload, mixed_precision=strategy.mixed_precision,
+            sharding_strategy=strategy.sharding_strategy, state_dict_type=strategy._state_dict_type,
+            **strategy.kwargs)
     if type(strategy) is not ModelParallelStrategy:
         return strategy
     return AtomicModelParallelStrategy(

@@ -1,9 +1,11 @@
-"""FSDP2 (``fully_shard``) for teacher and student, applied in one place, per decoder layer.
+"""FSDP for teacher and student, applied in one place, per decoder layer.
 
-Used from ``StageModule.configure_model`` under Lightning's ``ModelParallelStrategy`` (FSDP2; also runs
-on CPU with gloo). The student's decoder layers and the frozen teacher's decoder layers are separate
-FSDP units: the teacher has no gradients, so it does no reduce-scatter and has no optimizer state; it
-all-gathers a layer for its forward and frees it again.
+Used from ``StageModule.configure_model``: FSDP2 (``fully_shard``) under Lightning's ``ModelParallelStrategy``,
+FSDP1 (``FullyShardedDataParallel`` units) under ``FSDPStrategy`` (strategies.SlimFSDPStrategy); both also
+run on CPU with gloo. The units are the same in both: every decoder layer, the base model (embeddings +
+final norm) and the lm_head, for the student and, apart, for the frozen teacher, so each FSDP unit is
+all-trainable or all-frozen. The teacher has no gradients, so it does no reduce-scatter and has no
+optimizer state; it all-gathers a layer for its forward and frees it again.
 """
 
 from __future__ import annotations
@@ -74,6 +76,98 @@ def shard_model(model: nn.Module, mesh, cfg: ParallelConfig, trainable: bool) ->
     fully_shard(model.model, mesh=mesh, mp_policy=mp, reshard_after_forward=cfg.reshard_after_forward or not trainable)
     fully_shard(model.get_output_embeddings(), mesh=mesh, mp_policy=mp, reshard_after_forward=False)
     return model
+
+
+def is_fsdp1_sharded(module: nn.Module) -> bool:
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    return any(isinstance(m, FullyShardedDataParallel) for m in module.modules())
+
+
+def fsdp1_mixed_precision(cfg: ParallelConfig):
+    """``parallel.param_dtype`` / ``reduce_dtype`` as FSDP1's ``MixedPrecision`` (the same keys as FSDP2's)."""
+    from torch.distributed.fsdp import MixedPrecision
+
+    if cfg.param_dtype is None and cfg.reduce_dtype is None:
+        return None
+    return MixedPrecision(param_dtype=cfg.dtype("param_dtype"), reduce_dtype=cfg.dtype("reduce_dtype"))
+
+
+def fsdp1_unit_kwargs(strategy, cfg: ParallelConfig) -> dict:
+    """``FullyShardedDataParallel`` arguments of every unit, from Lightning's ``FSDPStrategy`` (sharding strategy,
+    CPU offload, its extra kwargs) and the ``parallel:`` dtypes (unless the strategy was given ``mixed_precision``).
+    ``device_id`` is the rank's device, a ``torch.device`` so that FSDP1 also takes a CPU (gloo) rank."""
+    kwargs = {k: v for k, v in strategy.kwargs.items() if k not in ("auto_wrap_policy", "device_mesh")}
+    return {**kwargs, "sharding_strategy": strategy.sharding_strategy, "cpu_offload": strategy.cpu_offload,
+            "mixed_precision": strategy.mixed_precision or fsdp1_mixed_precision(cfg),
+            "device_id": strategy.root_device}
+
+
+def shard_model_fsdp1(model: nn.Module, unit_kwargs: dict, cfg: ParallelConfig, trainable: bool) -> nn.Module:
+    """FSDP1: wrap every decoder layer, then the base model (embeddings, final norm) and the lm_head, each a
+    ``FullyShardedDataParallel`` unit built with ``unit_kwargs`` (from the strategy). The base model and the
+    head are FSDP1 *roots* of their own (the pipeline calls them, never the *ForCausalLM forward): a root
+    keeps its parameters gathered from its forward to its backward, so the head, called once per loss chunk
+    and recomputed in backward (distill.py), is gathered once per step."""
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    if is_fsdp1_sharded(model):
+        return model
+    if getattr(model.config, "tie_word_embeddings", False) and model.get_output_embeddings() is not None:
+        raise ValueError(f"{model.config.model_type}: tied input/output embeddings cannot be split into FSDP1 "
+                         "units (one parameter in two units); use trainer.strategy=ModelParallelStrategy")
+    if trainable and cfg.activation_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    layers = get_family(model).decoder_layers(model)
+    for i in range(len(layers)):
+        layers[i] = FSDP(layers[i], **unit_kwargs)
+    model.model = FSDP(model.model, **unit_kwargs)
+    model.set_output_embeddings(FSDP(model.get_output_embeddings(), **unit_kwargs))
+    return model
+
+
+def clip_grad_norm_fsdp1_(model: nn.Module, max_norm: float) -> Tensor:
+    """``torch.nn.utils.clip_grad_norm_`` over a model made of several FSDP1 roots (``FSDP.clip_grad_norm_``
+    only covers one root, and Lightning's FSDP precision plugin refuses norm clipping). With
+    ``use_orig_params`` each rank's ``.grad`` are its disjoint shards: the squared norms are summed over each
+    unit's sharding group (not for NO_SHARD, whose gradients are whole on every rank)."""
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP, ShardingStrategy
+
+    units = [m for m in model.modules() if isinstance(m, FSDP)]
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    device = grads[0].device if grads else next(model.parameters()).device
+    square = torch.zeros((), dtype=torch.float32, device=device)
+    for g in grads:
+        square += g.detach().float().pow(2).sum()
+    if units and units[0].sharding_strategy != ShardingStrategy.NO_SHARD:
+        dist.all_reduce(square, group=units[0].process_group)
+    total = square.sqrt()
+    coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
+    for g in grads:
+        g.mul_(coef.to(g.dtype))
+    return total
+
+
+def gather_fsdp1_model(model: nn.Module) -> nn.Module | None:
+    """Rank 0: a plain copy of an FSDP1-sharded model (its full state dict, gathered unit by unit to CPU)
+    for the HF export; other ranks take part in the gathers and get None."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    from transformers import AutoModelForCausalLM
+
+    # Offloading a CPU rank's gathered tensors "to CPU" aliases memory that FSDP frees right after (a crash
+    # while cloning them): from accelerators to rank 0's CPU, on CPU ranks every rank gets the whole dict.
+    offload = next(model.parameters()).device.type != "cpu"
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=offload))
+    if dist.get_rank() != 0:
+        return None
+    from lightning_slimmoe.loading import init_non_persistent_buffers_
+
+    with torch.device("meta"):
+        plain = AutoModelForCausalLM.from_config(model.config)
+    plain.to_empty(device="cpu")  # buffers no state dict holds (rotary inv_freq) get real storage
+    plain.load_state_dict(state, strict=True, assign=True)
+    init_non_persistent_buffers_(plain)
+    return plain.eval()
 
 
 def local_rows(tensor: Tensor) -> tuple[Tensor, int, int]:

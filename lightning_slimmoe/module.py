@@ -14,12 +14,14 @@ from dataclasses import asdict
 import lightning.pytorch as pl
 import torch
 from torch import nn
+from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities import rank_zero_warn
 from torchmetrics import MeanMetric
 
 from lightning_slimmoe.config import OptimizerConfig
 from lightning_slimmoe.distill import DistillOutput, KDConfig, distill_loss, teacher_topk
-from lightning_slimmoe.distributed import ParallelConfig, fsdp_mesh, reshard_head, shard_model
+from lightning_slimmoe.distributed import (ParallelConfig, clip_grad_norm_fsdp1_, fsdp1_unit_kwargs, fsdp_mesh,
+                                           reshard_head, shard_model, shard_model_fsdp1)
 from lightning_slimmoe.loading import materialize_, pending_fingerprint, pending_load
 
 TEACHER_PREFIX = "teacher."
@@ -48,6 +50,7 @@ class StageModule(pl.LightningModule):
         super().__init__()
         self.max_nonfinite_skips = max_nonfinite_skips
         self.nonfinite_skips = 0  # steps skipped so far in this stage (kept in the checkpoint)
+        self._drop_gradients = False  # set by a skipped step on several ranks, read before optimizer.step
         self.student = student
         self.teacher = teacher
         self.kd = kd or KDConfig()
@@ -78,12 +81,23 @@ class StageModule(pl.LightningModule):
             self.teacher.eval()
         return self
 
-    # --- FSDP2 under ModelParallelStrategy: student and teacher sharded per decoder layer -----------
+    # --- FSDP: student and teacher sharded per decoder layer (distributed.py) -------------------------
     def configure_model(self) -> None:
-        """Shard student and teacher, then load the ones built on the meta device (loading.py), each rank
-        reading only its shards: no rank ever holds a whole model (design.md §4). Idempotent, as Lightning
-        requires: ExpertSlimming calls it early to score the sharded student, Lightning calls it again."""
-        device = self.trainer.strategy.root_device if self._trainer is not None else self.device
+        """FSDP2 (ModelParallelStrategy): shard student and teacher, then load the ones built on the meta device
+        (loading.py), each rank reading only its shards: no rank ever holds a whole model (design.md §4).
+        FSDP1 (FSDPStrategy): wrap the same units of the (whole, loaded) models; Lightning then leaves the
+        module as it is instead of making it one root unit that would mix frozen and trainable weights.
+        Idempotent, as Lightning requires: ExpertSlimming calls it early to score the sharded student,
+        Lightning calls it again, and the teacher is the same object in every stage."""
+        strategy = self.trainer.strategy if self._trainer is not None else None
+        device = strategy.root_device if strategy is not None else self.device
+        if isinstance(strategy, FSDPStrategy):
+            unit_kwargs = fsdp1_unit_kwargs(strategy, self.parallel)
+            for model, trainable in ((self.student, True), (self.teacher, False)):
+                if model is not None:
+                    materialize_(model, device)
+                    shard_model_fsdp1(model, unit_kwargs, self.parallel, trainable=trainable)
+            return
         if self.device_mesh is None:  # single device / DDP: nothing to shard
             for model in (self.student, self.teacher):
                 if model is not None:
@@ -128,15 +142,25 @@ class StageModule(pl.LightningModule):
     def training_step(self, batch, batch_idx):
         out = self.forward_loss(batch)
         if self._skip_or_stop_if_non_finite(out):
-            # Returning None skips backward and leaves every gradient unset, so the optimizer changes neither
-            # weights nor state; the step still counts, so the data stream and a resume stay aligned.
-            return None
+            # No update: the optimizer changes neither weights nor state; the step still counts, so the data
+            # stream and a resume stay aligned. One process: returning None skips backward and leaves every
+            # gradient unset. Several ranks: Lightning refuses None, and an FSDP backward is collective, so
+            # every rank backpropagates a zero loss and the gradients are dropped in on_before_optimizer_step.
+            if self.trainer.world_size == 1:
+                return None
+            self._drop_gradients = True
+            return out.loss.nan_to_num(0.0, 0.0, 0.0) * 0.0
         sync = self.trainer.world_size > 1  # log the global mean, not rank 0's share
         self.log("train/loss", out.loss, prog_bar=True, sync_dist=sync)
         self.log("train/kd_loss", out.kd_loss, sync_dist=sync)
         self.log("train/lm_loss", out.lm_loss, sync_dist=sync)
         self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"])
         return out.loss
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        if self._drop_gradients:  # a skipped step on several ranks (training_step): no gradient, no update
+            optimizer.zero_grad(set_to_none=True)
+            self._drop_gradients = False
 
     def _skip_or_stop_if_non_finite(self, out: DistillOutput) -> bool:
         """Stop every rank before backward and ``optimizer.step`` when any rank's loss is NaN/Inf, so weights
@@ -207,7 +231,11 @@ class StageModule(pl.LightningModule):
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
         clip = self.optim_cfg.grad_clip if gradient_clip_val is None else gradient_clip_val
-        if clip:
+        if clip and isinstance(self.trainer.strategy, FSDPStrategy):
+            if gradient_clip_algorithm not in (None, "norm"):
+                raise ValueError(f"gradient_clip_algorithm={gradient_clip_algorithm!r}: only 'norm' under FSDPStrategy")
+            clip_grad_norm_fsdp1_(self.student, clip)
+        elif clip:
             self.clip_gradients(optimizer, gradient_clip_val=clip, gradient_clip_algorithm=gradient_clip_algorithm or "norm")
 
     # --- checkpoints hold the student only ----------------------------------------------------------

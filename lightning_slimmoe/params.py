@@ -23,6 +23,10 @@ class ParamCount:
 
 
 def count_params(model: nn.Module) -> ParamCount:
+    from lightning_slimmoe.distributed import is_fsdp1_sharded
+
+    if is_fsdp1_sharded(model):  # FSDP1's parameters are this rank's flat shards: count the architecture
+        return count_config_params(model.config)
     family = get_family(model)
     expert_ids = set()
     for _, block in family.moe_blocks(model):

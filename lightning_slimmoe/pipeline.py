@@ -32,7 +32,7 @@ from typing import Callable, NamedTuple
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.strategies import ModelParallelStrategy
+from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -43,7 +43,7 @@ from callbacks.teacher_cache import TeacherCacheCallback
 from lightning_slimmoe.config import StageConfig
 from lightning_slimmoe.consolidate import StudentConfigWriter
 from lightning_slimmoe.data import TextDataModule
-from lightning_slimmoe.distributed import ParallelConfig, is_sharded
+from lightning_slimmoe.distributed import ParallelConfig, gather_fsdp1_model, is_fsdp1_sharded, is_sharded
 from lightning_slimmoe.export import export_hf, export_sharded_hf, model_card, replace_dir
 from lightning_slimmoe.families import get_family
 from lightning_slimmoe.importance import ImportanceScores
@@ -289,10 +289,15 @@ class Pipeline:
         # FSDP2 runs build teacher and students on the meta device and load them shard by shard (loading.py);
         # single-process and DDP runs hold whole models on each device by definition and load them whole.
         self.sharded = isinstance(eval_trainer.strategy, ModelParallelStrategy)
+        if isinstance(eval_trainer.strategy, FSDPStrategy) and getattr(teacher_config, "tie_word_embeddings", False):
+            raise ConfigError(f"trainer.strategy=FSDPStrategy: the teacher ({teacher_config.model_type}) ties its input "
+                              "and output embeddings, one parameter that FSDP1's per-module units cannot split; use "
+                              "trainer.strategy=ModelParallelStrategy (FSDP2)")
         if spec.teacher_8bit:  # bitsandbytes present, and not a combination that would corrupt the teacher
             from lightning_slimmoe.quantize import check_teacher_8bit
             try:
-                check_teacher_8bit(self.sharded, eval_trainer.precision)
+                check_teacher_8bit(self.sharded or isinstance(eval_trainer.strategy, FSDPStrategy),
+                                   eval_trainer.precision)
             except ValueError as err:
                 raise ConfigError(str(err)) from err
         world, accumulate = eval_trainer.world_size, eval_trainer.accumulate_grad_batches
@@ -500,7 +505,10 @@ class Pipeline:
             raise KeyboardInterrupt(f"[{stage.name}] interrupted; continue with --resume true")
         metrics = trainer.validate(module, datamodule=self.dm, verbose=False)[0]
         sharded = is_sharded(module.student)
-        student = None if sharded else module.student.to("cpu")
+        if is_fsdp1_sharded(module.student):  # collective: rank 0 gets a plain copy, gathered unit by unit
+            student = gather_fsdp1_model(module.student)
+        else:
+            student = None if sharded else module.student.to("cpu")
         counts = count_params(module.student)
         meta_path = stage_dir / "meta.json"
         meta = json.loads(meta_path.read_text()) if meta_path.exists() else {"stage": stage.name}

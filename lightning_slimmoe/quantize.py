@@ -36,11 +36,11 @@ def check_teacher_8bit(sharded: bool, precision: str) -> None:
         raise ValueError("teacher_8bit: true needs accelerate (pip install accelerate; it is in requirements.txt); "
                          "it is not installed. Set teacher_8bit: false, or install it") from err
     if sharded:
-        # FSDP2 fully_shard would shard Int8Params like plain tensors and lose their scale (SCB) pairing;
+        # FSDP (fully_shard or FSDP1's flat parameters) would shard Int8Params like plain tensors and lose their scale (SCB) pairing;
         # transformers/bitsandbytes do not support it, so refuse rather than train against a broken teacher.
-        raise ValueError("teacher_8bit: true is not supported with trainer.strategy=ModelParallelStrategy (FSDP2 "
-                         "cannot shard bitsandbytes Int8Params); use teacher_8bit: false (the sharded teacher "
-                         "already costs 1/world of its bytes per rank) or a single-device/DDP strategy")
+        raise ValueError("teacher_8bit: true is not supported with a sharded trainer.strategy (ModelParallelStrategy "
+                         "/ FSDPStrategy: FSDP cannot shard bitsandbytes Int8Params); use teacher_8bit: false (the "
+                         "sharded teacher already costs 1/world of its bytes per rank) or a single-device/DDP strategy")
     if str(precision) in ("bf16-true", "16-true", "bf16", "16", "half"):
         # Lightning's true-half precision casts the whole module, the teacher's int8 scales included.
         raise ValueError(f"teacher_8bit: true is not supported with trainer.precision={precision!r} (it casts every "

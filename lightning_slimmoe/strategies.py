@@ -29,11 +29,13 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from lightning.pytorch.strategies import ModelParallelStrategy
+from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
+from lightning.pytorch.trainer.states import TrainerFn
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
-                                                     set_optimizer_state_dict)
+                                                     set_model_state_dict, set_optimizer_state_dict)
 
 from lightning_slimmoe.checkpoint_io import CHECKED_KEYS, first_non_finite
+from lightning_slimmoe.distributed import is_fsdp1_sharded
 from lightning_slimmoe.module import STUDENT_PREFIX
 
 DCP_METADATA = ".metadata"  # written by torch.distributed.checkpoint after every shard
@@ -142,3 +144,77 @@ class AtomicModelParallelStrategy(ModelParallelStrategy):
                 f"refusing to write checkpoint {path} at global step {checkpoint.get('global_step')} "
                 f"(this is rank {self.global_rank}): non-finite values (NaN/Inf) in {where}; the previous "
                 "checkpoint is kept")
+
+
+LIGHTNING_ACTIVATION_CHECKPOINTING = (
+    "FSDPStrategy(activation_checkpointing...): Lightning's checkpoint wrapper renames the parameters (breaking "
+    "export and resume); set `parallel.activation_checkpointing: true` instead")
+
+
+class SlimFSDPStrategy(FSDPStrategy):
+    """Lightning's FSDP1 strategy for a stage. ``StageModule.configure_model`` wraps the FSDP units itself
+    (``distributed.shard_model_fsdp1``: the units FSDP2 uses), so Lightning never makes the whole module one
+    root unit, which would mix the frozen teacher with the trainable student in one flat parameter.
+    Checkpoints hold the student only, as a full state dict written by rank 0 through the Trainer's
+    ``AtomicCheckpointIO`` (complete-or-absent, finite-checked), and resume on any number of ranks.
+
+    Same constructor as ``FSDPStrategy``. Not taken: ``state_dict_type="sharded"`` (use ``ModelParallelStrategy``,
+    whose sharded checkpoints are atomic and student-only) and Lightning's ``activation_checkpointing*``
+    (its wrapper renames parameters; use ``parallel.activation_checkpointing``). Unlike the stock class it
+    also runs on CPU ranks (gloo), which is how the tests run it."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if self._state_dict_type != "full":
+            raise ValueError(f"FSDPStrategy(state_dict_type={self._state_dict_type!r}) is not supported: FSDP1 "
+                             "checkpoints here are full student state dicts (state_dict_type: full). For sharded "
+                             "checkpoints use trainer.strategy=ModelParallelStrategy (FSDP2)")
+        if self._activation_checkpointing_kwargs:
+            raise ValueError(LIGHTNING_ACTIVATION_CHECKPOINTING)
+
+    def _setup_model(self, model):
+        if not is_fsdp1_sharded(model):
+            raise RuntimeError(f"{type(model).__name__}: FSDP1 units are made by StageModule.configure_model; "
+                               "this strategy does not wrap whole modules")
+        return super()._setup_model(model)
+
+    # --- the student only, whole: gathered unit by unit (to rank 0's CPU on accelerators) ------------------
+    def _student_options(self, **kwargs) -> StateDictOptions:
+        # Offloading a CPU rank's gathered tensors "to CPU" aliases memory that FSDP frees right after (a crash
+        # while cloning them): on CPU ranks every rank gets the full dict instead (rank 0 alone writes it).
+        return StateDictOptions(full_state_dict=True, cpu_offload=self.root_device.type != "cpu", **kwargs)
+
+    def lightning_module_state_dict(self) -> dict[str, Any]:
+        student = getattr(self.lightning_module, "student", None)
+        if student is None:
+            return super().lightning_module_state_dict()
+        state = get_model_state_dict(student, options=self._student_options())
+        return {STUDENT_PREFIX + k: v for k, v in state.items()}
+
+    def optimizer_state(self, optimizer) -> dict[str, Any]:
+        """Keyed by the student's parameter names (the teacher, never in the optimizer, is not traversed)."""
+        student = getattr(self.lightning_module, "student", None)
+        if student is None:
+            return super().optimizer_state(optimizer)
+        optimizer = getattr(optimizer, "_optimizer", optimizer)  # a LightningOptimizer's wrapped optimizer
+        return get_optimizer_state_dict(student, optimizer, options=self._student_options())
+
+    def load_checkpoint(self, checkpoint_path, weights_only: bool | None = None) -> dict[str, Any]:
+        """A full student checkpoint, read on every rank and loaded into its shards (weights strictly, then
+        the optimizer state when fitting); whatever else it holds goes back to Lightning."""
+        student = getattr(self.lightning_module, "student", None)
+        path = Path(self.broadcast(str(checkpoint_path)))
+        if student is None or not path.is_file():
+            return super().load_checkpoint(path, weights_only=weights_only)
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True if weights_only is None else weights_only)
+        state = {k[len(STUDENT_PREFIX):]: v for k, v in checkpoint.pop("state_dict").items()}
+        set_model_state_dict(student, state, options=StateDictOptions(full_state_dict=True, strict=True))
+        optimizer_states = checkpoint.pop("optimizer_states", None)
+        if optimizer_states is not None and self.lightning_module.trainer.state.fn == TrainerFn.FITTING:
+            if len(optimizer_states) != len(self.optimizers):
+                raise RuntimeError(f"the checkpoint holds {len(optimizer_states)} optimizer states for "
+                                   f"{len(self.optimizers)} optimizers")
+            for optimizer, optimizer_state in zip(self.optimizers, optimizer_states):
+                set_optimizer_state_dict(student, optimizer, optimizer_state,
+                                         options=StateDictOptions(full_state_dict=True))
+        return checkpoint

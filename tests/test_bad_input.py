@@ -4,6 +4,7 @@ and the rule, and writes nothing (output_dir stays absent)."""
 from __future__ import annotations
 
 import json
+import shutil
 import sysconfig
 import time
 from pathlib import Path
@@ -19,6 +20,7 @@ from lightning_slimmoe.cli import main
 from lightning_slimmoe.families import UnsupportedModelError
 from lightning_slimmoe.importance import ImportanceScores, model_shape
 
+FSDP1 = '{"class_path": "lightning.pytorch.strategies.FSDPStrategy"}'
 STAGE = {"name": "s", "expert_width": 16, "calibration_tokens": 128, "max_tokens": 256}
 MAX_S = 10.0
 
@@ -58,8 +60,13 @@ def inputs(tmp_path_factory, phimoe_teacher, corpus_file):
                               groups={i: torch.rand(2) for i in range(2)})
     scores_file = root / "other_scores.pt"
     scores.save(str(scores_file))
+    # the teacher with tied input/output embeddings (its config says so; FSDP1 cannot split the tie)
+    tied = root / "tied"
+    shutil.copytree(phimoe_teacher, tied)
+    config = json.loads((tied / "config.json").read_text())
+    (tied / "config.json").write_text(json.dumps({**config, "tie_word_embeddings": True}))
     return {"gqa4": str(gqa4), "vocab500": str(vocab500), "other_tok": str(other_tok), "llama": str(llama),
-            "short": str(short), "scores": str(scores_file)}
+            "short": str(short), "scores": str(scores_file), "tied": str(tied)}
 
 
 def stage(**kw) -> list[dict]:
@@ -103,6 +110,14 @@ ROWS = {
                                      pipeline.ConfigError,
                                      ["stages[0] (s).scores_file=", "other_scores.pt", "another model",
                                       "expert_width"]),
+    "fsdp1_sharded_checkpoints": ({}, ["--trainer.strategy", json.dumps({
+        "class_path": "lightning.pytorch.strategies.FSDPStrategy", "init_args": {"state_dict_type": "sharded"}})],
+        ValueError, ["FSDPStrategy(state_dict_type='sharded')", "not supported", "ModelParallelStrategy"]),
+    "fsdp1_tied_embeddings": (dict(teacher="tied"), ["--trainer.strategy", FSDP1], pipeline.ConfigError,
+                              ["trainer.strategy=FSDPStrategy", "ties its input and output embeddings",
+                               "ModelParallelStrategy"]),
+    "teacher_8bit_with_fsdp1": (dict(teacher_8bit=True), ["--trainer.strategy", FSDP1], pipeline.ConfigError,
+                                ["teacher_8bit: true", "sharded trainer.strategy", "FSDPStrategy"]),
 }
 
 

@@ -1,4 +1,4 @@
-"""FSDP2 (ModelParallelStrategy, gloo) with 2 CPU processes gives what a single process gives."""
+"""FSDP2 (ModelParallelStrategy) and FSDP1 (FSDPStrategy), gloo, with 2 CPU processes give what a single process gives."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from conftest import make_teacher_dir, random_batch, tiny_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL_PARALLEL = '{"class_path": "lightning.pytorch.strategies.ModelParallelStrategy"}'
+FSDP1 = '{"class_path": "lightning.pytorch.strategies.FSDPStrategy"}'
 
 
 def scalars(tb_dir: Path, tag: str) -> dict[int, float]:
@@ -35,31 +36,59 @@ def train(recipe: str, out: Path, *extra: str) -> None:
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
 
 
+# A tiny grad_clip so that clipping acts on every step: the global gradient norm over every FSDP unit
+# (both FSDP flavours compute it over shards) must equal the single process's.
+CLIPPED_STAGES = [
+    {"name": "slim1", "expert_width": 16, "criterion": "kd_taylor", "calibration_tokens": 256,
+     "max_tokens": 6 * 4 * 32, "optimizer": {"lr": 1e-3, "grad_clip": 0.05}, "kd": {"top_k": 8}},
+    {"name": "slim2", "expert_width": 8, "attention_groups": 1, "criterion": "kd_taylor",
+     "calibration_tokens": 256, "max_tokens": 4 * 4 * 32, "optimizer": {"lr": 1e-3, "grad_clip": 0.05}},
+]
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory, corpus_file):
+    """The single-process run both distributed variants are compared with."""
+    work = tmp_path_factory.mktemp("one_process")
+    teacher = make_teacher_dir(work / "teacher", "qwen3_moe", corpus_file)
+    recipe = tiny_recipe(work, teacher, corpus_file, stages=CLIPPED_STAGES)
+    train(recipe, work / "one", "--data.init_args.batch_size", "4")
+    return recipe, work / "one"
+
+
 @pytest.mark.distributed
-def test_two_gloo_ranks_match_one_process(tmp_path, corpus_file):
-    teacher = make_teacher_dir(tmp_path / "teacher", "qwen3_moe", corpus_file)
-    recipe = tiny_recipe(tmp_path, teacher, corpus_file)
-    train(recipe, tmp_path / "one", "--data.init_args.batch_size", "4")
+@pytest.mark.parametrize("strategy", [MODEL_PARALLEL, FSDP1], ids=["fsdp2", "fsdp1"])
+def test_two_gloo_ranks_match_one_process(tmp_path, one_process, strategy):
+    recipe, one_dir = one_process
     train(recipe, tmp_path / "two", "--data.init_args.batch_size", "2", "--trainer.devices", "2",
-          "--trainer.strategy", MODEL_PARALLEL)
+          "--trainer.strategy", strategy)
     for stage in ("stage_0_slim1", "stage_1_slim2"):
-        one = json.loads((tmp_path / "one" / stage / "meta.json").read_text())
+        one = json.loads((one_dir / stage / "meta.json").read_text())
         two = json.loads((tmp_path / "two" / stage / "meta.json").read_text())
         assert one["kept_index_hash"] == two["kept_index_hash"], stage
         assert one["widths"] == two["widths"]
-    loss_one, loss_two = scalars(tmp_path / "one" / "tb", "train/loss"), scalars(tmp_path / "two" / "tb", "train/loss")
+    loss_one, loss_two = scalars(one_dir / "tb", "train/loss"), scalars(tmp_path / "two" / "tb", "train/loss")
     assert loss_one.keys() == loss_two.keys() and len(loss_one) >= 8
     for step in loss_one:
         assert abs(loss_one[step] - loss_two[step]) <= 1e-5, (step, loss_one[step], loss_two[step])
-    a = AutoModelForCausalLM.from_pretrained(tmp_path / "one" / "final").eval()
+    a = AutoModelForCausalLM.from_pretrained(one_dir / "final").eval()
     b = AutoModelForCausalLM.from_pretrained(tmp_path / "two" / "final").eval()
     ids = random_batch(seq_len=16)["input_ids"] % a.config.vocab_size
     with torch.no_grad():
         torch.testing.assert_close(a(input_ids=ids).logits, b(input_ids=ids).logits, rtol=0, atol=1e-5)
-    # The sharded checkpoint holds the student only.
+    summary_one = json.loads((one_dir / "summary.json").read_text())
+    summary_two = json.loads((tmp_path / "two" / "summary.json").read_text())
+    for x, y in zip(summary_one["stages"], summary_two["stages"]):  # parameter counts of the sharded students
+        assert (x["total_params"], x["active_params"]) == (y["total_params"], y["active_params"])
+    # The checkpoint holds the student only: FSDP2 writes it sharded, FSDP1 as one full file from rank 0.
     ckpt = tmp_path / "two" / "stage_1_slim2" / "checkpoints" / "last.ckpt"
-    assert ckpt.is_dir() and (ckpt / "meta.pt").is_file()
-    from torch.distributed.checkpoint import FileSystemReader
-    keys = FileSystemReader(str(ckpt)).read_metadata().state_dict_metadata.keys()
-    model_keys = [k for k in keys if k.startswith("state_dict.")]
-    assert model_keys and all(k.startswith("state_dict.student.") for k in model_keys)
+    if strategy == MODEL_PARALLEL:
+        assert ckpt.is_dir() and (ckpt / "meta.pt").is_file()
+        from torch.distributed.checkpoint import FileSystemReader
+        keys = FileSystemReader(str(ckpt)).read_metadata().state_dict_metadata.keys()
+        model_keys = [k for k in keys if k.startswith("state_dict.")]
+        assert model_keys and all(k.startswith("state_dict.student.") for k in model_keys)
+    else:
+        state = torch.load(ckpt, map_location="cpu", weights_only=True)
+        assert sorted(state["state_dict"]) == sorted("student." + k for k in b.state_dict())
+        assert state["optimizer_states"][0]["state"]  # the full optimizer state, gathered on rank 0

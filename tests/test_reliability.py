@@ -115,6 +115,9 @@ class Recorder(Callback):
         if at("nan_loss", name) and trainer.global_step == FAULT["step"]:
             log(event="state", when="before", stage=name, step=trainer.global_step, rank=trainer.global_rank,
                 hash=local_state_hash(pl_module, trainer))
+        if at("nan_loss", name) and trainer.global_step == FAULT["step"] + 1:  # reached only if the step was skipped
+            log(event="state", when="after_skip", stage=name, step=trainer.global_step, rank=trainer.global_rank,
+                hash=local_state_hash(pl_module, trainer))
 
     def on_exception(self, trainer, pl_module, exception):
         log(event="exception", stage=stage_of(trainer), step=trainer.global_step, rank=trainer.global_rank,
@@ -592,6 +595,8 @@ def test_sigterm_saves_one_checkpoint_and_resumes(tmp_path, baseline, expected_s
 # ---------------------------------------------------------------------------------------------------
 MODEL_PARALLEL = '{"class_path": "lightning.pytorch.strategies.ModelParallelStrategy"}'
 TWO_RANKS = ("--trainer.devices", "2", "--trainer.strategy", MODEL_PARALLEL, "--data.init_args.batch_size", "2")
+FSDP1 = '{"class_path": "lightning.pytorch.strategies.FSDPStrategy"}'
+TWO_RANKS_FSDP1 = ("--trainer.devices", "2", "--trainer.strategy", FSDP1, "--data.init_args.batch_size", "2")
 
 
 def by_rank(records: list[dict]) -> dict[int, list[dict]]:
@@ -654,12 +659,10 @@ def assert_two_ranks_match(baseline2, expected_stream, run_dir: Path, sequences:
     assert not list(run_dir.rglob("*.tmp")) and not list(run_dir.rglob("*.old"))
 
 
-@pytest.fixture(scope="module")
-def baseline2(tmp_path_factory, phimoe_teacher, corpus_file):
-    """The uninterrupted 2-rank run."""
-    work = tmp_path_factory.mktemp("baseline2")
-    recipe = recipe_in(work, phimoe_teacher, corpus_file)
-    r = run(work, recipe, *TWO_RANKS)
+def two_rank_baseline(work: Path, teacher: str, corpus: str, ranks: tuple) -> dict:
+    """An uninterrupted 2-rank run: its per-rank step records, final weights and stage metadata."""
+    recipe = recipe_in(work, teacher, corpus)
+    r = run(work, recipe, *ranks)
     records = by_rank(r.events("step"))
     for rank in (0, 1):
         assert [(x["stage"], x["step"]) for x in records[rank]] == [(s, k) for s, n in STEPS.items()
@@ -668,6 +671,12 @@ def baseline2(tmp_path_factory, phimoe_teacher, corpus_file):
     return {"records": records, "hash": weights_hash(run_dir / "final"),
             "meta": {s: json.loads((run_dir / f"stage_{k}_{s}" / "meta.json").read_text())
                      for k, s in enumerate(STEPS)}}
+
+
+@pytest.fixture(scope="module")
+def baseline2(tmp_path_factory, phimoe_teacher, corpus_file):
+    """The uninterrupted 2-rank run (FSDP2)."""
+    return two_rank_baseline(tmp_path_factory.mktemp("baseline2"), phimoe_teacher, corpus_file, TWO_RANKS)
 
 
 @pytest.mark.slow
@@ -699,6 +708,32 @@ def test_two_ranks_sigkill_at_random_step_resumes_exactly(tmp_path, baseline2, e
     assert not resumed.events("scored") and not resumed.events("sliced")
     assert_two_ranks_match(baseline2, expected_stream, run_dir, committed_ranks(first.events("step"), resumed))
     assert_sharded_checkpoints_complete(run_dir, tmp_path)
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_two_ranks_fsdp1_sigkill_at_random_step_resumes_exactly(tmp_path_factory, tmp_path, expected_stream,
+                                                                phimoe_teacher, corpus_file):
+    """Scenario 1 under FSDP1 (FSDPStrategy): the whole 2-rank job is killed (-9) at a random step of stage 2;
+    the resume (full student checkpoint written by rank 0, loaded into every rank's shards, optimizer state
+    included) reproduces every per-rank loss, the sample stream and the final weights of the uninterrupted
+    FSDP1 run bit for bit. Every checkpoint under a final name is a complete, finite, student-only file."""
+    baseline = two_rank_baseline(tmp_path_factory.mktemp("baseline_fsdp1"), phimoe_teacher, corpus_file,
+                                 TWO_RANKS_FSDP1)
+    kill_step = random.Random(12).randint(1, STEPS["slim2"] - 1)
+    recipe = recipe_in(tmp_path, phimoe_teacher, corpus_file)
+    first = killed(tmp_path, recipe, {"kind": "step", "stage": "slim2", "step": kill_step, "rank": 0},
+                   *TWO_RANKS_FSDP1)
+    run_dir = tmp_path / "run"
+    assert_no_loadable_half_file(run_dir)
+    resumed = run(tmp_path, recipe, "--resume", "true", *TWO_RANKS_FSDP1)
+    restart = (kill_step - 1) // 2 * 2
+    assert sorted((r["stage"], r["step"], r["rank"]) for r in resumed.events("train_start")) == \
+        [("slim2", restart, 0), ("slim2", restart, 1)]
+    assert_two_ranks_match(baseline, expected_stream, run_dir, committed_ranks(first.events("step"), resumed))
+    assert_no_loadable_half_file(run_dir)
+    for path in run_dir.glob("stage_*/checkpoints/*.ckpt"):
+        assert all(k.startswith("student.") for k in torch.load(path, weights_only=True)["state_dict"]), path
 
 
 @pytest.mark.slow
@@ -783,6 +818,27 @@ def test_nan_on_one_rank_stops_all_ranks_before_the_step(tmp_path, phimoe_teache
     ckpts = run_dir / "stage_1_slim2/checkpoints"
     assert sorted(p.name for p in ckpts.iterdir()) == ["last.ckpt", "step0000002.ckpt"]
     assert torch.load(ckpts / "last.ckpt/meta.pt", weights_only=True)["global_step"] == 2
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+@pytest.mark.parametrize("ranks", [TWO_RANKS, TWO_RANKS_FSDP1], ids=["fsdp2", "fsdp1"])
+def test_two_ranks_nan_skip_policy_skips_on_every_rank(tmp_path, phimoe_teacher, corpus_file, ranks):
+    """The opt-in skip with 2 ranks, the NaN on rank 1 only: both ranks skip the same step (their weight and
+    optimizer-state shards are bit-identical before and after it), every step still counts on both, and the
+    run finishes. (Lightning refuses a None training_step with several ranks: the skipped step backpropagates
+    a zero loss on every rank and drops the gradients before optimizer.step.)"""
+    recipe = recipe_in(tmp_path, phimoe_teacher, corpus_file, stages=skipping(1))
+    r = run(tmp_path, recipe, *ranks, fault={"kind": "nan_loss", "stage": "slim2", "step": 3, "rank": 1})
+    states = {(s["rank"], s["when"]): s["hash"] for s in r.events("state")}
+    assert set(states) == {(rank, when) for rank in (0, 1) for when in ("before", "after_skip")}, states
+    for rank in (0, 1):
+        assert states[(rank, "before")] == states[(rank, "after_skip")], f"rank {rank} changed its shards"
+    records = by_rank(r.events("step"))
+    for rank in (0, 1):
+        assert [x["step"] for x in records[rank] if x["stage"] == "slim2"] == list(range(1, STEPS["slim2"] + 1))
+    assert "skipped global step 3 (no update)" in r.output()
+    assert (tmp_path / "run" / "final").is_dir()
 
 
 # ---------------------------------------------------------------------------------------------------

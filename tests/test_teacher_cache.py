@@ -301,17 +301,18 @@ def test_speed_bench_reports_the_cached_step_ratio(tmp_path):
 
 
 @pytest.mark.distributed
-def test_two_gloo_ranks_build_and_use_the_cache_like_one_process(tmp_path, corpus_file, monkeypatch):
-    """FSDP2 over 2 CPU processes: each rank computes its parts with the sharded teacher (rank 1 pads with an
-    extra forward); the cache and the per-step losses match a single process's (within 1e-5)."""
-    from test_distributed import MODEL_PARALLEL, scalars, train
+@pytest.mark.parametrize("strategy", ["fsdp2", "fsdp1"])
+def test_two_gloo_ranks_build_and_use_the_cache_like_one_process(tmp_path, corpus_file, monkeypatch, strategy):
+    """FSDP2 or FSDP1 over 2 CPU processes: each rank computes its parts with the sharded teacher (rank 1 pads
+    with an extra forward); the cache and the per-step losses match a single process's (within 1e-5)."""
+    from test_distributed import FSDP1, MODEL_PARALLEL, scalars, train
 
     monkeypatch.setenv("SLIMMOE_CACHE_PART_BYTES", str(7 * 32 * 48))  # 7 blocks per part: 6 parts, 3 per rank
     teacher = make_teacher_dir(tmp_path / "teacher", "qwen3_moe", corpus_file)
     recipe = tiny_recipe(tmp_path, teacher, corpus_file)
     train(recipe, tmp_path / "one", "--data.init_args.batch_size", "4", "--teacher_cache", str(tmp_path / "c1"))
     train(recipe, tmp_path / "two", "--data.init_args.batch_size", "2", "--trainer.devices", "2",
-          "--trainer.strategy", MODEL_PARALLEL, "--teacher_cache", str(tmp_path / "c2"))
+          "--trainer.strategy", MODEL_PARALLEL if strategy == "fsdp2" else FSDP1, "--teacher_cache", str(tmp_path / "c2"))
     one, two = (json.loads((tmp_path / c / META).read_text()) for c in ("c1", "c2"))
     assert one["data_sha256"] == two["data_sha256"] and one["teacher_fingerprint"] == two["teacher_fingerprint"]
     assert one["num_files"] == two["num_files"] == 6
