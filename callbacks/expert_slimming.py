@@ -16,8 +16,6 @@ rank ever holds the whole student, sliced or not (design.md §4).
 from __future__ import annotations
 
 import gc
-import json
-import os
 import time
 from pathlib import Path
 
@@ -26,7 +24,7 @@ from lightning.pytorch import Callback
 from lightning.pytorch.utilities import rank_zero_info
 from tqdm.auto import tqdm
 
-from lightning_slimmoe.checkpoint_io import atomic_torch_save
+from lightning_slimmoe.checkpoint_io import atomic_torch_save, write_json_atomic
 from lightning_slimmoe.config import StageConfig
 from lightning_slimmoe.distributed import all_reduce_scores_
 from lightning_slimmoe.families import get_family, head_dim
@@ -35,12 +33,6 @@ from lightning_slimmoe.loading import PendingLoad, meta_model, pending_load
 from lightning_slimmoe.slimming import KeepIndices, remove_experts_, resolve_target, select_keep, slim_model_
 
 KEEP_FORMAT = "lightning_slimmoe.keep/1"
-
-
-def write_json_atomic(path: Path, data: dict) -> None:
-    tmp = Path(f"{path}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
-    os.replace(tmp, path)
 
 
 def widths_of(config) -> dict:

@@ -5,7 +5,9 @@ last finite checkpoint with a poisoned one."""
 
 from __future__ import annotations
 
+import json
 import os
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -28,6 +30,13 @@ def first_non_finite(obj: Any, name: str) -> str | None:
         if found is not None:
             return found
     return None
+
+
+def write_json_atomic(path: Path, data: dict) -> None:
+    """``data`` as indented JSON at ``path``, via a temp file and a rename (never half-written)."""
+    tmp = Path(f"{path}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
+    os.replace(tmp, path)
 
 
 def atomic_torch_save(obj: Any, path: str) -> None:

@@ -37,9 +37,10 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from callbacks import ExpertSlimming, ParamAndWidthLogger, ThroughputMonitor
-from callbacks.expert_slimming import widths_of, write_json_atomic
+from callbacks.expert_slimming import widths_of
 from callbacks.preemption import CheckpointOnSigterm
 from callbacks.teacher_cache import TeacherCacheCallback
+from lightning_slimmoe.checkpoint_io import write_json_atomic
 from lightning_slimmoe.config import StageConfig
 from lightning_slimmoe.consolidate import StudentConfigWriter
 from lightning_slimmoe.data import TextDataModule

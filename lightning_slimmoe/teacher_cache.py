@@ -39,6 +39,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from lightning_slimmoe.checkpoint_io import write_json_atomic
 from lightning_slimmoe.distill import KDConfig
 
 FORMAT = "lightning_slimmoe.teacher_cache/1"
@@ -70,12 +71,6 @@ def data_digest(blocks: Tensor, indices: Tensor) -> str:
     for start in range(0, len(indices), _HASH_BLOCKS):
         h.update(blocks[indices[start:start + _HASH_BLOCKS]].to(torch.int64).contiguous().numpy().tobytes())
     return h.hexdigest()
-
-
-def _write_json_atomic(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
 
 
 def _save_atomic(tensors: dict[str, Tensor], path: Path) -> None:
@@ -282,7 +277,7 @@ class TeacherCache:
             if self.dir.is_dir():
                 self._remove_partial()
             self.dir.mkdir(parents=True, exist_ok=True)
-            _write_json_atomic(self.dir / BUILDING, meta)
+            write_json_atomic(self.dir / BUILDING, meta)
             _save_atomic({"block_index": self.needed}, self.dir / BLOCKS)
         barrier()
 
@@ -318,7 +313,7 @@ class TeacherCache:
                 raise RuntimeError(f"teacher_cache={str(self.dir)!r}: parts {absent[:3]} written by other ranks are "
                                    "not visible on rank 0; the cache must be on a filesystem every rank shares")
             meta["bytes"] = sum((self.dir / part_name(p)).stat().st_size for p in range(meta["num_files"]))
-            _write_json_atomic(self.dir / META, meta)  # last: from now on the cache is complete
+            write_json_atomic(self.dir / META, meta)  # last: from now on the cache is complete
             (self.dir / BUILDING).unlink()
         barrier()
         self._verified = self._read_meta()
