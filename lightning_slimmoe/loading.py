@@ -28,7 +28,6 @@ Never ``torch.load``: only safetensors are read.
 from __future__ import annotations
 
 import contextlib
-import copy
 import hashlib
 import math
 import os
@@ -43,7 +42,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from lightning_slimmoe.distributed import local_rows
 from lightning_slimmoe.families import get_family, head_dim
-from lightning_slimmoe.slimming import KeepIndices, keep_target, slim_config
+from lightning_slimmoe.slimming import KeepIndices, keep_target, kept_expert_count, slim_config, with_num_experts
 from lightning_slimmoe.streaming import _FUSED, _PER_EXPERT, _weight_files, plain_selection
 
 PENDING_ATTR = "slimmoe_pending_load"
@@ -81,14 +80,9 @@ def meta_model(source: str, dtype: torch.dtype, keep: KeepIndices | None = None,
     """
     source = local_model_dir(source)
     config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
-    family = get_family(config)
     kept_experts = dict(kept_experts or {})
     if kept_experts:
-        counts = {int(v.numel()) for v in kept_experts.values()}
-        if len(counts) != 1:
-            raise ValueError(f"expert counts must be uniform across layers, got {sorted(counts)}")
-        config = copy.deepcopy(config)
-        setattr(config, family.num_experts_field, counts.pop())
+        config = with_num_experts(config, kept_expert_count(kept_experts))
     if keep is not None:
         config = slim_config(config, keep_target(keep, config))
     with torch.device("meta"):

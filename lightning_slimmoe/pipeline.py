@@ -15,7 +15,6 @@ skipped on ``--resume``; an interrupted stage continues from its last checkpoint
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import hashlib
 import json
@@ -51,7 +50,7 @@ from lightning_slimmoe.importance import ImportanceScores
 from lightning_slimmoe.loading import meta_model
 from lightning_slimmoe.module import StageModule, model_fingerprint
 from lightning_slimmoe.params import count_config_params, count_params
-from lightning_slimmoe.slimming import SlimTarget, resolve_target, slim_config
+from lightning_slimmoe.slimming import resolve_target, slim_config, with_num_experts
 from lightning_slimmoe.strategies import latest_complete_checkpoint
 from lightning_slimmoe.tb import ContinuousTensorBoardLogger
 from lightning_slimmoe.teacher_cache import TeacherCache, TeacherCacheError, cache_key
@@ -204,7 +203,7 @@ class Pipeline:
                     if not 0 < stage.remove_experts_to <= family.num_experts(config):
                         raise ConfigError(f"stages[{stage.name}].remove_experts_to={stage.remove_experts_to}: must lie "
                                           f"in [1, {family.num_experts(config)}]")
-                    config = _with_experts(config, stage.remove_experts_to)
+                    config = with_num_experts(config, stage.remove_experts_to)
                 if stage.scores_file:  # read weights_only and shape-checked against the planned model, now
                     try:
                         ImportanceScores.load(stage.scores_file, config)
@@ -548,13 +547,6 @@ def config_diff(saved, now, path: str = "") -> list[str]:
                 + [f"{path}[{i}]: {brief(saved[i])} -> (removed)" for i in range(len(now), len(saved))]
                 + [f"{path}[{i}]: (none) -> {brief(now[i])} (added)" for i in range(len(saved), len(now))])
     return [] if saved == now else [f"{path}: {json.dumps(saved)} -> {json.dumps(now)}"]
-
-
-def _with_experts(config, num_experts: int):
-    family = get_family(config)
-    new = copy.deepcopy(config)
-    setattr(new, family.num_experts_field, num_experts)
-    return new
 
 
 def plan_summary(teacher_config, configs, stages) -> dict:

@@ -302,13 +302,25 @@ def slim_model_(model: nn.Module, keep: KeepIndices) -> nn.Module:
 # Expert removal (the baseline SlimMoE argues against, paper §1 / REAP)
 # ---------------------------------------------------------------------------------------------------
 @torch.no_grad()
-def remove_experts_(model: nn.Module, keep_experts: dict[int, Tensor]) -> nn.Module:
-    """Drop whole experts: slice the fused expert tensors and the router rows, update ``num_experts``."""
-    family: MoEFamily = get_family(model)
+def kept_expert_count(keep_experts: dict[int, Tensor]) -> int:
+    """The one number of experts every layer keeps (expert removal keeps the same count in every layer)."""
     counts = {int(k.numel()) for k in keep_experts.values()}
     if len(counts) != 1:
         raise ValueError(f"expert counts must be uniform across layers, got {sorted(counts)}")
-    kept = counts.pop()
+    return counts.pop()
+
+
+def with_num_experts(config, num_experts: int):
+    """A copy of ``config`` with ``num_experts`` routed experts per layer (no weights touched)."""
+    new = copy.deepcopy(config)
+    setattr(new, get_family(config).num_experts_field, num_experts)
+    return new
+
+
+def remove_experts_(model: nn.Module, keep_experts: dict[int, Tensor]) -> nn.Module:
+    """Drop whole experts: slice the fused expert tensors and the router rows, update ``num_experts``."""
+    family: MoEFamily = get_family(model)
+    kept = kept_expert_count(keep_experts)
     top_k = int(model.config.num_experts_per_tok)
     if kept < top_k:
         raise ValueError(f"num_experts={kept}: must be >= num_experts_per_tok={top_k}")
