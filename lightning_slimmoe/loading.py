@@ -33,7 +33,7 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import torch
 from safetensors import safe_open
@@ -326,11 +326,21 @@ def pending_fingerprint(model: nn.Module) -> str:
     pending = pending_load(model)
     if pending is None:
         raise ValueError("pending_fingerprint: the model has no pending load (use model_fingerprint)")
-    h = hashlib.sha256(model.config.to_json_string(use_diff=False).encode())
     first_name: dict[int, str] = {}
     with CheckpointReader(pending.source, model, pending.keep, pending.kept_experts) as reader:
-        for name, tensor in model.state_dict(keep_vars=True).items():
-            source_name = first_name.setdefault(id(tensor), name)  # a tied tensor is read under its first name
-            h.update(f"{name}:{tuple(tensor.shape)}".encode())
-            h.update(reader.first_values(source_name, tensor).to(tensor.dtype).float().numpy().tobytes())
+        def entries():
+            for name, tensor in model.state_dict(keep_vars=True).items():
+                source_name = first_name.setdefault(id(tensor), name)  # a tied tensor is read under its first name
+                yield name, tensor.shape, reader.first_values(source_name, tensor).to(tensor.dtype)
+        return fingerprint(model.config, entries())
+
+
+def fingerprint(config, entries: Iterable[tuple[str, torch.Size, Tensor]]) -> str:
+    """The hash behind :func:`lightning_slimmoe.module.model_fingerprint` and :func:`pending_fingerprint`: the
+    config, then per state-dict tensor its name, shape and first 16 values (as float32). One definition, so a
+    loaded model and the same model still pending its load hash the same."""
+    h = hashlib.sha256(config.to_json_string(use_diff=False).encode())
+    for name, shape, first in entries:
+        h.update(f"{name}:{tuple(shape)}".encode())
+        h.update(first.float().cpu().numpy().tobytes())
     return h.hexdigest()

@@ -7,7 +7,6 @@ optimizer state and never written into a checkpoint. Without a teacher the stage
 
 from __future__ import annotations
 
-import hashlib
 import math
 from dataclasses import asdict
 
@@ -22,7 +21,7 @@ from lightning_slimmoe.config import OptimizerConfig
 from lightning_slimmoe.distill import DistillOutput, KDConfig, distill_loss, teacher_topk
 from lightning_slimmoe.distributed import (ParallelConfig, clip_grad_norm_fsdp1_, fsdp1_unit_kwargs, fsdp_mesh,
                                            reshard_head, shard_model, shard_model_fsdp1)
-from lightning_slimmoe.loading import materialize_, pending_fingerprint, pending_load
+from lightning_slimmoe.loading import fingerprint, materialize_, pending_fingerprint, pending_load
 
 TEACHER_PREFIX = "teacher."
 STUDENT_PREFIX = "student."
@@ -35,12 +34,9 @@ def model_fingerprint(model: nn.Module) -> str:
     checkpoint: sharded and single-process runs record the same teacher fingerprint."""
     if pending_load(model) is not None:
         return pending_fingerprint(model)
-    h = hashlib.sha256(model.config.to_json_string(use_diff=False).encode())
     with torch.no_grad():
-        for name, p in model.state_dict().items():
-            h.update(f"{name}:{tuple(p.shape)}".encode())
-            h.update(p.detach().flatten()[:16].float().cpu().numpy().tobytes())
-    return h.hexdigest()
+        return fingerprint(model.config, ((name, p.shape, p.detach().flatten()[:16])
+                                          for name, p in model.state_dict().items()))
 
 
 class StageModule(pl.LightningModule):
