@@ -148,19 +148,26 @@ def clip_grad_norm_fsdp1_(model: nn.Module, max_norm: float) -> Tensor:
     return total
 
 
+def fsdp1_full_state_dict_options(device: torch.device):
+    """``StateDictOptions`` for gathering FSDP1 units into full tensors: to rank 0's CPU from accelerators. On
+    CPU ranks every rank gets the whole dict instead: offloading a CPU rank's gathered tensors "to CPU" aliases
+    memory that FSDP frees right after (a crash while cloning them)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=True, cpu_offload=device.type != "cpu")
+
+
 def gather_fsdp1_model(model: nn.Module) -> nn.Module | None:
     """Rank 0: a plain copy of an FSDP1-sharded model (its full state dict, gathered unit by unit to CPU)
     for the HF export; other ranks take part in the gathers and get None."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
     from transformers import AutoModelForCausalLM
 
-    # Offloading a CPU rank's gathered tensors "to CPU" aliases memory that FSDP frees right after (a crash
-    # while cloning them): from accelerators to rank 0's CPU, on CPU ranks every rank gets the whole dict.
-    offload = next(model.parameters()).device.type != "cpu"
-    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=offload))
+    from lightning_slimmoe.loading import init_non_persistent_buffers_
+
+    state = get_model_state_dict(model, options=fsdp1_full_state_dict_options(next(model.parameters()).device))
     if dist.get_rank() != 0:
         return None
-    from lightning_slimmoe.loading import init_non_persistent_buffers_
 
     with torch.device("meta"):
         plain = AutoModelForCausalLM.from_config(model.config)

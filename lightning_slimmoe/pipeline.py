@@ -289,15 +289,15 @@ class Pipeline:
         # FSDP2 runs build teacher and students on the meta device and load them shard by shard (loading.py);
         # single-process and DDP runs hold whole models on each device by definition and load them whole.
         self.sharded = isinstance(eval_trainer.strategy, ModelParallelStrategy)
-        if isinstance(eval_trainer.strategy, FSDPStrategy) and getattr(teacher_config, "tie_word_embeddings", False):
+        fsdp1 = isinstance(eval_trainer.strategy, FSDPStrategy)  # shards too, but loads whole models first
+        if fsdp1 and getattr(teacher_config, "tie_word_embeddings", False):
             raise ConfigError(f"trainer.strategy=FSDPStrategy: the teacher ({teacher_config.model_type}) ties its input "
                               "and output embeddings, one parameter that FSDP1's per-module units cannot split; use "
                               "trainer.strategy=ModelParallelStrategy (FSDP2)")
         if spec.teacher_8bit:  # bitsandbytes present, and not a combination that would corrupt the teacher
             from lightning_slimmoe.quantize import check_teacher_8bit
             try:
-                check_teacher_8bit(self.sharded or isinstance(eval_trainer.strategy, FSDPStrategy),
-                                   eval_trainer.precision)
+                check_teacher_8bit(self.sharded or fsdp1, eval_trainer.precision)
             except ValueError as err:
                 raise ConfigError(str(err)) from err
         world, accumulate = eval_trainer.world_size, eval_trainer.accumulate_grad_batches

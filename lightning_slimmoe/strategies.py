@@ -35,7 +35,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      set_model_state_dict, set_optimizer_state_dict)
 
 from lightning_slimmoe.checkpoint_io import CHECKED_KEYS, first_non_finite
-from lightning_slimmoe.distributed import is_fsdp1_sharded
+from lightning_slimmoe.distributed import fsdp1_full_state_dict_options, is_fsdp1_sharded
 from lightning_slimmoe.module import STUDENT_PREFIX
 
 DCP_METADATA = ".metadata"  # written by torch.distributed.checkpoint after every shard
@@ -178,17 +178,12 @@ class SlimFSDPStrategy(FSDPStrategy):
                                "this strategy does not wrap whole modules")
         return super()._setup_model(model)
 
-    # --- the student only, whole: gathered unit by unit (to rank 0's CPU on accelerators) ------------------
-    def _student_options(self, **kwargs) -> StateDictOptions:
-        # Offloading a CPU rank's gathered tensors "to CPU" aliases memory that FSDP frees right after (a crash
-        # while cloning them): on CPU ranks every rank gets the full dict instead (rank 0 alone writes it).
-        return StateDictOptions(full_state_dict=True, cpu_offload=self.root_device.type != "cpu", **kwargs)
-
+    # --- the student only, whole: gathered unit by unit (to rank 0's CPU on accelerators; rank 0 writes) ----
     def lightning_module_state_dict(self) -> dict[str, Any]:
         student = getattr(self.lightning_module, "student", None)
         if student is None:
             return super().lightning_module_state_dict()
-        state = get_model_state_dict(student, options=self._student_options())
+        state = get_model_state_dict(student, options=fsdp1_full_state_dict_options(self.root_device))
         return {STUDENT_PREFIX + k: v for k, v in state.items()}
 
     def optimizer_state(self, optimizer) -> dict[str, Any]:
@@ -197,7 +192,7 @@ class SlimFSDPStrategy(FSDPStrategy):
         if student is None:
             return super().optimizer_state(optimizer)
         optimizer = getattr(optimizer, "_optimizer", optimizer)  # a LightningOptimizer's wrapped optimizer
-        return get_optimizer_state_dict(student, optimizer, options=self._student_options())
+        return get_optimizer_state_dict(student, optimizer, options=fsdp1_full_state_dict_options(self.root_device))
 
     def load_checkpoint(self, checkpoint_path, weights_only: bool | None = None) -> dict[str, Any]:
         """A full student checkpoint, read on every rank and loaded into its shards (weights strictly, then
