@@ -1,8 +1,8 @@
 """Quality benchmark: SlimMoE's ablations (arXiv 2506.18349 §6) at small scale, on one machine.
 
-    python bench/quality.py --train /work/shared/data/wikitext-2-raw/wiki.valid.raw \
-        --test /work/shared/data/wikitext-2-raw/wiki.test.raw --out bench/out/quality-wikitext --preset cpu
-    python bench/quality.py --train /work/shared/data/tinyshakespeare/input.txt --test-fraction 0.1 \
+    python bench/quality.py --train $DATA_DIR/wikitext-2-raw/wiki.valid.raw \
+        --test $DATA_DIR/wikitext-2-raw/wiki.test.raw --out bench/out/quality-wikitext --preset cpu
+    python bench/quality.py --train $DATA_DIR/tinyshakespeare/input.txt --test-fraction 0.1 \
         --out bench/out/quality-shakespeare --preset cpu
     # KD with the teacher's top-k from its full softmax + one rest-mass bucket (kd.tail_bucket) in every stage
     python bench/quality.py ... --tail-bucket
@@ -185,20 +185,19 @@ def pruned_before_kd(run_dir: Path, stages: list[dict], first_source: str) -> li
     (teacher / student_init / previous stage's export) with the stage's saved ``keep.pt`` applied."""
     from transformers import AutoModelForCausalLM
 
-    from lightning_slimmoe.slimming import KeepIndices, remove_experts_, slim_model_
+    from lightning_slimmoe.run_dir import RunDir
+    from lightning_slimmoe.slimming import remove_experts_, slim_model_
 
     models, source = [], first_source
-    for k, stage in enumerate(stages):
-        stage_dir = run_dir / f"stage_{k}_{stage['name']}"
-        keep_path = stage_dir / "keep.pt"
-        if keep_path.exists():
+    for stage, stage_dir in zip(stages, RunDir(run_dir, [s["name"] for s in stages]).stages):
+        if stage_dir.has_keep():
             model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
-            saved = torch.load(keep_path, map_location="cpu", weights_only=True)
-            if saved["kept_experts"]:
-                remove_experts_(model, {int(i): v for i, v in saved["kept_experts"].items()})
-            slim_model_(model, KeepIndices.from_dict(saved["keep"]))
+            keep, kept_experts = stage_dir.load_keep()
+            if kept_experts:
+                remove_experts_(model, kept_experts)
+            slim_model_(model, keep)
             models.append((stage["name"], model))
-        source = str(stage_dir / "hf")
+        source = str(stage_dir.hf)
     return models
 
 

@@ -1,6 +1,8 @@
-"""Lightning callbacks of the SlimMoE pipeline."""
+"""Lightning callbacks of the SlimMoE pipeline: slimming at the stage boundary, the teacher cache, what a stage
+logs and shows, the stage config, SIGTERM handling."""
 
 from callbacks.expert_slimming import ExpertSlimming
-from callbacks.monitoring import ParamAndWidthLogger, ThroughputMonitor
+from callbacks.monitoring import ParamAndWidthLogger, StageProgressBar, TokenThroughput
+from callbacks.student_config import StudentConfigWriter
 
-__all__ = ["ExpertSlimming", "ParamAndWidthLogger", "ThroughputMonitor"]
+__all__ = ["ExpertSlimming", "ParamAndWidthLogger", "StageProgressBar", "StudentConfigWriter", "TokenThroughput"]

@@ -10,54 +10,40 @@ Under FSDP2 (``ModelParallelStrategy``) the student arrives on the meta device w
 recorded (lightning_slimmoe/loading.py): ``setup`` calls ``configure_model`` early to shard and load it
 and the teacher, scores the sharded student, and replaces it by a meta model of the sliced shape that
 ``configure_model`` then loads from the same checkpoint with the keep indices applied at read time. No
-rank ever holds the whole student, sliced or not (design.md §4).
+rank ever holds the whole student, sliced or not (docs/design.md §4).
 """
 
 from __future__ import annotations
 
 import gc
 import time
-from pathlib import Path
 
-import torch
 from lightning.pytorch import Callback
 from lightning.pytorch.utilities import rank_zero_info
 from tqdm.auto import tqdm
 
-from lightning_slimmoe.checkpoint_io import atomic_torch_save, write_json_atomic
 from lightning_slimmoe.config import StageConfig
 from lightning_slimmoe.distributed import all_reduce_scores_
-from lightning_slimmoe.families import get_family, head_dim
 from lightning_slimmoe.importance import ImportanceScores, compute_scores, expert_saliency
 from lightning_slimmoe.loading import PendingLoad, meta_model, pending_load
-from lightning_slimmoe.slimming import KeepIndices, remove_experts_, resolve_target, select_keep, slim_model_
+from lightning_slimmoe.run_dir import StageDir
+from lightning_slimmoe.slimming import (KeepIndices, remove_experts_, resolve_target, select_keep, slim_model_,
+                                        widths_of)
 
-KEEP_FORMAT = "lightning_slimmoe.keep/1"
-
-
-def widths_of(config) -> dict:
-    family = get_family(config)
-    return {
-        "expert_width": family.expert_width(config),
-        "shared_expert_width": family.shared_expert_width(config),
-        "num_experts": family.num_experts(config),
-        "num_attention_heads": int(config.num_attention_heads),
-        "num_key_value_heads": int(config.num_key_value_heads),
-        "head_dim": head_dim(config),
-    }
+def describe_widths(widths: dict) -> str:
+    """``expert width 128, 8 experts, heads 8/4`` (+ the shared expert's width where there is one)."""
+    shared = f", shared {widths['shared_expert_width']}" if widths.get("shared_expert_width") else ""
+    return (f"expert width {widths['expert_width']}{shared}, {widths['num_experts']} experts, "
+            f"heads {widths['num_attention_heads']}/{widths['num_key_value_heads']}")
 
 
 class ExpertSlimming(Callback):
-    def __init__(self, stage: StageConfig, stage_dir: str, reference_config, seed: int = 0, step_offset: int = 0):
+    def __init__(self, stage: StageConfig, stage_dir: StageDir, reference_config, seed: int = 0, step_offset: int = 0):
         self.stage = stage
-        self.stage_dir = Path(stage_dir)
+        self.stage_dir = stage_dir
         self.reference_config = reference_config  # the original teacher's: fractions are of its widths
         self.seed = seed
         self.step_offset = step_offset
-
-    @property
-    def keep_path(self) -> Path:
-        return self.stage_dir / "keep.pt"
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         if stage != "fit" or not self.stage.prunes:
@@ -67,10 +53,9 @@ class ExpertSlimming(Callback):
         # on disk (loading.py): it is scored sharded and the slice is applied while loading, never in memory.
         pending = pending_load(student)
         # One decision for all ranks (rank 0 may already have written keep.pt when another rank looks).
-        if trainer.strategy.broadcast(self.keep_path.exists()):
+        if trainer.strategy.broadcast(self.stage_dir.has_keep()):
             self._reapply(pl_module, pending)
             return
-        self.stage_dir.mkdir(parents=True, exist_ok=True)
         started = time.time()
         target = resolve_target(student.config, expert_width=self.stage.expert_width,
                                 attention_groups=self.stage.attention_groups,
@@ -101,7 +86,7 @@ class ExpertSlimming(Callback):
         elif pending is not None:
             # Sharded student: every rank runs every calibration batch (the same batch on all ranks, so the
             # gradient FSDP2 averages over ranks is that batch's gradient, and |θ ⊙ g| stays per batch), and
-            # each rank scores the rows it holds; structure_scores all-reduces the tables (design.md §5).
+            # each rank scores the rows it holds; structure_scores all-reduces the tables (docs/design.md §5).
             scores = compute_scores(student, calibration, self.stage.criterion, teacher=pl_module.teacher,
                                     kd=self.stage.kd, seed=self.seed, progress=progress)
         elif self.stage.criterion == "kd_taylor" and trainer.world_size > 1:
@@ -121,7 +106,7 @@ class ExpertSlimming(Callback):
                                     kd=self.stage.kd, seed=self.seed, progress=progress)
         keep = select_keep(scores, target)
         if trainer.global_rank == 0:
-            scores.save(str(self.stage_dir / "scores.pt"))
+            self.stage_dir.save_scores(scores)
             self._log_histograms(trainer, scores)
         before = widths_of(student.config)
         if pending is None:
@@ -130,22 +115,16 @@ class ExpertSlimming(Callback):
             student = None
             student = self._load_student(pl_module, pending, keep=keep, kept_experts=kept_experts or {})
         if trainer.global_rank == 0:
-            atomic_torch_save({"format": KEEP_FORMAT, "keep": keep.to_dict(),
-                               "kept_experts": {str(k): v for k, v in (kept_experts or {}).items()}}, str(self.keep_path))
-            write_json_atomic(self.stage_dir / "meta.json", {
-                "stage": self.stage.name, "status": "slimmed", "criterion": self.stage.criterion,
-                "widths_before": before, "widths": widths_of(student.config), "kept_index_hash": keep.digest(),
-                "calibration_tokens": scores.num_tokens, "scoring_s": round(time.time() - started, 3),
-            })
-        rank_zero_info(f"[{self.stage.name}] slimmed {before} -> {widths_of(student.config)} "
+            self.stage_dir.save_keep(keep, kept_experts)
+            self.stage_dir.record_slimmed(
+                criterion=self.stage.criterion, widths_before=before, widths=widths_of(student.config),
+                kept_index_hash=keep.digest(), calibration_tokens=scores.num_tokens,
+                scoring_s=round(time.time() - started, 3))
+        rank_zero_info(f"[{self.stage.name}] slimmed {describe_widths(before)} -> {describe_widths(widths_of(student.config))} "
                        f"in {time.time() - started:.1f}s (criterion {self.stage.criterion})")
 
     def _reapply(self, pl_module, pending: PendingLoad | None) -> None:
-        saved = torch.load(self.keep_path, map_location="cpu", weights_only=True)
-        if saved.get("format") != KEEP_FORMAT:
-            raise ValueError(f"{self.keep_path} is not a lightning_slimmoe keep-indices file")
-        kept_experts = {int(k): v for k, v in saved["kept_experts"].items()}
-        keep = KeepIndices.from_dict(saved["keep"])
+        keep, kept_experts = self.stage_dir.load_keep()
         if pending is not None:  # straight from the incoming checkpoint with the saved slice, never whole
             student = self._load_student(pl_module, pending, keep=keep, kept_experts=kept_experts)
         else:
@@ -153,8 +132,8 @@ class ExpertSlimming(Callback):
             if kept_experts:
                 remove_experts_(student, kept_experts)
             slim_model_(student, keep)
-        rank_zero_info(f"[{self.stage.name}] resumed: re-applied the saved slice {widths_of(student.config)} "
-                       "(no re-scoring)")
+        rank_zero_info(f"[{self.stage.name}] resumed: re-applied the saved slice "
+                       f"{describe_widths(widths_of(student.config))} (no re-scoring)")
 
     @staticmethod
     def _load_student(pl_module, pending: PendingLoad, keep: KeepIndices | None = None,

@@ -1,4 +1,5 @@
-"""Parameter/width logging and throughput (tokens/s, MFU on GPUs)."""
+"""What a stage logs besides its losses: parameter counts and widths, token throughput (and MFU on GPUs), and a
+progress bar that names the stage and counts its steps."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import time
 
 import torch
 from lightning.pytorch import Callback
+from lightning.pytorch.callbacks import TQDMProgressBar
 
 from lightning_slimmoe.families import get_family
 from lightning_slimmoe.params import count_params
@@ -36,9 +38,11 @@ class ParamAndWidthLogger(Callback):
             logger.log_metrics(metrics, step=trainer.global_step)
 
 
-class ThroughputMonitor(Callback):
-    """Tokens/s of each optimizer step and, on a known GPU, MFU with FLOPs counted as SlimMoE training
-    spends them: student forward+backward (6 × active params) + teacher forward (2 × active params)."""
+class TokenThroughput(Callback):
+    """``perf/tokens_per_s`` of each optimizer step and, on a known GPU, ``perf/mfu`` with FLOPs counted as SlimMoE
+    training spends them: student forward+backward (6 × active params) + teacher forward (2 × active params).
+    (Lightning's ``ThroughputMonitor`` logs samples and FLOPs under its own tag names; the run contract's tags
+    are these.)"""
 
     def __init__(self, tokens_per_batch: int):
         self.tokens_per_batch = tokens_per_batch
@@ -62,6 +66,34 @@ class ThroughputMonitor(Callback):
         if pl_module.device.type == "cuda":
             torch.cuda.synchronize(pl_module.device)
         tokens_per_s = self.tokens_per_batch * trainer.world_size / (time.perf_counter() - self._start)
-        pl_module.log("perf/tokens_per_s", tokens_per_s)
+        pl_module.log("perf/tokens_per_s", tokens_per_s, prog_bar=True)
         if self.peak:
             pl_module.log("perf/mfu", tokens_per_s * self.flops_per_token / (self.peak * trainer.world_size))
+
+
+class StageProgressBar(TQDMProgressBar):
+    """Lightning's bar, for a stage that is one ``Trainer.fit`` of ``max_steps`` over an endless stream: it reads
+    ``[slim50] 12/40`` (stage, step, steps) instead of ``Epoch 0/-2``, with the losses and throughput."""
+
+    def __init__(self, stage_name: str, steps: int):
+        super().__init__()
+        self.stage_name, self.steps = stage_name, steps
+
+    @property
+    def train_description(self) -> str:
+        return f"[{self.stage_name}]"
+
+    def on_train_epoch_start(self, trainer, *_) -> None:  # one "epoch" of an endless stream: the whole stage
+        self.train_progress_bar.reset(total=self.steps)
+        self.train_progress_bar.n = self.train_progress_bar.initial = trainer.global_step  # a resumed stage
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self._should_update(trainer.global_step, self.steps):
+            self.train_progress_bar.n = trainer.global_step
+            self.train_progress_bar.set_postfix(self.get_metrics(trainer, pl_module), refresh=False)
+            self.train_progress_bar.refresh()
+
+    def get_metrics(self, trainer, pl_module) -> dict:
+        metrics = super().get_metrics(trainer, pl_module)
+        metrics.pop("v_num", None)
+        return metrics

@@ -1,19 +1,21 @@
-"""Checkpoints written atomically: temp file, fsync, rename. A kill mid-write leaves the previous
-checkpoint intact and no half-written file under the final name. A checkpoint whose weights or optimizer
-state hold NaN/Inf is refused before anything is written, so retention (``save_top_k``) never replaces the
-last finite checkpoint with a poisoned one."""
+"""Lightning's ``CheckpointIO`` for single-file checkpoints, and the finite check of every checkpoint.
+
+Checkpoints are written atomically (storage.py: temp file, fsync, rename), so a kill mid-write leaves the
+previous checkpoint intact and no half-written file under the final name. A checkpoint whose weights or
+optimizer state hold NaN/Inf is refused before anything is written, so retention (``save_top_k``) never
+replaces the last finite checkpoint with a poisoned one."""
 
 from __future__ import annotations
 
-import json
 import os
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch.distributed.tensor import DTensor
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.fabric.utilities.rank_zero import rank_zero_only
+
+from lightning_slimmoe.storage import atomic_torch_save
 
 CHECKED_KEYS = ("state_dict", "optimizer_states")  # loop/callback state may legitimately hold +-inf
 
@@ -30,22 +32,6 @@ def first_non_finite(obj: Any, name: str) -> str | None:
         if found is not None:
             return found
     return None
-
-
-def write_json_atomic(path: Path, data: dict) -> None:
-    """``data`` as indented JSON at ``path``, via a temp file and a rename (never half-written)."""
-    tmp = Path(f"{path}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
-    os.replace(tmp, path)
-
-
-def atomic_torch_save(obj: Any, path: str) -> None:
-    tmp = f"{path}.tmp"
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

@@ -1,37 +1,44 @@
-"""LightningCLI for the stage pipeline: the one config system (YAML + ``--key.sub value`` overrides).
+"""The command line: ``train``, ``plan``, ``eval`` and ``export``, every one parsed by jsonargparse (LightningCLI).
 
-Besides LightningCLI's own ``trainer`` and ``data`` sections it takes ``output_dir``, ``teacher``,
-``stages`` (typed :class:`StageConfig` entries, so a typo fails naming the key) and ``resume``. One
-``Trainer`` is built per stage from the ``trainer`` section; the model of each stage is made by the
-pipeline, so there is no ``model`` section.
+``train`` and ``plan`` read a recipe: LightningCLI's own ``trainer`` and ``data`` sections plus the top-level keys of
+:class:`~lightning_slimmoe.config.RunConfig` (declared once there, typed, so a typo fails naming the key) and
+``--stages.<i>.<key> value`` overrides. One ``Trainer`` is built per stage from the ``trainer`` section; the model of
+each stage is made by the pipeline, so there is no ``model`` section. ``eval`` and ``export`` take their own options.
+``--help`` of each subcommand lists every option.
 """
 
 from __future__ import annotations
 
 import copy
 import json
-import os
 import re
 import sys
 import warnings
-from typing import Literal, Optional
 
 import yaml
-
+from jsonargparse import ArgumentParser, set_docstring_parse_options
 from lightning.pytorch import Trainer
+from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.cli import LightningCLI
-from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 from lightning.pytorch.utilities import rank_zero_only
 
 from lightning_slimmoe.checkpoint_io import AtomicCheckpointIO
-from lightning_slimmoe.config import StageConfig
+from lightning_slimmoe.config import RunConfig
 from lightning_slimmoe.data import TextDataModule
-from lightning_slimmoe.distributed import ParallelConfig
-from lightning_slimmoe.pipeline import Pipeline, RunSpec
-from lightning_slimmoe.strategies import (LIGHTNING_ACTIVATION_CHECKPOINTING, AtomicModelParallelStrategy,
-                                          SlimFSDPStrategy)
+from lightning_slimmoe.quiet import quiet_lightning
+from lightning_slimmoe.sources import resolve_path, shipped_conf_dir
+from lightning_slimmoe.strategies import with_atomic_checkpoints
 
-DEMO_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "conf", "demo.yaml")
+set_docstring_parse_options(attribute_docstrings=True)  # RunConfig's attribute docstrings are its --help
+
+USAGE = """usage: slimmoe {train,plan,eval,export} [--help] ...   (or: python -m lightning_slimmoe ...)
+
+  train --config X [overrides]    the stage pipeline (the same as `python train.py`)
+  plan --config X [--json] [--memory]
+                                  shapes and parameter counts of every stage, from configs alone (no weights)
+  eval --model DIR --ppl-file F   held-out perplexity (+ teacher agreement, lm-evaluation-harness tasks)
+  export --checkpoint C --out D   a sharded (DCP) stage checkpoint -> a stock HF dir, one tensor at a time
+"""
 
 
 class SlimMoECLI(LightningCLI):
@@ -47,27 +54,7 @@ class SlimMoECLI(LightningCLI):
         parser.add_lightning_class_args(self._datamodule_class, "data", subclass_mode=self.subclass_mode_data)
 
     def add_arguments_to_parser(self, parser) -> None:
-        parser.add_argument("--output_dir", type=str, default="runs/slimmoe", help="everything a run writes goes here")
-        parser.add_argument("--teacher", type=Optional[str], default=None,
-                            help="hub id or local HF dir of the MoE teacher; null = trained by a pretrain stage")
-        parser.add_argument("--teacher_config", type=Optional[str], default=None,
-                            help="config-only JSON of the teacher, used by `plan` (no weights needed)")
-        parser.add_argument("--student_init", type=Optional[str], default=None,
-                            help="start the first slimming stage from this HF dir (e.g. another tool's output)")
-        parser.add_argument("--stages", type=list[StageConfig], default=[], help="stages, run in order")
-        parser.add_argument("--resume", type=bool, default=False, help="continue the run in output_dir")
-        parser.add_argument("--trust_remote_code", type=bool, default=False,
-                            help="allow models that ship their own modelling code (off: it runs that code)")
-        parser.add_argument("--teacher_8bit", type=bool, default=False,
-                            help="load the frozen teacher's nn.Linear layers as bitsandbytes 8-bit (LLM.int8) to "
-                                 "save memory; fused MoE experts stay in the run's dtype (see docs/scaling.md)")
-        parser.add_argument("--parallel", type=ParallelConfig, default=ParallelConfig(),
-                            help="FSDP2 settings, used with trainer.strategy=ModelParallelStrategy")
-        parser.add_argument("--teacher_cache", type=Optional[str], default=None,
-                            help="directory of the teacher's top-k for the training blocks, computed once and read "
-                                 "by every KD stage instead of the teacher forward; null = live teacher")
-        parser.add_argument("--teacher_cache_dtype", type=Literal["float32", "bfloat16"], default="float32",
-                            help="dtype of the cached teacher values (bfloat16 halves them; float32 = live losses)")
+        parser.add_class_arguments(RunConfig, nested_key=None)
 
     def parse_arguments(self, parser, args) -> None:
         """Adds ``--stages.<i>.<key>[.<sub>] VALUE`` overrides (jsonargparse has no index syntax for lists of
@@ -90,48 +77,33 @@ class SlimMoECLI(LightningCLI):
     def instantiate_classes(self) -> None:
         self.config_init = self.parser.instantiate_classes(self.config)
         self.datamodule = self.config_init["data"]
-        self.spec = RunSpec(
-            output_dir=self.config_init["output_dir"], stages=list(self.config_init["stages"]),
-            teacher=self.config_init["teacher"], teacher_config=self.config_init["teacher_config"],
-            student_init=self.config_init["student_init"], resume=self.config_init["resume"],
-            trust_remote_code=self.config_init["trust_remote_code"], teacher_8bit=self.config_init["teacher_8bit"],
-            seed=int(self.config_init["seed_everything"]),
-            parallel=self.config_init["parallel"], teacher_cache=self.config_init["teacher_cache"],
-            teacher_cache_dtype=self.config_init["teacher_cache_dtype"])
+        self.run_config = RunConfig.from_parsed(self.config_init)
+        self.seed = int(self.config_init["seed_everything"])
 
-    def make_trainer(self, extra_callbacks=(), **overrides) -> Trainer:
-        """A fresh Trainer from the ``trainer`` section (user callbacks copied), with per-stage overrides."""
+    def make_trainer(self, extra_callbacks=(), progress_bar: ProgressBar | None = None, **overrides) -> Trainer:
+        """A fresh Trainer from the ``trainer`` section (user callbacks copied), with per-stage overrides and,
+        unless the section turns the bar off or brings its own, the stage's ``progress_bar``."""
         config = copy.deepcopy(dict(self.config_init["trainer"]))
         callbacks = config.pop("callbacks", None) or []
         plugins = config.pop("plugins", None) or []
         plugins = plugins if isinstance(plugins, list) else [plugins]
         config.update(overrides)
         config["strategy"] = with_atomic_checkpoints(config.get("strategy", "auto"))
+        if (progress_bar is not None and config.get("enable_progress_bar") is not False
+                and not any(isinstance(c, ProgressBar) for c in callbacks)):
+            callbacks = [*callbacks, progress_bar]
         return Trainer(**config, callbacks=[*callbacks, *extra_callbacks], plugins=[*plugins, AtomicCheckpointIO()])
 
 
-def with_atomic_checkpoints(strategy):
-    """Lightning's stock ``ModelParallelStrategy`` rewrites a sharded checkpoint in place (a kill mid-save
-    leaves a directory that looks complete); the same strategy with atomic, finite-checked saves replaces it,
-    with the same arguments. ``FSDPStrategy`` (FSDP1, also as "fsdp" / "fsdp_cpu_offload") becomes
-    :class:`SlimFSDPStrategy` (per-layer units for teacher and student, student-only checkpoints).
-    Every other strategy is returned as given."""
-    if strategy in ("fsdp", "fsdp_cpu_offload"):
-        return SlimFSDPStrategy(cpu_offload=strategy == "fsdp_cpu_offload")
-    if type(strategy) is FSDPStrategy:
-        if strategy._activation_checkpointing_kwargs:  # not passed on below: refused here, as the class does
-            raise ValueError(LIGHTNING_ACTIVATION_CHECKPOINTING)
-        return SlimFSDPStrategy(
-            process_group_backend=strategy._process_group_backend, timeout=strategy._timeout,
-            cpu_offload=strategy.cpu_offload, mixed_precision=strategy.mixed_precision,
-            sharding_strategy=strategy.sharding_strategy, state_dict_type=strategy._state_dict_type,
-            **strategy.kwargs)
-    if type(strategy) is not ModelParallelStrategy:
-        return strategy
-    return AtomicModelParallelStrategy(
-        data_parallel_size=strategy._data_parallel_size, tensor_parallel_size=strategy._tensor_parallel_size,
-        save_distributed_checkpoint=strategy._save_distributed_checkpoint,
-        process_group_backend=strategy._process_group_backend, timeout=strategy._timeout)
+class PlanCLI(SlimMoECLI):
+    """``plan``: the recipe's options plus what to print."""
+
+    def add_arguments_to_parser(self, parser) -> None:
+        super().add_arguments_to_parser(parser)
+        parser.add_argument("--json", action="store_true", help="print the plan as JSON")
+        parser.add_argument("--memory", action="store_true", help="add a per-GPU memory plan of every stage")
+        parser.add_argument("--gpus", type=int, default=64, help="GPUs of the memory plan")
+        parser.add_argument("--gpu-memory-gib", type=float, default=80.0, help="memory of one GPU (GiB)")
 
 
 _STAGE_OVERRIDE = re.compile(r"^--stages\.(\d+)\.([A-Za-z_][\w.]*)(?:=(.*))?$")
@@ -166,9 +138,18 @@ def split_stage_overrides(args: list[str]) -> tuple[list[str], list[tuple[int, l
 
 
 def with_default_config(args: list[str]) -> list[str]:
-    """``python train.py`` alone runs the embedded demo; any run without --config starts from it."""
+    """``python train.py`` alone runs the embedded demo; any run without --config starts from it. A ``--config``
+    under ``conf/`` that is not there (an installed ``slimmoe`` run elsewhere) is the shipped recipe."""
+    args = list(args)
+    for i, arg in enumerate(args):
+        if arg in ("--config", "-c") and i + 1 < len(args):
+            args[i + 1] = resolve_path(args[i + 1])
+        elif arg.startswith("--config="):
+            args[i] = "--config=" + resolve_path(arg.split("=", 1)[1])
     if not any(a in ("--config", "-c") or a.startswith("--config=") for a in args):
-        return ["--config", DEMO_CONFIG, *args]
+        if any(a in ("-h", "--help") for a in args):
+            return args
+        return ["--config", str(shipped_conf_dir() / "demo.yaml"), *args]
     return args
 
 
@@ -183,17 +164,151 @@ def format_summary(summary: dict) -> str:
                      f"{s['total_params']:,}", f"{s['active_params']:,}", f"{s['tokens']:,}", f"{s['val_ppl']:.3f}",
                      "-" if agree is None else f"{agree:.3f}",
                      "-" if s.get("tokens_per_s") is None else f"{s['tokens_per_s']:,.0f}"))
+    return _table(rows, rule=True) + f"\nfinal model: {summary['final_dir']}"
+
+
+def _table(rows: list[tuple[str, ...]], rule: bool = False) -> str:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in rows]
-    return "\n".join([lines[0], "-" * len(lines[0]), *lines[1:], f"final model: {summary['final_dir']}"])
+    return "\n".join([lines[0], *(["-" * len(lines[0])] if rule else []), *lines[1:]])
 
 
+# ---------------------------------------------------------------------------------------------------
+# The subcommands
+# ---------------------------------------------------------------------------------------------------
 def main(args: list[str] | None = None) -> dict:
+    """``train``: the stage pipeline (``python train.py`` calls this)."""
+    from lightning_slimmoe.pipeline import Pipeline
+
     args = list(sys.argv[1:] if args is None else args)
     # sys.argv must stay as it is: Lightning's script launcher starts the other ranks by re-running it.
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
+    quiet_lightning()
     cli = SlimMoECLI(args=with_default_config(args))
-    summary = Pipeline(cli.spec, cli.datamodule, cli.make_trainer).run()
+    summary = Pipeline(cli.run_config, cli.datamodule, cli.make_trainer, seed=cli.seed).run()
     if rank_zero_only.rank == 0:
         print(format_summary(summary))
     return summary
+
+
+def plan(args: list[str]) -> dict:
+    """``plan``: shapes and parameter counts of every stage, on the meta device from configs alone."""
+    from lightning_slimmoe.memory import MemoryPlanInputs, memory_plan
+    from lightning_slimmoe.planning import plan_shapes, plan_summary
+
+    cli = PlanCLI(args=with_default_config(args))
+    opts, config = cli.config_init, cli.run_config
+    shapes = plan_shapes(config)
+    result = plan_summary(shapes, config.stages)
+    if opts["memory"]:
+        hp = cli.datamodule.hparams
+        for stage, stage_config, row in zip(config.stages, shapes.configs, result["stages"]):
+            inputs = MemoryPlanInputs(
+                gpus=opts["gpus"], gpu_memory_gib=opts["gpu_memory_gib"], micro_batch=hp.batch_size,
+                seq_len=hp.seq_len, activation_checkpointing=config.parallel.activation_checkpointing,
+                optimizer=stage.optimizer.name, chunk_tokens=stage.kd.chunk_tokens)
+            row["memory_gib_per_gpu"] = memory_plan(stage_config, shapes.teacher_config, inputs)
+    if opts["json"]:
+        print(json.dumps(result, indent=2))
+        return result
+    rows = [("stage", "expert_width", "heads q/kv", "head_dim", "total", "active")]
+    for name, d in [("teacher", result["teacher"])] + [(s["name"], s) for s in result["stages"]]:
+        rows.append((name, str(d["expert_width"]), f"{d['num_attention_heads']}/{d['num_key_value_heads']}",
+                     str(d["head_dim"]), f"{d['total_params']:,}", f"{d['active_params']:,}"))
+    print(_table(rows))
+    if opts["memory"]:
+        print(f"\nper-GPU memory plan (GiB, {opts['gpus']} GPUs x {opts['gpu_memory_gib']:g} GiB, FSDP2 full shard):")
+        for row in result["stages"]:
+            print(f"  {row['name']}: " + ", ".join(f"{k} {v}" for k, v in row["memory_gib_per_gpu"].items()))
+    return result
+
+
+def evaluate(args: list[str]) -> dict:
+    """``eval``: perplexity of an HF dir over non-overlapping windows of a text file (and top-1 agreement with a
+    teacher), plus lm-evaluation-harness tasks (optional extra: ``pip install -r bench/requirements.txt``)."""
+    from lightning_slimmoe.evaluate import LM_EVAL_MISSING, evaluate_dir, run_lm_eval
+
+    parser = ArgumentParser(prog="slimmoe eval", description=evaluate.__doc__)
+    parser.add_argument("--model", required=True, help="local HF model dir (weights + tokenizer)")
+    parser.add_argument("--ppl-file", default=None, help="text file: perplexity over non-overlapping windows of it")
+    parser.add_argument("--tasks", default="", help="comma-separated lm-eval task names or task YAML paths")
+    parser.add_argument("--teacher", default=None, help="HF dir of a teacher: also report top-1 agreement")
+    parser.add_argument("--seq-len", type=int, default=512, help="tokens per window")
+    parser.add_argument("--batch-size", type=int, default=8, help="windows per forward")
+    parser.add_argument("--device", default="cpu", help="torch device")
+    parser.add_argument("--max-windows", type=int, default=None, help="score at most this many windows")
+    parser.add_argument("--lm-eval-ppl", action="store_true", help="also score --ppl-file with lm-eval")
+    parser.add_argument("--limit", type=float, default=None, help="lm-eval: examples per task (or a fraction)")
+    parser.add_argument("--json", action="store_true", help="print the result as JSON")
+    opts = parser.parse_args(args)
+    tasks = [t for t in opts.tasks.split(",") if t]
+    if not opts.ppl_file and not tasks:
+        parser.error("give --ppl-file and/or --tasks")
+    result = {"model": opts.model}
+    if opts.ppl_file:
+        result["perplexity"] = evaluate_dir(opts.model, opts.ppl_file, opts.seq_len, opts.batch_size, opts.device,
+                                            opts.max_windows, opts.teacher)
+    if tasks or opts.lm_eval_ppl:
+        try:
+            result["lm_eval"] = run_lm_eval(opts.model, tasks, ppl_file=opts.ppl_file if opts.lm_eval_ppl else None,
+                                            batch_size=opts.batch_size, device=opts.device, max_length=opts.seq_len,
+                                            limit=int(opts.limit) if opts.limit and opts.limit >= 1 else opts.limit)
+        except ImportError:
+            print(LM_EVAL_MISSING, file=sys.stderr)
+            sys.exit(3)
+    if opts.json:
+        print(json.dumps(result, indent=2))
+        return result
+    if "perplexity" in result:
+        r = result["perplexity"]
+        line = f"perplexity {r['ppl']:.4f} over {r['tokens']:,} predicted tokens ({r['windows']} windows of {r['seq_len']})"
+        if "teacher_agreement" in r:
+            line += f", teacher top-1 agreement {r['teacher_agreement']:.4f}"
+        print(line)
+    for task, metrics in result.get("lm_eval", {}).get("results", {}).items():
+        print(task, "  ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+    return result
+
+
+def export(args: list[str]):
+    """``export``: consolidate a sharded (ModelParallelStrategy / DCP) stage checkpoint into a stock HF dir, in one
+    process, one tensor at a time."""
+    from lightning_slimmoe.consolidate import ConsolidateError, consolidate_checkpoint
+
+    parser = ArgumentParser(prog="slimmoe export", description=export.__doc__)
+    parser.add_argument("--checkpoint", required=True, help="<run>/stage_<k>_<name>/checkpoints/<name>.ckpt/")
+    parser.add_argument("--out", required=True, help="HF model dir to write (replaced atomically)")
+    parser.add_argument("--config", default=None, help="student config.json or HF dir (default: <stage_dir>/config.json)")
+    parser.add_argument("--tokenizer", default=None, help="tokenizer dir / hub id (default: the run's, from run.json)")
+    parser.add_argument("--no-tokenizer", action="store_true", help="write weights and config only")
+    parser.add_argument("--max-shard-gib", type=float, default=2.0, help="size of one output safetensors shard")
+    parser.add_argument("--no-verify", action="store_true", help="skip reading the result back (a second pass)")
+    opts = parser.parse_args(args)
+    try:
+        out = consolidate_checkpoint(opts.checkpoint, opts.out, config_path=opts.config,
+                                     tokenizer_path=opts.tokenizer, with_tokenizer=not opts.no_tokenizer,
+                                     max_shard_bytes=int(opts.max_shard_gib * 2**30), verify=not opts.no_verify)
+    except ConsolidateError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    print(f"wrote {out}")
+    return out
+
+
+COMMANDS = {"train": main, "plan": plan, "eval": evaluate, "export": export}
+
+
+def dispatch(argv: list[str] | None = None):
+    """``slimmoe <command> ...`` / ``python -m lightning_slimmoe <command> ...``."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] not in COMMANDS:
+        print(USAGE)
+        sys.exit(0 if argv and argv[0] in ("-h", "--help") else 2)
+    # sys.argv stays as it is (Lightning's script launcher re-runs it to start the other ranks).
+    warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
+    return COMMANDS[argv[0]](argv[1:])
+
+
+def console() -> None:
+    """The installed ``slimmoe`` command (its return value would be taken for an exit status)."""
+    dispatch()

@@ -1,12 +1,25 @@
-"""Typed stage configuration. LightningCLI (jsonargparse) builds these from YAML, so a typo in any key
-fails at parse time naming the key, and ``--stages.1.max_tokens 1e9`` style overrides work."""
+"""The recipe's schema: every key a YAML may hold besides ``trainer`` and ``data``, declared once, typed.
+
+LightningCLI (jsonargparse) builds these dataclasses from YAML and ``--key value`` overrides, so a typo in any key
+fails at parse time naming the key. :class:`RunConfig` holds the top-level keys; its attribute docstrings are the
+``--help`` text and the README's config reference (:func:`config_reference`). A stage is a :class:`StageConfig`.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Literal, Optional, Union
 
+import torch
+
 from lightning_slimmoe.distill import KDConfig
+
+_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+class ConfigError(ValueError):
+    """A run configuration that cannot work, found before any compute."""
 
 
 def _check(cond: bool, name: str, value, rule: str) -> None:
@@ -82,3 +95,83 @@ class StageConfig:
         return self.pretrain is None and any(
             getattr(self, k) is not None
             for k in ("expert_width", "attention_groups", "shared_expert_width", "remove_experts_to"))
+
+
+@dataclass
+class ParallelConfig:
+    """FSDP settings of teacher and student (used with ``trainer.strategy`` ModelParallelStrategy or FSDPStrategy)."""
+
+    param_dtype: Optional[str] = None
+    """FSDP compute dtype of the all-gathered params, e.g. bfloat16"""
+    reduce_dtype: Optional[str] = "float32"
+    """gradient reduce-scatter dtype"""
+    activation_checkpointing: bool = False
+    """recompute each student decoder layer in backward (FSDP2 and FSDP1)"""
+    reshard_after_forward: bool = True
+    """FSDP2: ZeRO-3 (true) or keep gathered params until backward (ZeRO-2)"""
+
+    def __post_init__(self):
+        for name in ("param_dtype", "reduce_dtype"):
+            value = getattr(self, name)
+            if value is not None and value not in _DTYPES:
+                raise ValueError(f"parallel.{name}={value!r}: must be one of {sorted(_DTYPES)} or null")
+
+    def dtype(self, name: str) -> torch.dtype | None:
+        value = getattr(self, name)
+        return None if value is None else _DTYPES[value]
+
+
+@dataclass
+class RunConfig:
+    """The top-level keys of a recipe (besides ``seed_everything``, ``trainer`` and ``data``)."""
+
+    output_dir: str = "runs/slimmoe"
+    """everything the run writes"""
+    teacher: Optional[str] = None
+    """hub id or local HF dir of the MoE teacher; null = made by a leading `pretrain` stage"""
+    teacher_config: Optional[str] = None
+    """config-only JSON of the teacher, for `plan` without weights"""
+    student_init: Optional[str] = None
+    """start the first slimming stage from this HF dir (e.g. another tool's pruned model)"""
+    stages: list[StageConfig] = field(default_factory=list)
+    """list of stages (below), run in order"""
+    resume: bool = False
+    """continue the run in `output_dir`"""
+    trust_remote_code: bool = False
+    """allow models that ship modelling code (it runs that code)"""
+    teacher_8bit: bool = False
+    """hold the frozen teacher in 8-bit (bitsandbytes): attention `Linear8bitLt` + int8 fused experts; ~43% of its fp32 bytes, KD loss drift ~0.1% (`docs/scaling.md`); not with `ModelParallelStrategy` or `*-true` half precision"""
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    """FSDP settings: `param_dtype`, `reduce_dtype` (`float32`), `activation_checkpointing` (FSDP2 and FSDP1), `reshard_after_forward` (FSDP2)"""
+    teacher_cache: Optional[str] = None
+    """directory for the teacher's top-k of the training blocks: computed once before the first KD stage, then read by every KD stage instead of the teacher forward; a cache built for another teacher, data, `seq_len` or `top_k` is refused (`docs/scaling.md`)"""
+    teacher_cache_dtype: Literal["float32", "bfloat16"] = "float32"
+    """cached teacher values: `float32` (the live teacher's losses) or `bfloat16` (half the values' size)"""
+
+    @classmethod
+    def from_parsed(cls, values) -> "RunConfig":
+        """The instance from a parsed (and instantiated) config holding these keys at its top level."""
+        return cls(**{f.name: values[f.name] for f in dataclasses.fields(cls)})
+
+
+def config_reference() -> str:
+    """The README's table of the top-level keys, from :class:`RunConfig` (its defaults and attribute docstrings)."""
+    import ast
+    import inspect
+    import textwrap
+
+    docs, tree = {}, ast.parse(textwrap.dedent(inspect.getsource(RunConfig)))
+    body = tree.body[0].body
+    for node, after in zip(body, body[1:]):
+        if isinstance(node, ast.AnnAssign) and isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant):
+            docs[node.target.id] = after.value.value
+    rows = ["| key | default | meaning |", "|---|---|---|",
+            "| `seed_everything` | 0 | seed for init, data order, random scores |"]
+    for f in dataclasses.fields(RunConfig):
+        default = f.default if f.default is not dataclasses.MISSING else None
+        shown = "" if f.default is dataclasses.MISSING else ("null" if default is None else f"`{default}`"
+                                                             if isinstance(default, str) else str(default).lower())
+        rows.append(f"| `{f.name}` | {shown} | {docs.get(f.name, '')} |")
+    rows += ["| `trainer` | | any `lightning.Trainer` argument (`devices`, `precision`, `strategy`, `callbacks`, ...) |",
+             "| `data` | | `lightning_slimmoe.data.TextDataModule` init args (below) |"]
+    return "\n".join(rows)

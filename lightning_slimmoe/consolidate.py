@@ -5,56 +5,31 @@ directories (``state_dict.student.*`` tensors, optimizer state, ``.metadata``) p
 (strategies.py). ``python -m lightning_slimmoe export --checkpoint DIR --out DIR`` turns one into what
 ``save_pretrained`` would have written, without a process group and without ever holding the model: the
 student is built on the meta device from the config the pipeline wrote into the stage dir when the stage
-started (:class:`StudentConfigWriter`), then each tensor is read alone from the DCP files
-(``dcp.load(..., no_dist=True)``, which reassembles a tensor from every rank's shards), converted to the
-``save_pretrained`` layout by transformers' own ``revert_weight_conversion`` and appended to a safetensors
-shard (streaming.py's writer). Peak memory: one full tensor plus one output shard. The written dir is read
-back tensor by tensor (loading.py's reader, the same code the sharded loader uses) and compared bit for bit
-with the checkpoint before it is renamed into place.
+started (``StageDir.config_file``), then each tensor is read alone from the DCP files
+(``dcp.load(..., no_dist=True)``, which reassembles a tensor from every rank's shards) and handed to the
+HF-directory writer (hf_dir.py, the one the sharded stage export uses). Peak memory: one full tensor plus one
+output shard. The written dir is read back tensor by tensor (the same reader the sharded loader uses) and
+compared bit for bit with the checkpoint before it is renamed into place.
 """
 
 from __future__ import annotations
 
-import copy
-import json
-import os
-import shutil
 from pathlib import Path
 
 import torch
-from lightning.pytorch.callbacks import Callback
 from torch import nn
 
+from lightning_slimmoe.hf_dir import HFDirWriter, read_back_problem
+from lightning_slimmoe.models import model_on_meta, persistent_tensors
 from lightning_slimmoe.module import STUDENT_PREFIX
+from lightning_slimmoe.run_dir import RunDir, StageDir
 from lightning_slimmoe.strategies import DCP_METADATA, LIGHTNING_META
 
-STAGE_CONFIG = "config.json"  # the stage's (slimmed) student config, in the stage dir
 _MODEL_KEY = "state_dict"  # Lightning's checkpoint section holding the module's tensors
 
 
 class ConsolidateError(ValueError):
     """A checkpoint that cannot be consolidated (not a DCP dir, incomplete, or not matching the config)."""
-
-
-class StudentConfigWriter(Callback):
-    """Writes the student's config (after slimming: ``on_fit_start`` runs after ExpertSlimming.setup and
-    configure_model) to ``<stage_dir>/config.json`` on rank 0, atomically. It is what makes a sharded
-    checkpoint of the stage readable on its own: DCP stores tensors, not the architecture."""
-
-    def __init__(self, stage_dir: str | Path):
-        self.stage_dir = Path(stage_dir)
-
-    def on_fit_start(self, trainer, pl_module) -> None:
-        if trainer.global_rank != 0:
-            return
-        student = pl_module.student
-        config = copy.deepcopy(student.config)
-        # What save_pretrained records besides the weights (as export_sharded_hf does).
-        config.architectures = [type(student).__name__.removeprefix("FSDP")]
-        self.stage_dir.mkdir(parents=True, exist_ok=True)
-        tmp = self.stage_dir / (STAGE_CONFIG + ".tmp")
-        config.to_json_file(str(tmp))
-        os.replace(tmp, self.stage_dir / STAGE_CONFIG)
 
 
 def _check_checkpoint_dir(checkpoint: Path) -> None:
@@ -75,7 +50,7 @@ def _check_checkpoint_dir(checkpoint: Path) -> None:
 def _find_config(checkpoint: Path, config_path: str | None):
     from transformers import AutoConfig
 
-    path = Path(config_path) if config_path else checkpoint.resolve().parent.parent / STAGE_CONFIG
+    path = Path(config_path) if config_path else StageDir.of_checkpoint(checkpoint).config_file
     if path.is_dir():
         path = path / "config.json"
     if not path.is_file():
@@ -92,13 +67,13 @@ def _find_tokenizer(checkpoint: Path, tokenizer_path: str | None):
 
     if tokenizer_path:
         return AutoTokenizer.from_pretrained(tokenizer_path)
-    run_dir = checkpoint.resolve().parent.parent.parent  # <run>/stage_<k>_<name>/checkpoints/<ckpt>
-    run_file = run_dir / "run.json"
+    run_dir = RunDir.of_stage(StageDir.of_checkpoint(checkpoint))
+    run_file = run_dir.run_file
     if not run_file.is_file():
-        raise ConsolidateError(f"no run.json in {str(run_dir)!r} (the run dir the checkpoint lies in): pass "
-                               "--tokenizer PATH, or --no-tokenizer to write the weights and config only")
-    teacher = json.loads(run_file.read_text()).get("teacher")
-    source = teacher if teacher is not None else str(run_dir / "tokenizer")
+        raise ConsolidateError(f"no {run_file.name} in {str(run_dir.path)!r} (the run dir the checkpoint lies in): "
+                               "pass --tokenizer PATH, or --no-tokenizer to write the weights and config only")
+    teacher = run_dir.read_record().get("teacher")
+    source = teacher if teacher is not None else str(run_dir.tokenizer_dir)
     try:
         return AutoTokenizer.from_pretrained(source)
     except (OSError, ValueError) as err:
@@ -121,12 +96,6 @@ def consolidate_checkpoint(checkpoint: str | Path, out_dir: str | Path, config_p
                            max_shard_bytes: int = 2 * 2**30, verify: bool = True) -> Path:
     """Write the student of the sharded checkpoint ``checkpoint`` as a stock HF dir ``out_dir``; returns it."""
     from torch.distributed.checkpoint import FileSystemReader, TensorStorageMetadata
-    from transformers import AutoModelForCausalLM
-    from transformers.core_model_loading import revert_weight_conversion
-
-    from lightning_slimmoe.export import replace_dir
-    from lightning_slimmoe.loading import CheckpointReader, persistent_tensors
-    from lightning_slimmoe.streaming import _ShardWriter
 
     checkpoint, out_dir = Path(checkpoint), Path(out_dir)
     _check_checkpoint_dir(checkpoint)
@@ -140,8 +109,7 @@ def consolidate_checkpoint(checkpoint: str | Path, out_dir: str | Path, config_p
                                f"{sorted({k.split('.')[0] for k in metadata})}): not a lightning_slimmoe stage "
                                "checkpoint")
 
-    with torch.device("meta"):  # shapes only: the weights come from the checkpoint, tensor by tensor
-        model: nn.Module = AutoModelForCausalLM.from_config(config)
+    model: nn.Module = model_on_meta(config)  # shapes only: the weights come from the checkpoint, tensor by tensor
     expected = dict(persistent_tensors(model))
     aliases = set(model.state_dict())  # a tied tensor may be stored under each of its names
     missing = sorted(set(expected) - set(stored))
@@ -163,68 +131,21 @@ def consolidate_checkpoint(checkpoint: str | Path, out_dir: str | Path, config_p
         md = stored[name]
         return torch.empty(tuple(md.size), dtype=md.properties.dtype)
 
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    writer = _ShardWriter(tmp, max_shard_bytes)
+    writer = HFDirWriter(out_dir, model, max_shard_bytes)
     dtypes: dict[torch.dtype, int] = {}
     with torch.no_grad():
         for name in expected:
             tensor = _read_tensor(checkpoint, prefix + name, empty_like_stored(name))
             if tensor.is_floating_point():
                 dtypes[tensor.dtype] = dtypes.get(tensor.dtype, 0) + tensor.numel()
-            for key, piece in revert_weight_conversion(model, {name: tensor}).items():
-                writer.add(key, piece)
+            writer.add(name, tensor)
             del tensor
-    writer.finish()
-    # What save_pretrained records besides the weights: the dtype the tensors are stored in, the class.
-    dtype = max(dtypes, key=dtypes.get) if dtypes else torch.float32
-    config.dtype = str(dtype).removeprefix("torch.")
-    config.architectures = [type(model).__name__]
-    config.save_pretrained(tmp)
-    if model.can_generate():
-        model.generation_config.save_pretrained(tmp)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(tmp)
-    if verify:  # read back through loading.py (what the sharded loader and, per test_loading, from_pretrained read)
-        with CheckpointReader(tmp, model) as reader, torch.no_grad():
-            for name, like in expected.items():
-                want = _read_tensor(checkpoint, prefix + name, empty_like_stored(name))
-                rows = want.shape[0] if want.dim() else 1
-                for offset, block in reader.blocks(name, like, 0, rows):
-                    mine = want if want.dim() == 0 else want[offset:offset + block.shape[0]]
-                    if block.shape != mine.shape or not torch.equal(block.to(mine.dtype), mine):
-                        raise ConsolidateError(f"export {tmp}: {name} rows {offset}.. read back differently from "
-                                               f"{checkpoint} (not renamed into place)")
-                reader.release()
-    replace_dir(tmp, out_dir)
-    return out_dir
-
-
-def main(args: list[str]) -> Path:
-    import argparse
-
-    parser = argparse.ArgumentParser(
-        prog="python -m lightning_slimmoe export",
-        description="Consolidate a sharded (ModelParallelStrategy / DCP) stage checkpoint into a stock HF dir, "
-                    "in one process, one tensor at a time.")
-    parser.add_argument("--checkpoint", required=True, help="<run>/stage_<k>_<name>/checkpoints/<name>.ckpt/")
-    parser.add_argument("--out", required=True, help="HF model dir to write (replaced atomically)")
-    parser.add_argument("--config", help="student config.json or HF dir (default: <stage_dir>/config.json)")
-    parser.add_argument("--tokenizer", help="tokenizer dir / hub id (default: the run's, from run.json)")
-    parser.add_argument("--no-tokenizer", action="store_true", help="write weights and config only")
-    parser.add_argument("--max-shard-gib", type=float, default=2.0)
-    parser.add_argument("--no-verify", action="store_true", help="skip reading the result back (a second pass)")
-    opts = parser.parse_args(args)
-    try:
-        out = consolidate_checkpoint(opts.checkpoint, opts.out, config_path=opts.config,
-                                     tokenizer_path=opts.tokenizer, with_tokenizer=not opts.no_tokenizer,
-                                     max_shard_bytes=int(opts.max_shard_gib * 2**30), verify=not opts.no_verify)
-    except ConsolidateError as err:
-        import sys
-
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
-    print(f"wrote {out}")
-    return out
+    # save_pretrained records the dtype the tensors are stored in.
+    tmp = writer.finish(config, max(dtypes, key=dtypes.get) if dtypes else torch.float32, tokenizer=tokenizer)
+    if verify:  # read back through the reader the sharded loader uses (per test_loading, what from_pretrained reads)
+        wanted = ((name, like, _read_tensor(checkpoint, prefix + name, empty_like_stored(name)), 0)
+                  for name, like in expected.items())
+        problem = read_back_problem(tmp, model, wanted)
+        if problem is not None:
+            raise ConsolidateError(f"export {tmp}: {problem} from {checkpoint} (not renamed into place)")
+    return writer.commit()

@@ -1,8 +1,9 @@
-"""Text data for SlimMoE distillation: load a corpus, pack it into fixed-length blocks, stream it resumably.
+"""Text data for SlimMoE distillation: pack a corpus into fixed-length blocks and stream them resumably.
 
-The corpus comes from local files (``.txt`` / ``.json`` / ``.jsonl`` / ``.parquet``), a hub dataset, or — when
-neither is configured — the Python standard library's own ``.py`` sources, which are always on disk and so let the
-demo run with no network and no downloads.
+This module owns :class:`TextDataModule` (tokenizing and packing a corpus into ``seq_len + 1``-token blocks, the
+train/validation split, the loaders, calibration batches and step arithmetic) and the datasets it serves. Where the
+documents come from (local files, a hub dataset, or the Python standard library's sources) is
+:mod:`lightning_slimmoe.corpora`; training a byte-level BPE tokenizer on them is :mod:`lightning_slimmoe.tokenizer`.
 
 Training reads an *infinite*, deterministic stream whose position is derived from ``trainer.global_step``; a resumed
 fit therefore continues with the next unseen batch without the datamodule having to checkpoint any state of its own.
@@ -10,13 +11,8 @@ fit therefore continues with the next unseen batch without the datamodule having
 
 from __future__ import annotations
 
-import json
 import math
-import random
-import sysconfig
 from collections.abc import Iterator
-from pathlib import Path
-from typing import Any
 
 import lightning.pytorch as pl
 import numpy as np
@@ -25,11 +21,21 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
-SUPPORTED_EXTENSIONS = (".txt", ".json", ".jsonl", ".parquet")
-END_OF_TEXT = "<|endoftext|>"
+from lightning_slimmoe import corpora
+from lightning_slimmoe.tokenizer import check_vocab_size, train_bpe_tokenizer
+
 # Documents are handed to the tokenizer in chunks so that peak memory stays bounded on large corpora while the
 # fast tokenizer still gets batches big enough to parallelize over.
 TOKENIZE_CHUNK_DOCUMENTS = 1024
+
+
+def _require_at_least(name: str, value: int | None, minimum: int = 1, none_means: str | None = None) -> None:
+    """Raise ``ValueError`` unless ``value >= minimum``; given ``none_means``, ``None`` is accepted as well."""
+    if value is None and none_means is not None:
+        return
+    if value < minimum:
+        alternative = f" (or None for {none_means})" if none_means is not None else ""
+        raise ValueError(f"{name} must be >= {minimum}{alternative}, got {value}")
 
 
 def _block_to_sample(block: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -151,7 +157,8 @@ class TextDataModule(pl.LightningDataModule):
         tokenizer: a local directory or hub id loaded with ``AutoTokenizer``; ``None`` means the pipeline injects one
             via :meth:`set_tokenizer` (or trains one via :meth:`train_tokenizer`).
 
-    With neither ``files`` nor ``hub_dataset`` the corpus is the Python standard library's ``.py`` sources.
+    With neither ``files`` nor ``hub_dataset`` the corpus is the Python standard library's ``.py`` sources. The
+    arguments are kept once, in ``self.hparams``.
     """
 
     def __init__(
@@ -178,30 +185,12 @@ class TextDataModule(pl.LightningDataModule):
             )
         if files is not None and len(files) == 0:
             raise ValueError("files=[] is empty; give at least one path, or leave files unset to use another source")
-        if max_chars is not None and max_chars < 1:
-            raise ValueError(f"max_chars must be >= 1 (or None for no cap), got {max_chars}")
-        if seq_len < 1:
-            raise ValueError(f"seq_len must be >= 1, got {seq_len}")
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        if val_batch_size is not None and val_batch_size < 1:
-            raise ValueError(f"val_batch_size must be >= 1 (or None for batch_size), got {val_batch_size}")
+        _require_at_least("max_chars", max_chars, none_means="no cap")
+        _require_at_least("seq_len", seq_len)
+        _require_at_least("batch_size", batch_size)
+        _require_at_least("val_batch_size", val_batch_size, none_means="batch_size")
         if not 0.0 <= val_fraction < 1.0:
             raise ValueError(f"val_fraction must satisfy 0 <= val_fraction < 1, got {val_fraction}")
-
-        self.files = files
-        self.hub_dataset = hub_dataset
-        self.hub_config = hub_config
-        self.hub_split = hub_split
-        self.text_field = text_field
-        self.max_chars = max_chars
-        self.seq_len = seq_len
-        self.batch_size = batch_size
-        self.val_batch_size = val_batch_size if val_batch_size is not None else batch_size
-        self.val_fraction = val_fraction
-        self.seed = seed
-        self.tokenizer_name_or_path = tokenizer
-        self.tokens_per_sample = seq_len
 
         self.tokenizer: PreTrainedTokenizerBase | None = None
         self.train_blocks: torch.Tensor | None = None
@@ -209,6 +198,11 @@ class TextDataModule(pl.LightningDataModule):
         self.num_train_blocks = 0
         self.num_val_blocks = 0
         self._documents: list[str] | None = None
+
+    @property
+    def batch_size(self) -> int:
+        """Per-device micro-batch size (``hparams.batch_size``); callbacks read it from ``trainer.datamodule``."""
+        return self.hparams.batch_size
 
     # ------------------------------------------------------------------ tokenizer
 
@@ -223,41 +217,12 @@ class TextDataModule(pl.LightningDataModule):
     def train_tokenizer(self, vocab_size: int, save_dir: str) -> PreTrainedTokenizerFast:
         """Train a byte-level BPE tokenizer on this module's corpus, save it to ``save_dir`` and use it.
 
-        Byte-level pre-tokenization and decoding make every string encodable and ``decode(encode(s)) == s``.
-        ``<|endoftext|>`` serves as bos/eos/unk/pad, as in GPT-2.
+        See :func:`lightning_slimmoe.tokenizer.train_bpe_tokenizer` for the tokenizer's settings.
         """
-        from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-        minimum_vocab = len(pre_tokenizers.ByteLevel.alphabet()) + 1
-        if vocab_size < minimum_vocab:
-            raise ValueError(
-                f"vocab_size must be >= {minimum_vocab} (256 byte symbols + {END_OF_TEXT}) for a byte-level BPE "
-                f"tokenizer, got {vocab_size}"
-            )
+        check_vocab_size(vocab_size)  # before reading a corpus that may be large
         documents = self.load_documents()
-        if not documents:
-            raise ValueError(f"cannot train a tokenizer: the corpus from {self.describe_source()} has no text")
-
-        backend = Tokenizer(models.BPE())
-        backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-        backend.decoder = decoders.ByteLevel()
-        trainer = trainers.BpeTrainer(
-            vocab_size=vocab_size,
-            special_tokens=[END_OF_TEXT],
-            # Seeding all 256 byte symbols guarantees any text is encodable, even bytes absent from the corpus.
-            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-            show_progress=False,
-        )
-        backend.train_from_iterator(documents, trainer=trainer)
-
-        tokenizer = PreTrainedTokenizerFast(
-            tokenizer_object=backend,
-            bos_token=END_OF_TEXT,
-            eos_token=END_OF_TEXT,
-            unk_token=END_OF_TEXT,
-            pad_token=END_OF_TEXT,
-            # Clean-up would rewrite " ." to "." and break the exact round trip.
-            clean_up_tokenization_spaces=False,
+        tokenizer = train_bpe_tokenizer(
+            documents, vocab_size, corpus_name=f"the corpus from {self.describe_source()}"
         )
         tokenizer.save_pretrained(save_dir)
         rank_zero_info(
@@ -268,8 +233,8 @@ class TextDataModule(pl.LightningDataModule):
         return tokenizer
 
     def _require_tokenizer(self) -> PreTrainedTokenizerBase:
-        if self.tokenizer is None and self.tokenizer_name_or_path is not None:
-            self.tokenizer = AutoTokenizer.from_pretrained(self.tokenizer_name_or_path)
+        if self.tokenizer is None and self.hparams.tokenizer is not None:
+            self.tokenizer = AutoTokenizer.from_pretrained(self.hparams.tokenizer)
         if self.tokenizer is None:
             raise RuntimeError(
                 "TextDataModule has no tokenizer: set data.tokenizer to a tokenizer directory or hub id, or call "
@@ -281,11 +246,8 @@ class TextDataModule(pl.LightningDataModule):
 
     def describe_source(self) -> str:
         """Human-readable name of the corpus source, for logs and error messages."""
-        if self.files is not None:
-            return f"files {self.files}"
-        if self.hub_dataset is not None:
-            return f"hub dataset {self.hub_dataset!r} (config={self.hub_config!r}, split={self.hub_split!r})"
-        return f"the Python standard library sources in {sysconfig.get_paths()['stdlib']}"
+        hp = self.hparams
+        return corpora.describe_source(hp.files, hp.hub_dataset, hp.hub_config, hp.hub_split)
 
     def load_documents(self) -> list[str]:
         """All documents of the corpus, in a deterministic order, capped at ``max_chars`` characters in total.
@@ -293,140 +255,17 @@ class TextDataModule(pl.LightningDataModule):
         The result is cached because both tokenizer training and packing read it.
         """
         if self._documents is None:
-            documents: list[str] = []
-            total_chars = 0
-            for document in self._iter_source_documents():
-                if not document:
-                    continue
-                if self.max_chars is not None and total_chars + len(document) >= self.max_chars:
-                    documents.append(document[: self.max_chars - total_chars])
-                    break
-                documents.append(document)
-                total_chars += len(document)
-            self._documents = documents
+            hp = self.hparams
+            self._documents = corpora.load_documents(
+                files=hp.files,
+                hub_dataset=hp.hub_dataset,
+                hub_config=hp.hub_config,
+                hub_split=hp.hub_split,
+                text_field=hp.text_field,
+                max_chars=hp.max_chars,
+                seed=hp.seed,
+            )
         return self._documents
-
-    def _iter_source_documents(self) -> Iterator[str]:
-        if self.files is not None:
-            for path in self._expand_files(self.files):
-                yield from self._read_file_documents(path)
-        elif self.hub_dataset is not None:
-            yield from self._iter_hub_documents()
-        else:
-            yield from self._iter_stdlib_documents()
-
-    @staticmethod
-    def _expand_files(files: list[str]) -> list[Path]:
-        paths: list[Path] = []
-        for entry in files:
-            path = Path(entry).expanduser()
-            if not path.exists():
-                raise FileNotFoundError(f"data file or directory not found: {entry!r}")
-            if path.is_dir():
-                found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in SUPPORTED_EXTENSIONS)
-                if not found:
-                    raise ValueError(
-                        f"directory {entry!r} in files contains no files with a supported extension "
-                        f"{', '.join(SUPPORTED_EXTENSIONS)}"
-                    )
-                paths.extend(found)
-            else:
-                paths.append(path)
-        return paths
-
-    def _read_file_documents(self, path: Path) -> Iterator[str]:
-        extension = path.suffix.lower()
-        if extension == ".txt":
-            yield path.read_text(encoding="utf-8")
-        elif extension == ".json":
-            with path.open(encoding="utf-8") as handle:
-                content = json.load(handle)
-            for index, record in enumerate(self._json_records(content, path)):
-                yield self._record_text(record, path, f"record {index}")
-        elif extension == ".jsonl":
-            with path.open(encoding="utf-8") as handle:
-                for line_number, line in enumerate(handle, start=1):
-                    if line.strip():
-                        yield self._record_text(json.loads(line), path, f"line {line_number}")
-        elif extension == ".parquet":
-            yield from self._read_parquet_documents(path)
-        else:
-            raise ValueError(
-                f"unsupported file extension {path.suffix!r} for data file {str(path)!r}; "
-                f"supported extensions: {', '.join(SUPPORTED_EXTENSIONS)}"
-            )
-
-    @staticmethod
-    def _json_records(content: Any, path: Path) -> list[Any]:
-        if isinstance(content, list):
-            return content
-        if isinstance(content, dict):
-            # Accept the common {"data": [...]} wrapper, but only when it is unambiguous which list holds the records.
-            lists = [value for value in content.values() if isinstance(value, list)]
-            if len(lists) == 1:
-                return lists[0]
-        raise ValueError(
-            f"JSON file {str(path)!r} must contain a list of records or a dict with exactly one list of records, "
-            f"got {type(content).__name__}"
-            + (f" with keys {list(content)}" if isinstance(content, dict) else "")
-        )
-
-    def _record_text(self, record: Any, path: Path, where: str) -> str:
-        if not isinstance(record, dict):
-            raise ValueError(
-                f"{where} of data file {str(path)!r} must be an object with a {self.text_field!r} key, "
-                f"got {type(record).__name__}"
-            )
-        if self.text_field not in record:
-            raise ValueError(
-                f"{where} of data file {str(path)!r} has no key text_field={self.text_field!r}; "
-                f"its keys are {list(record)}"
-            )
-        text = record[self.text_field]
-        if not isinstance(text, str):
-            raise ValueError(
-                f"{where} of data file {str(path)!r}: {self.text_field!r} must be a string, got {type(text).__name__}"
-            )
-        return text
-
-    def _read_parquet_documents(self, path: Path) -> Iterator[str]:
-        import pyarrow.parquet as pq
-
-        parquet_file = pq.ParquetFile(path)
-        columns = parquet_file.schema_arrow.names
-        if self.text_field not in columns:
-            raise ValueError(
-                f"parquet file {str(path)!r} has no column text_field={self.text_field!r}; its columns are {columns}"
-            )
-        # Reading batch by batch lets max_chars stop early on large files.
-        for batch in parquet_file.iter_batches(columns=[self.text_field]):
-            for text in batch.column(0).to_pylist():
-                if text is not None:
-                    yield text
-
-    def _iter_hub_documents(self) -> Iterator[str]:
-        import datasets
-
-        dataset = datasets.load_dataset(self.hub_dataset, self.hub_config, split=self.hub_split)
-        if self.text_field not in dataset.column_names:
-            raise ValueError(
-                f"{self.describe_source()} has no column text_field={self.text_field!r}; "
-                f"its columns are {dataset.column_names}"
-            )
-        for batch in dataset.select_columns([self.text_field]).iter(batch_size=1000):
-            for text in batch[self.text_field]:
-                if text is not None:
-                    yield text
-
-    def _iter_stdlib_documents(self) -> Iterator[str]:
-        stdlib = Path(sysconfig.get_paths()["stdlib"])
-        sources = sorted(p for p in stdlib.rglob("*.py") if "site-packages" not in p.relative_to(stdlib).parts)
-        # Sorting first makes the shuffle independent of filesystem order; shuffling mixes packages so that a
-        # max_chars prefix is not, say, only asyncio.
-        random.Random(self.seed).shuffle(sources)
-        for source in sources:
-            # A few stdlib test fixtures are deliberately not UTF-8; replacement characters are harmless here.
-            yield source.read_text(encoding="utf-8", errors="replace")
 
     # ------------------------------------------------------------------ packing
 
@@ -436,7 +275,7 @@ class TextDataModule(pl.LightningDataModule):
         tokenizer = self._require_tokenizer()
         documents = self.load_documents()
         token_ids = self._tokenize_documents(tokenizer, documents)
-        block_len = self.seq_len + 1
+        block_len = self.hparams.seq_len + 1
         num_tokens = token_ids.shape[0]
         num_blocks = num_tokens // block_len
         if num_blocks < 2:
@@ -449,13 +288,14 @@ class TextDataModule(pl.LightningDataModule):
         # The tail that does not fill a whole block is dropped; it is less than one sample's worth of tokens.
         blocks = token_ids[: num_blocks * block_len].view(num_blocks, block_len)
 
-        num_val = max(1, round(self.val_fraction * num_blocks))
+        val_fraction = self.hparams.val_fraction
+        num_val = max(1, round(val_fraction * num_blocks))
         if num_val >= num_blocks:
             raise ValueError(
-                f"val_fraction={self.val_fraction} holds out {num_val} of {num_blocks} blocks, leaving none for "
+                f"val_fraction={val_fraction} holds out {num_val} of {num_blocks} blocks, leaving none for "
                 f"training; lower val_fraction or add data"
             )
-        permutation = torch.randperm(num_blocks, generator=torch.Generator().manual_seed(self.seed))
+        permutation = torch.randperm(num_blocks, generator=torch.Generator().manual_seed(self.hparams.seed))
         # Sorting keeps each split in corpus order; the training stream does its own shuffling.
         self.val_blocks = blocks[permutation[:num_val].sort().values].contiguous()
         self.train_blocks = blocks[permutation[num_val:].sort().values].contiguous()
@@ -500,8 +340,8 @@ class TextDataModule(pl.LightningDataModule):
         train_blocks, _ = self._require_setup()
         return ResumableBlockStream(
             train_blocks,
-            batch_size=self.batch_size,
-            seed=self.seed,
+            batch_size=self.hparams.batch_size,
+            seed=self.hparams.seed,
             start_sample=start_sample,
             rank=rank,
             world_size=world_size,
@@ -510,29 +350,29 @@ class TextDataModule(pl.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         # Stages of a pipeline continue through the corpus: the pipeline sets ``stream_offset`` to the samples
         # consumed by the stages before (SlimMoE spends fresh tokens on every stage).
+        batch_size = self.hparams.batch_size
         start_sample, rank, world_size = self.stream_offset, 0, 1
         if self.trainer is not None:
             rank, world_size = self.trainer.global_rank, self.trainer.world_size
             # Lightning restores global_step from the checkpoint before requesting this loader, so on resume the
             # stream skips exactly the micro-batches already consumed by every rank.
-            start_sample += (
-                self.trainer.global_step * self.trainer.accumulate_grad_batches * self.batch_size * world_size
-            )
+            start_sample += self.trainer.global_step * self.trainer.accumulate_grad_batches * batch_size * world_size
         if start_sample:
             rank_zero_info(f"Training stream starts at global sample {start_sample}")
         # The blocks are an in-memory tensor, so worker processes would only add start-up cost (and duplicate the
         # stream); batch_size here is per device.
         return DataLoader(
             self.train_stream(start_sample=start_sample, rank=rank, world_size=world_size),
-            batch_size=self.batch_size,
+            batch_size=batch_size,
             num_workers=0,
         )
 
     def val_dataloader(self) -> DataLoader:
         _, val_blocks = self._require_setup()
-        return DataLoader(
-            PackedBlockDataset(val_blocks), batch_size=self.val_batch_size, shuffle=False, num_workers=0
-        )
+        val_batch_size = self.hparams.val_batch_size
+        if val_batch_size is None:
+            val_batch_size = self.hparams.batch_size
+        return DataLoader(PackedBlockDataset(val_blocks), batch_size=val_batch_size, shuffle=False, num_workers=0)
 
     def calibration_batches(self, num_tokens: int, batch_size: int | None = None) -> list[dict[str, torch.Tensor]]:
         """Deterministic training batches covering about ``num_tokens`` tokens, for importance scoring.
@@ -542,11 +382,10 @@ class TextDataModule(pl.LightningDataModule):
         fixed calibration batch size keeps scores independent of the device count: KD-Taylor sums |θ·g| per
         batch, so the grouping of samples into batches matters.
         """
-        batch_size = batch_size or self.batch_size
-        if num_tokens < 1:
-            raise ValueError(f"num_tokens must be >= 1, got {num_tokens}")
+        batch_size = batch_size or self.hparams.batch_size
+        _require_at_least("num_tokens", num_tokens)
         train_blocks, _ = self._require_setup()
-        num_samples = min(max(1, math.ceil(num_tokens / self.seq_len)), train_blocks.shape[0])
+        num_samples = min(max(1, math.ceil(num_tokens / self.hparams.seq_len)), train_blocks.shape[0])
         order = self.train_stream().epoch_permutation(0)[:num_samples]
         batches = []
         for start in range(0, num_samples, batch_size):
@@ -556,11 +395,8 @@ class TextDataModule(pl.LightningDataModule):
 
     def steps_for_tokens(self, max_tokens: int, accumulate_grad_batches: int = 1, world_size: int = 1) -> int:
         """Optimizer steps needed to consume ``max_tokens`` training tokens (at least 1)."""
-        if max_tokens < 1:
-            raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
-        if accumulate_grad_batches < 1:
-            raise ValueError(f"accumulate_grad_batches must be >= 1, got {accumulate_grad_batches}")
-        if world_size < 1:
-            raise ValueError(f"world_size must be >= 1, got {world_size}")
-        tokens_per_step = self.seq_len * self.batch_size * accumulate_grad_batches * world_size
+        _require_at_least("max_tokens", max_tokens)
+        _require_at_least("accumulate_grad_batches", accumulate_grad_batches)
+        _require_at_least("world_size", world_size)
+        tokens_per_step = self.hparams.seq_len * self.hparams.batch_size * accumulate_grad_batches * world_size
         return max(1, math.ceil(max_tokens / tokens_per_step))

@@ -10,37 +10,13 @@ optimizer state; it all-gathers a layer for its forward and frees it again.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Optional
-
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from lightning_slimmoe.config import ParallelConfig
 from lightning_slimmoe.families import get_family
-
-_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-
-
-@dataclass
-class ParallelConfig:
-    """Top-level ``parallel:`` key of a recipe (used when ``trainer.strategy`` is ModelParallelStrategy)."""
-
-    param_dtype: Optional[str] = None  # FSDP2 compute dtype of the all-gathered params, e.g. bfloat16
-    reduce_dtype: Optional[str] = "float32"  # gradient reduce-scatter dtype
-    activation_checkpointing: bool = False  # recompute each student decoder layer in backward
-    reshard_after_forward: bool = True  # ZeRO-3 (True) or keep gathered params until backward (ZeRO-2)
-
-    def __post_init__(self):
-        for name in ("param_dtype", "reduce_dtype"):
-            value = getattr(self, name)
-            if value is not None and value not in _DTYPES:
-                raise ValueError(f"parallel.{name}={value!r}: must be one of {sorted(_DTYPES)} or null")
-
-    def dtype(self, name: str) -> torch.dtype | None:
-        value = getattr(self, name)
-        return None if value is None else _DTYPES[value]
-
+from lightning_slimmoe.models import init_non_persistent_buffers_, model_on_meta
 
 def is_sharded(module: nn.Module) -> bool:
     from torch.distributed.fsdp import FSDPModule
@@ -161,16 +137,11 @@ def gather_fsdp1_model(model: nn.Module) -> nn.Module | None:
     """Rank 0: a plain copy of an FSDP1-sharded model (its full state dict, gathered unit by unit to CPU)
     for the HF export; other ranks take part in the gathers and get None."""
     from torch.distributed.checkpoint.state_dict import get_model_state_dict
-    from transformers import AutoModelForCausalLM
-
-    from lightning_slimmoe.loading import init_non_persistent_buffers_
 
     state = get_model_state_dict(model, options=fsdp1_full_state_dict_options(next(model.parameters()).device))
     if dist.get_rank() != 0:
         return None
-
-    with torch.device("meta"):
-        plain = AutoModelForCausalLM.from_config(model.config)
+    plain = model_on_meta(model.config)
     plain.to_empty(device="cpu")  # buffers no state dict holds (rotary inv_freq) get real storage
     plain.load_state_dict(state, strict=True, assign=True)
     init_non_persistent_buffers_(plain)

@@ -1,34 +1,28 @@
-"""Hugging Face export: save, reload with stock ``from_pretrained``, check identical logits, then rename.
+"""The export of a stage's student as a stock Hugging Face model dir, checked before it appears, and its model card.
 
-An export directory only ever appears complete: it is written under ``<dir>.tmp`` and renamed into
-place after the reload check, so a kill mid-export leaves the previous export (if any) untouched.
+A whole model is written with ``save_pretrained`` and reloaded with stock ``from_pretrained`` to identical
+logits (:func:`export_hf`); a sharded one tensor by tensor through the HF-directory writer (hf_dir.py) and read
+back (:func:`export_sharded_hf`). Either way the directory only ever appears complete: it is written under
+``<dir>.tmp`` and renamed into place after the check (storage.py), so a kill mid-export leaves the previous
+export (if any) untouched.
 """
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
 from pathlib import Path
 
 import torch
 from torch import nn
 from transformers import AutoModelForCausalLM
 
+from lightning_slimmoe import storage
+from lightning_slimmoe.distributed import local_rows
+from lightning_slimmoe.hf_dir import HFDirWriter, read_back_problem
+from lightning_slimmoe.models import persistent_tensors
+
 
 class ExportMismatchError(RuntimeError):
     """A saved model did not reload to the same logits."""
-
-
-def replace_dir(tmp: Path, final: Path) -> None:
-    old = final.with_name(final.name + ".old")
-    if old.exists():
-        shutil.rmtree(old)
-    if final.exists():
-        os.replace(final, old)
-    os.replace(tmp, final)
-    if old.exists():
-        shutil.rmtree(old)
 
 
 @torch.no_grad()
@@ -52,22 +46,19 @@ def export_hf(model: nn.Module, out_dir: str | Path, tokenizer=None, probe_ids: 
               extra_files: dict[str, str] | None = None) -> Path:
     """Write ``model`` (+ tokenizer, + extra text files) as an HF dir at ``out_dir``, verified, atomically."""
     out_dir = Path(out_dir)
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    model.save_pretrained(tmp, safe_serialization=True)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(tmp)
-    for name, text in (extra_files or {}).items():
-        (tmp / name).write_text(text)
-    if probe_ids is not None:
-        check_reload(model, tmp, probe_ids)
-    replace_dir(tmp, out_dir)
+    with storage.atomic_dir(out_dir) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text)
+        if probe_ids is not None:
+            check_reload(model, tmp, probe_ids)
     return out_dir
 
 
 # A sharded export is also reloaded with stock ``from_pretrained`` (on every rank, whole) up to this size; above
-# it the check reads back each rank's own rows through loading.py instead (never the whole model on a rank).
+# it the check reads back each rank's own rows only (never the whole model on a rank).
 STOCK_RELOAD_CHECK_MAX_BYTES = 2 * 2**30
 
 
@@ -77,56 +68,33 @@ def export_sharded_hf(model: nn.Module, out_dir: str | Path, tokenizer=None, ext
     """Write an FSDP2-sharded ``model`` as a stock HF dir at ``out_dir`` without gathering it on any rank.
 
     Collective: every rank calls it. Tensor by tensor, in the same order on every rank, ``full_tensor()``
-    all-gathers one tensor; rank 0 converts it to the layout ``save_pretrained`` writes (transformers' own
-    ``revert_weight_conversion``: fused experts back to per-expert keys) and appends it to a safetensors shard
-    (streaming.py's writer), then writes config, generation config and tokenizer. Rank 0's extra memory is one
-    full tensor plus one output shard (``max_shard_bytes``).
+    all-gathers one tensor and rank 0 hands it to the HF-directory writer (hf_dir.py). Rank 0's extra memory is
+    one full tensor plus one output shard (``max_shard_bytes``).
 
     Checked before the directory is renamed into place: every rank reads its own rows of every tensor back
-    through :mod:`lightning_slimmoe.loading` and requires them bit-identical to its shards (bounded memory);
-    for a model of at most ``stock_check_max_bytes``, every rank also reloads the directory with stock
+    (:func:`lightning_slimmoe.hf_dir.read_back_problem`, bounded memory) and requires them bit-identical to its
+    shards; for a model of at most ``stock_check_max_bytes``, every rank also reloads the directory with stock
     ``AutoModelForCausalLM.from_pretrained`` and compares its shards with that model's tensors. Bigger models
     skip the stock reload (it would hold the whole model on each rank); ``tests/test_loading.py`` proves that
-    loading.py reads what ``from_pretrained`` reads. Unlike :func:`export_hf` the check compares parameters,
+    the reader reads what ``from_pretrained`` reads. Unlike :func:`export_hf` the check compares parameters,
     not logits: a sharded forward in a lower ``param_dtype`` would not match an fp32 reload bit for bit.
     """
     import torch.distributed as dist
     from torch.distributed.tensor import DTensor
-    from transformers.core_model_loading import revert_weight_conversion
-
-    from lightning_slimmoe.loading import persistent_tensors
-    from lightning_slimmoe.streaming import _ShardWriter
 
     rank = dist.get_rank() if dist.is_initialized() else 0
-    out_dir = Path(out_dir)
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
-    writer = None
-    if rank == 0:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir(parents=True)
-        writer = _ShardWriter(tmp, max_shard_bytes)
+    writer = HFDirWriter(out_dir, model, max_shard_bytes) if rank == 0 else None
+    tmp = Path(out_dir).with_name(Path(out_dir).name + ".tmp")
     total_bytes = 0
     with torch.no_grad():
         for name, tensor in persistent_tensors(model):
             full = tensor.full_tensor() if isinstance(tensor, DTensor) else tensor  # collective: one tensor
             total_bytes += full.numel() * full.element_size()
             if writer is not None:
-                for key, piece in revert_weight_conversion(model, {name: full.detach().cpu()}).items():
-                    writer.add(key, piece)
+                writer.add(name, full.detach().cpu())
             del full
     if writer is not None:
-        writer.finish()
-        # What save_pretrained records besides the weights.
-        model.config.dtype = str(model.dtype).split(".")[1]
-        model.config.architectures = [type(model).__name__.removeprefix("FSDP")]
-        model.config.save_pretrained(tmp)
-        if model.can_generate():
-            model.generation_config.save_pretrained(tmp)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        for name, text in (extra_files or {}).items():
-            (tmp / name).write_text(text)
+        writer.finish(model.config, model.dtype, tokenizer=tokenizer, extra_files=extra_files)
     if dist.is_initialized():
         dist.barrier()
     problem = _check_export_shards(model, tmp, stock=total_bytes <= stock_check_max_bytes)
@@ -137,33 +105,30 @@ def export_sharded_hf(model: nn.Module, out_dir: str | Path, tokenizer=None, ext
         raise ExportMismatchError(f"export {tmp} (rank {rank}): {problem}")
     if int(failed):
         raise ExportMismatchError(f"export {tmp}: another rank found a mismatch (see its error)")
-    if rank == 0:
-        replace_dir(tmp, out_dir)
+    if writer is not None:
+        writer.commit()
     if dist.is_initialized():
         dist.barrier()
-    return out_dir
+    return Path(out_dir)
 
 
 @torch.no_grad()
 def _check_export_shards(model: nn.Module, directory: Path, stock: bool) -> str | None:
     """None if this rank's rows of every tensor read back bit-identically from ``directory``, else what differs."""
-    from lightning_slimmoe.distributed import local_rows
-    from lightning_slimmoe.loading import CheckpointReader, persistent_tensors
-
-    reference = None
-    if stock:
-        reference = AutoModelForCausalLM.from_pretrained(directory, dtype=model.dtype).state_dict()
-    with CheckpointReader(directory, model) as reader:
+    def local_parts():
         for name, tensor in persistent_tensors(model):
-            local, start, stop = local_rows(tensor)
-            for offset, block in reader.blocks(name, tensor, start, stop):
-                mine = local if local.dim() == 0 else local[offset:offset + block.shape[0]]
-                if block.shape != mine.shape or not torch.equal(block.to(mine.device, mine.dtype), mine):
-                    return f"{name} rows {start + offset}.. read back differently"
-            if reference is not None:
-                theirs = reference.get(name)
-                if theirs is None or not torch.equal(theirs[start:stop] if theirs.dim() else theirs, local.cpu()):
-                    return f"stock from_pretrained reloads {name} differently"
+            local, start, _ = local_rows(tensor)
+            yield name, tensor, local, start
+
+    problem = read_back_problem(directory, model, local_parts())
+    if problem is not None or not stock:
+        return problem
+    reference = AutoModelForCausalLM.from_pretrained(directory, dtype=model.dtype).state_dict()
+    for name, tensor, local, start in local_parts():
+        theirs = reference.get(name)
+        stop = start + (local.shape[0] if local.dim() else 1)
+        if theirs is None or not torch.equal(theirs[start:stop] if theirs.dim() else theirs, local.cpu()):
+            return f"stock from_pretrained reloads {name} differently"
     return None
 
 
@@ -202,5 +167,4 @@ tokenizer = AutoTokenizer.from_pretrained("path/to/final")
 The checkpoint is a stock `{summary['stages'][-1].get('model_type', '')}` model: no custom code is needed.
 
 Run configuration: see `summary.json` beside this directory.
-<!-- {json.dumps({'final_widths': summary['stages'][-1].get('expert_width')})} -->
 """

@@ -28,6 +28,7 @@ from lightning_slimmoe.distill import KDConfig, distill_loss, teacher_topk
 from lightning_slimmoe.distributed import local_rows, reshard_head
 from lightning_slimmoe.families import MoEFamily, get_family, head_dim
 from lightning_slimmoe.slimming import expert_weights, shared_expert_weights
+from lightning_slimmoe.storage import atomic_torch_save
 
 CRITERIA = ("kd_taylor", "activation", "magnitude", "random")
 SCORES_FORMAT = "lightning_slimmoe.scores/1"
@@ -60,16 +61,14 @@ class ImportanceScores:
     num_tokens: int = 0
 
     def save(self, path: str) -> None:
-        """Atomic write (temp file + rename): a crash never leaves a half-written scores file."""
+        """Atomic write (storage.py): a crash never leaves a half-written scores file."""
         payload = {
             "format": SCORES_FORMAT, "criterion": self.criterion, "model_type": self.model_type,
             "shape": dict(self.shape), "num_tokens": int(self.num_tokens),
             **{kind: {str(k): v.detach().float().cpu() for k, v in getattr(self, kind).items()}
                for kind in ("experts", "shared", "groups")},
         }
-        tmp = f"{path}.tmp"
-        torch.save(payload, tmp)
-        os.replace(tmp, path)
+        atomic_torch_save(payload, path)
 
     @classmethod
     def load(cls, path: str, model=None) -> "ImportanceScores":
@@ -126,7 +125,7 @@ def _summed(p: Tensor, contrib: Callable[[Tensor], Tensor], dims: tuple[int, ...
     row offset in a zero table (every row has exactly one owner); when dim 0 is summed over (o_proj
     columns, shared-expert down columns) the local sum is a partial sum. :func:`structure_scores` then
     all-reduces its tables once, so every rank ends with the single-process sums (owned rows exactly, the
-    partial sums up to summation order) without gathering any parameter (design.md §5).
+    partial sums up to summation order) without gathering any parameter (docs/design.md §5).
     """
     c = contrib(p)
     local, start, stop = local_rows(c)

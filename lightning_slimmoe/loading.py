@@ -1,6 +1,6 @@
 """Sharded loading: a big model is built on the meta device, sharded, and each rank reads only its rows.
 
-design.md §4: "big models never materialise whole on one rank". Under ``ModelParallelStrategy`` the
+docs/design.md §4: "big models never materialise whole on one rank". Under ``ModelParallelStrategy`` the
 pipeline builds teacher and student with :func:`meta_model` (shapes only, no memory) and records where
 their weights are (:class:`PendingLoad`); ``StageModule.configure_model`` applies FSDP2 ``fully_shard``
 to the meta model, ``to_empty`` allocates each rank's shards, and :func:`materialize_` fills them with
@@ -11,16 +11,13 @@ expert tensors are assembled expert by expert) or, for a row-sliced tensor, the 
 checkpoint tensor.
 
 A slimmed student is loaded the same way, with the stage's keep indices applied at read time (the same
-selections as :func:`lightning_slimmoe.slimming.slim_model_` and :mod:`lightning_slimmoe.streaming`), so
+selections as :func:`lightning_slimmoe.slimming.slim_model_`), so
 the unsliced student is never written to disk between scoring and training.
 
-Checkpoint layouts: transformers 5 fuses experts in memory (``mlp.experts.gate_up_proj [E, 2I, H]``, gate
-rows then up rows, and ``mlp.experts.down_proj [E, H, I]``) while ``save_pretrained`` writes legacy
-per-expert keys (``block_sparse_moe.experts.{e}.w1/w2/w3.weight`` for PhiMoE/Mixtral,
-``mlp.experts.{e}.gate_proj/up_proj/down_proj.weight`` for Qwen/OLMoE) and renames a few others (PhiMoE's
-router ``block_sparse_moe.gate`` -> ``mlp.router``). Both layouts are read: the expert keys through the
-regexes of :mod:`lightning_slimmoe.streaming`, every other name through transformers' own
-``revert_weight_conversion`` (the mapping ``save_pretrained`` applies), so no family table is duplicated.
+Checkpoint layouts: experts are fused in memory and per expert in hub checkpoints; both are read, the expert
+keys and what a keep selects through :mod:`lightning_slimmoe.checkpoint_layout` (the family adapters' key
+layouts), every other name through transformers' own ``revert_weight_conversion`` (the mapping
+``save_pretrained`` applies, e.g. PhiMoE's router ``block_sparse_moe.gate`` -> ``mlp.router``).
 
 Never ``torch.load``: only safetensors are read.
 """
@@ -38,15 +35,15 @@ from typing import Iterable, Iterator
 import torch
 from safetensors import safe_open
 from torch import Tensor, nn
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoConfig
 
+from lightning_slimmoe.checkpoint_layout import CheckpointLayout
 from lightning_slimmoe.distributed import local_rows
-from lightning_slimmoe.families import get_family, head_dim
+from lightning_slimmoe.models import init_non_persistent_buffers_, model_on_meta, persistent_tensors
 from lightning_slimmoe.slimming import KeepIndices, keep_target, kept_expert_count, slim_config, with_num_experts
-from lightning_slimmoe.streaming import _FUSED, _PER_EXPERT, _weight_files, plain_selection
+from lightning_slimmoe.storage import weight_files
 
 PENDING_ATTR = "slimmoe_pending_load"
-_ROLE = {"w1": "gate", "gate_proj": "gate", "w3": "up", "up_proj": "up", "w2": "down", "down_proj": "down"}
 
 
 @dataclass
@@ -85,8 +82,7 @@ def meta_model(source: str, dtype: torch.dtype, keep: KeepIndices | None = None,
         config = with_num_experts(config, kept_expert_count(kept_experts))
     if keep is not None:
         config = slim_config(config, keep_target(keep, config))
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+    model = model_on_meta(config, dtype, trust_remote_code=trust_remote_code)
     setattr(model, PENDING_ATTR, PendingLoad(source=source, keep=keep, kept_experts=kept_experts))
     return model
 
@@ -104,21 +100,18 @@ class CheckpointReader:
         self.model = model
         self.keep = keep
         self.kept_experts = kept_experts or {}
-        config = model.config
-        self.heads_per_group = config.num_attention_heads // config.num_key_value_heads
-        self.head_dim = head_dim(config)
-        self.router_attr = get_family(config).router_attr
+        self.layout = CheckpointLayout(model.config)
         self._stack = contextlib.ExitStack()
         self._handles: dict[Path, object] = {}
         self.file_of: dict[str, Path] = {}
-        for path in _weight_files(self.source):
+        for path in weight_files(self.source):
             for name in self._handle(path).keys():
                 self.file_of[name] = path
         self.release()
         self.per_expert: dict[tuple[int, int, str], str] = {}  # (layer, expert, gate|up|down) -> key
         for name in self.file_of:
-            if m := _PER_EXPERT.search(name):
-                self.per_expert[(int(m["layer"]), int(m["expert"]), _ROLE[m["proj"]])] = name
+            if (e := self.layout.expert_key(name)) is not None:
+                self.per_expert[(e.layer, e.expert, e.role)] = name
 
     def __enter__(self) -> "CheckpointReader":
         return self
@@ -172,13 +165,15 @@ class CheckpointReader:
         ``like``, the final model's global tensor); offsets are relative to ``start``."""
         if stop <= start:
             return
-        if m := _FUSED.search(name):
-            yield from self._expert_blocks(name, int(m["layer"]), m["proj"], like, start, stop)
+        if (fused := self.layout.fused_key(name)) is not None:
+            yield from self._expert_blocks(name, fused.layer, fused.proj, like, start, stop)
             return
         key = self.checkpoint_key(name, like)
-        selection = None if self.keep is None else plain_selection(name, self.keep, self.heads_per_group, self.head_dim)
-        if selection is None and (r := self._router_rows(name)) is not None:
-            selection = (0, r)  # expert removal: the router keeps the rows of the kept experts
+        selection = None if self.keep is None else self.layout.plain_selection(name, self.keep)
+        router_layer = self.layout.router_layer(name)
+        if selection is None and router_layer in self.kept_experts:
+            # expert removal: the router keeps the rows of the kept experts
+            selection = (0, self.kept_experts[router_layer].sort().values)
         if like.dim() == 0:
             yield 0, self._handle(self.file_of[key]).get_tensor(key)
         elif selection is not None and selection[0] == 0:
@@ -186,12 +181,6 @@ class CheckpointReader:
         else:
             block = self._rows(key, slice(start, stop))
             yield 0, block if selection is None else block.index_select(selection[0], selection[1])
-
-    def _router_rows(self, name: str) -> Tensor | None:
-        for layer, ids in self.kept_experts.items():
-            if name.endswith((f"layers.{layer}.mlp.{self.router_attr}.weight", f"layers.{layer}.mlp.{self.router_attr}.bias")):
-                return ids.sort().values
-        return None
 
     def _expert_blocks(self, name: str, layer: int, proj: str, like: Tensor, start: int, stop: int):
         """Fused experts, one expert at a time: from a fused checkpoint tensor or from per-expert keys."""
@@ -229,11 +218,11 @@ class CheckpointReader:
 
     def first_values(self, name: str, like: Tensor, n: int = 16) -> Tensor:
         """The first ``n`` values of the flattened model tensor ``name``, reading only the rows they lie in."""
-        m = _FUSED.search(name)
-        if m and like.dim() == 3:
+        fused = self.layout.fused_key(name)
+        if fused is not None and like.dim() == 3:
             rows = -(-n // like.shape[2])  # rows of expert 0's (2W, H) or (H, W) block
-            if rows <= (like.shape[1] // 2 if m["proj"] == "gate_up_proj" else like.shape[1]):
-                return self._expert_piece(name, int(m["layer"]), m["proj"], 0, rows=rows).reshape(-1)[:n]
+            if rows <= (like.shape[1] // 2 if fused.proj == "gate_up_proj" else like.shape[1]):
+                return self._expert_piece(name, fused.layer, fused.proj, 0, rows=rows).reshape(-1)[:n]
         row = math.prod(like.shape[1:]) if like.dim() else 1
         stop = min(like.shape[0], -(-n // max(row, 1))) if like.dim() else 1
         blocks = [b.reshape(-1) for _, b in self.blocks(name, like, 0, stop)]
@@ -250,17 +239,6 @@ class CheckpointReader:
 # ---------------------------------------------------------------------------------------------------
 # Filling a (sharded) model
 # ---------------------------------------------------------------------------------------------------
-def persistent_tensors(model: nn.Module) -> Iterator[tuple[str, Tensor]]:
-    """Parameters and persistent buffers in ``state_dict`` order, each shared (tied) tensor once — the
-    tensors a checkpoint holds. Sharded (FSDP2) parameters come as DTensors."""
-    seen: set[int] = set()
-    for name, tensor in model.state_dict(keep_vars=True).items():
-        if id(tensor) in seen:
-            continue
-        seen.add(id(tensor))
-        yield name, tensor
-
-
 @torch.no_grad()
 def load_sharded_(model: nn.Module, source: str | Path, keep: KeepIndices | None = None,
                   kept_experts: dict[int, Tensor] | None = None) -> nn.Module:
@@ -283,24 +261,6 @@ def load_sharded_(model: nn.Module, source: str | Path, keep: KeepIndices | None
             reader.release()
     init_non_persistent_buffers_(model)
     return model
-
-
-@torch.no_grad()
-def init_non_persistent_buffers_(model: nn.Module) -> None:
-    """``to_empty`` leaves buffers that no checkpoint holds (rotary ``inv_freq``) uninitialised: recompute them
-    with the model's own ``_init_weights``, as ``from_pretrained`` does for missing keys."""
-    for name, module in model.named_modules():
-        if not module._non_persistent_buffers_set:
-            continue
-        if any(True for _ in module.parameters(recurse=False)):
-            raise NotImplementedError(f"{name} ({type(module).__name__}) has parameters and non-persistent buffers: "
-                                      "re-initialising it would overwrite loaded weights")
-        model._init_weights(module)
-        for buffer_name in module._non_persistent_buffers_set:
-            buffer = getattr(module, buffer_name, None)
-            if buffer is not None and buffer.is_floating_point() and not bool(torch.isfinite(buffer).all()):
-                raise RuntimeError(f"buffer {name}.{buffer_name} was not re-initialised by {type(model).__name__}"
-                                   "._init_weights")
 
 
 def materialize_(model: nn.Module, device: torch.device | str) -> bool:

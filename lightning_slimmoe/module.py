@@ -17,9 +17,9 @@ from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities import rank_zero_warn
 from torchmetrics import MeanMetric
 
-from lightning_slimmoe.config import OptimizerConfig
+from lightning_slimmoe.config import OptimizerConfig, ParallelConfig
 from lightning_slimmoe.distill import DistillOutput, KDConfig, distill_loss, teacher_topk
-from lightning_slimmoe.distributed import (ParallelConfig, clip_grad_norm_fsdp1_, fsdp1_unit_kwargs, fsdp_mesh,
+from lightning_slimmoe.distributed import (clip_grad_norm_fsdp1_, fsdp1_unit_kwargs, fsdp_mesh,
                                            reshard_head, shard_model, shard_model_fsdp1)
 from lightning_slimmoe.loading import fingerprint, materialize_, pending_fingerprint, pending_load
 
@@ -80,7 +80,7 @@ class StageModule(pl.LightningModule):
     # --- FSDP: student and teacher sharded per decoder layer (distributed.py) -------------------------
     def configure_model(self) -> None:
         """FSDP2 (ModelParallelStrategy): shard student and teacher, then load the ones built on the meta device
-        (loading.py), each rank reading only its shards: no rank ever holds a whole model (design.md §4).
+        (loading.py), each rank reading only its shards: no rank ever holds a whole model (docs/design.md §4).
         FSDP1 (FSDPStrategy): wrap the same units of the (whole, loaded) models; Lightning then leaves the
         module as it is instead of making it one root unit that would mix frozen and trainable weights.
         Idempotent, as Lightning requires: ExpertSlimming calls it early to score the sharded student,
@@ -150,7 +150,6 @@ class StageModule(pl.LightningModule):
         self.log("train/loss", out.loss, prog_bar=True, sync_dist=sync)
         self.log("train/kd_loss", out.kd_loss, sync_dist=sync)
         self.log("train/lm_loss", out.lm_loss, sync_dist=sync)
-        self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"])
         return out.loss
 
     def on_before_optimizer_step(self, optimizer) -> None:
@@ -223,7 +222,8 @@ class StageModule(pl.LightningModule):
             return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        # "name": LearningRateMonitor logs it as the `lr` tag of the run contract.
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "name": "lr"}}
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
         clip = self.optim_cfg.grad_clip if gradient_clip_val is None else gradient_clip_val

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
 from torch import nn
-from transformers import AutoModelForCausalLM
 
+from lightning_slimmoe.distributed import is_fsdp1_sharded
 from lightning_slimmoe.families import get_family
+from lightning_slimmoe.models import model_on_meta
 
 
 @dataclass(frozen=True)
@@ -23,8 +23,6 @@ class ParamCount:
 
 
 def count_params(model: nn.Module) -> ParamCount:
-    from lightning_slimmoe.distributed import is_fsdp1_sharded
-
     if is_fsdp1_sharded(model):  # FSDP1's parameters are this rank's flat shards: count the architecture
         return count_config_params(model.config)
     family = get_family(model)
@@ -44,12 +42,7 @@ def count_params(model: nn.Module) -> ParamCount:
     return ParamCount(total=total, active=active)
 
 
-def meta_model(config) -> nn.Module:
-    """The model a config describes, on the meta device: shapes without memory."""
-    get_family(config)
-    with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config)
-
-
 def count_config_params(config) -> ParamCount:
-    return count_params(meta_model(config))
+    """``count_params`` of the model ``config`` describes, built on the meta device (no memory)."""
+    get_family(config)
+    return count_params(model_on_meta(config))

@@ -129,6 +129,19 @@ def resolve_target(
     return SlimTarget(expert_width=width, attention_groups=groups, shared_expert_width=shared)
 
 
+def widths_of(config) -> dict:
+    """The widths slimming changes, as ``meta.json``, ``summary.json`` and ``plan`` report them."""
+    family = get_family(config)
+    return {
+        "expert_width": family.expert_width(config),
+        "shared_expert_width": family.shared_expert_width(config),
+        "num_experts": family.num_experts(config),
+        "num_attention_heads": int(config.num_attention_heads),
+        "num_key_value_heads": int(config.num_key_value_heads),
+        "head_dim": head_dim(config),
+    }
+
+
 def slim_config(config, target: SlimTarget):
     """A copy of ``config`` describing the model after slimming to ``target`` (no weights touched).
 

@@ -1,4 +1,9 @@
-"""ModelParallelStrategy whose sharded checkpoints are complete-or-absent and never hold NaN/Inf.
+"""The distributed strategies a stage runs under, and the swap of Lightning's stock classes for them.
+
+:class:`AtomicModelParallelStrategy` (FSDP2) and :class:`SlimFSDPStrategy` (FSDP1) are Lightning's own strategies
+with student-only, complete-or-absent, finite-checked checkpoints; a recipe may name them directly, and a recipe
+that names the stock ``ModelParallelStrategy`` / ``FSDPStrategy`` (or ``"fsdp"``) gets them in its place, with
+the same arguments and a log line that says so (:func:`with_atomic_checkpoints`).
 
 Lightning's ``ModelParallelStrategy`` writes a distributed (DCP) checkpoint *into* its target directory: the
 stage's ``last.ckpt/`` is rewritten in place every time, so a kill half-way through leaves the previous
@@ -12,7 +17,7 @@ sees either the old or the new checkpoint under ``<path>``; :func:`latest_comple
 
 Before anything is written, every rank checks its local shards of the weights and optimizer state for
 NaN/Inf and the ranks agree (all-gather): a poisoned checkpoint is refused on *every* rank, naming the rank
-and tensor, so retention never replaces the last finite checkpoint (torchtitan's rule, issue 7).
+and tensor, so retention never replaces the last finite checkpoint (torchtitan's rule).
 
 Checkpoints written without sharding (``save_distributed_checkpoint: false``) go through the Trainer's
 ``CheckpointIO`` on rank 0 (``AtomicCheckpointIO``), which applies the same two rules to a single file.
@@ -20,7 +25,6 @@ Checkpoints written without sharding (``save_distributed_checkpoint: false``) go
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 from pathlib import Path
@@ -31,12 +35,14 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities import rank_zero_info
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
                                                      set_model_state_dict, set_optimizer_state_dict)
 
 from lightning_slimmoe.checkpoint_io import CHECKED_KEYS, first_non_finite
 from lightning_slimmoe.distributed import fsdp1_full_state_dict_options, is_fsdp1_sharded
 from lightning_slimmoe.module import STUDENT_PREFIX
+from lightning_slimmoe import storage
 
 DCP_METADATA = ".metadata"  # written by torch.distributed.checkpoint after every shard
 LIGHTNING_META = "meta.pt"  # Lightning's loop/callback state, written by rank 0 after DCP finished
@@ -64,14 +70,6 @@ def latest_complete_checkpoint(ckpt_dir: Path) -> Path | None:
         if is_complete_checkpoint(path):
             return path
     return None
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class AtomicModelParallelStrategy(ModelParallelStrategy):
@@ -117,15 +115,7 @@ class AtomicModelParallelStrategy(ModelParallelStrategy):
         super().save_checkpoint(checkpoint, tmp, storage_options)  # shards, then .metadata, then meta.pt
         self.barrier("atomic_checkpoint_written")
         if self.global_rank == 0:
-            old = path.with_name(path.name + ".old")
-            if old.exists():
-                shutil.rmtree(old) if old.is_dir() else old.unlink()
-            if path.exists():
-                os.replace(path, old)
-            os.replace(tmp, path)
-            _fsync_dir(path.parent)
-            if old.exists():
-                shutil.rmtree(old) if old.is_dir() else old.unlink()
+            storage.replace_dir(tmp, path)  # the previous one moved aside to <path>.old, deleted after
         self.barrier("atomic_checkpoint_renamed")
 
     def _refuse_non_finite(self, checkpoint: dict[str, Any], path: Path) -> None:
@@ -213,3 +203,43 @@ class SlimFSDPStrategy(FSDPStrategy):
                 set_optimizer_state_dict(student, optimizer, optimizer_state,
                                          options=StateDictOptions(full_state_dict=True))
         return checkpoint
+
+
+_SAID: set[str] = set()
+
+
+def _say_once(message: str) -> None:
+    """One log line per process for each swap (a Trainer is built per stage)."""
+    if message not in _SAID:
+        _SAID.add(message)
+        rank_zero_info(message)
+
+
+def with_atomic_checkpoints(strategy):
+    """Lightning's stock ``ModelParallelStrategy`` rewrites a sharded checkpoint in place (a kill mid-save
+    leaves a directory that looks complete); :class:`AtomicModelParallelStrategy`, with the same arguments, takes
+    its place. ``FSDPStrategy`` (FSDP1, also as "fsdp" / "fsdp_cpu_offload") becomes :class:`SlimFSDPStrategy`
+    (per-layer units for teacher and student, student-only checkpoints). Each swap is logged; every other
+    strategy (our own classes included) is returned as given."""
+    if strategy in ("fsdp", "fsdp_cpu_offload"):
+        _say_once(f"trainer.strategy={strategy!r}: using {__name__}.SlimFSDPStrategy (FSDP1 units per decoder "
+                  "layer for teacher and student, student-only checkpoints)")
+        return SlimFSDPStrategy(cpu_offload=strategy == "fsdp_cpu_offload")
+    if type(strategy) is FSDPStrategy:
+        if strategy._activation_checkpointing_kwargs:  # not passed on below: refused here, as the class does
+            raise ValueError(LIGHTNING_ACTIVATION_CHECKPOINTING)
+        _say_once(f"trainer.strategy=FSDPStrategy: using {__name__}.SlimFSDPStrategy with the same arguments "
+                  "(FSDP1 units per decoder layer for teacher and student, student-only checkpoints)")
+        return SlimFSDPStrategy(
+            process_group_backend=strategy._process_group_backend, timeout=strategy._timeout,
+            cpu_offload=strategy.cpu_offload, mixed_precision=strategy.mixed_precision,
+            sharding_strategy=strategy.sharding_strategy, state_dict_type=strategy._state_dict_type,
+            **strategy.kwargs)
+    if type(strategy) is not ModelParallelStrategy:
+        return strategy
+    _say_once(f"trainer.strategy=ModelParallelStrategy: using {__name__}.AtomicModelParallelStrategy with the same "
+              "arguments (atomic, finite-checked, student-only sharded checkpoints)")
+    return AtomicModelParallelStrategy(
+        data_parallel_size=strategy._data_parallel_size, tensor_parallel_size=strategy._tensor_parallel_size,
+        save_distributed_checkpoint=strategy._save_distributed_checkpoint,
+        process_group_backend=strategy._process_group_backend, timeout=strategy._timeout)

@@ -36,10 +36,10 @@ from typing import Callable, Iterable
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import Tensor
 
-from lightning_slimmoe.checkpoint_io import write_json_atomic
+from lightning_slimmoe.storage import save_safetensors_atomic, write_json_atomic
 from lightning_slimmoe.distill import KDConfig
 
 FORMAT = "lightning_slimmoe.teacher_cache/1"
@@ -71,12 +71,6 @@ def data_digest(blocks: Tensor, indices: Tensor) -> str:
     for start in range(0, len(indices), _HASH_BLOCKS):
         h.update(blocks[indices[start:start + _HASH_BLOCKS]].to(torch.int64).contiguous().numpy().tobytes())
     return h.hexdigest()
-
-
-def _save_atomic(tensors: dict[str, Tensor], path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
-    os.replace(tmp, path)
 
 
 @dataclass(frozen=True)
@@ -278,7 +272,7 @@ class TeacherCache:
                 self._remove_partial()
             self.dir.mkdir(parents=True, exist_ok=True)
             write_json_atomic(self.dir / BUILDING, meta)
-            _save_atomic({"block_index": self.needed}, self.dir / BLOCKS)
+            save_safetensors_atomic({"block_index": self.needed}, self.dir / BLOCKS)
         barrier()
 
         per_file, num_blocks, k, seq_len = self.blocks_per_file, len(self.needed), self.key.top_k, self.key.seq_len
@@ -303,7 +297,7 @@ class TeacherCache:
             values.append(values_NK.reshape(end - start, seq_len, k).to("cpu", value_dtype))  # (b, T, k)
             ids.append(ids_NK.reshape(end - start, seq_len, k).to("cpu").to(id_dtype))  # (b, T, k)
             if end == min((part + 1) * per_file, num_blocks):  # the part is full: to disk, free the memory
-                _save_atomic({"block_index": self.needed[part * per_file:end], "values": torch.cat(values),
+                save_safetensors_atomic({"block_index": self.needed[part * per_file:end], "values": torch.cat(values),
                               "ids": torch.cat(ids)}, self.dir / part_name(part))
                 values, ids = [], []
         barrier()

@@ -22,7 +22,8 @@ from callbacks.expert_slimming import ExpertSlimming  # noqa: E402
 from lightning_slimmoe.distill import KDConfig  # noqa: E402
 from lightning_slimmoe.export import export_sharded_hf  # noqa: E402
 from lightning_slimmoe.importance import compute_scores  # noqa: E402
-from lightning_slimmoe.distributed import ParallelConfig, fsdp_mesh, shard_model  # noqa: E402
+from lightning_slimmoe.config import ParallelConfig  # noqa: E402
+from lightning_slimmoe.distributed import fsdp_mesh, shard_model  # noqa: E402
 from lightning_slimmoe.loading import PendingLoad, materialize_, meta_model, pending_load  # noqa: E402
 from lightning_slimmoe.module import StageModule, model_fingerprint  # noqa: E402
 from lightning_slimmoe.slimming import resolve_target, select_keep  # noqa: E402

@@ -15,7 +15,7 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from conftest import random_batch  # noqa: E402
+from helpers import random_batch  # noqa: E402
 from lightning_slimmoe.distill import KDConfig  # noqa: E402
 from lightning_slimmoe.importance import CRITERIA, compute_scores, expert_saliency  # noqa: E402
 from lightning_slimmoe.loading import meta_model  # noqa: E402

@@ -1,4 +1,4 @@
-"""Issue 7 (8): every bad input fails fast, before any model weight is loaded, naming the field, the value
+"""Every bad input fails fast, before any model weight is loaded, naming the field, the value
 and the rule, and writes nothing (output_dir stays absent)."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import yaml
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import lightning_slimmoe.pipeline as pipeline
-from conftest import tiny_config, tiny_recipe
+from helpers import tiny_config, tiny_recipe
 from lightning_slimmoe.cli import main
 from lightning_slimmoe.families import UnsupportedModelError
 from lightning_slimmoe.importance import ImportanceScores, model_shape

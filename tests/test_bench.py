@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import make_teacher_dir
+from helpers import make_teacher_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -67,7 +67,7 @@ def test_perplexity_is_mean_nll_over_non_overlapping_windows(qwen_dir, short_tex
 
 
 def test_eval_subcommand(qwen_dir, short_text_file, capsys):
-    from lightning_slimmoe.__main__ import main
+    from lightning_slimmoe.cli import dispatch as main
 
     main(["eval", "--model", qwen_dir, "--ppl-file", short_text_file, "--seq-len", "24", "--teacher", qwen_dir,
           "--json"])

@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from conftest import make_teacher_dir, random_batch, tiny_recipe
+from helpers import make_teacher_dir, random_batch, tiny_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL_PARALLEL = '{"class_path": "lightning.pytorch.strategies.ModelParallelStrategy"}'

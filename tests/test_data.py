@@ -1,4 +1,5 @@
-"""Tests for lightning_slimmoe.data: corpus loading, tokenizer training, packing, and the resumable stream."""
+"""Tests for lightning_slimmoe.data (packing, the resumable stream) and the corpus readers and tokenizer training
+it builds on (lightning_slimmoe.corpora, lightning_slimmoe.tokenizer)."""
 
 import json
 import random
@@ -11,7 +12,9 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
+from lightning_slimmoe import corpora
 from lightning_slimmoe.data import ResumableBlockStream, TextDataModule
+from lightning_slimmoe.tokenizer import train_bpe_tokenizer
 
 SEQ_LEN = 16
 BATCH_SIZE = 4
@@ -104,6 +107,19 @@ def test_tokenizer_vocab_too_small_is_rejected(tmp_path, texts):
         dm.train_tokenizer(vocab_size=100, save_dir=str(tmp_path / "tok"))
 
 
+def test_train_bpe_tokenizer_function(texts, tokenizer):
+    trained = train_bpe_tokenizer(texts, vocab_size=300)
+    assert len(trained) == 300 and trained.eos_token_id == tokenizer.eos_token_id
+    # The function is what train_tokenizer() runs: same corpus, same vocabulary.
+    assert trained.get_vocab() == tokenizer.get_vocab()
+    text = "unseen: ß 🙂 \t x  "
+    assert trained.decode(trained(text, add_special_tokens=False)["input_ids"]) == text
+    with pytest.raises(ValueError, match="vocab_size must be >= 257"):
+        train_bpe_tokenizer(texts, vocab_size=256)
+    with pytest.raises(ValueError, match="cannot train a tokenizer: the corpus has no text"):
+        train_bpe_tokenizer([], vocab_size=300)
+
+
 def test_tokenizer_loaded_from_path_argument(tmp_path, texts, tokenizer_dir, datamodule):
     dm = TextDataModule(files=write_txt(tmp_path / "txt", texts), seq_len=SEQ_LEN, seed=3, tokenizer=str(tokenizer_dir))
     dm.setup("fit")
@@ -157,13 +173,76 @@ def test_max_chars_caps_the_corpus(tmp_path, texts):
     assert dm.load_documents() == [texts[0], texts[1][:10]]
 
 
+def test_readers_on_tiny_files(tmp_path):
+    txt = tmp_path / "one.txt"
+    txt.write_text("whole file\nis one document", encoding="utf-8")
+    assert list(corpora.read_txt(txt)) == ["whole file\nis one document"]
+    as_list = tmp_path / "list.json"
+    as_list.write_text(json.dumps([{"body": "a"}, {"body": "b"}]), encoding="utf-8")
+    wrapped = tmp_path / "wrapped.json"
+    wrapped.write_text(json.dumps({"meta": 1, "rows": [{"body": "a"}, {"body": "b"}]}), encoding="utf-8")
+    assert list(corpora.read_json(as_list, "body")) == list(corpora.read_json(wrapped, "body")) == ["a", "b"]
+    jsonl = tmp_path / "rows.jsonl"
+    jsonl.write_text('{"text": "a"}\n\n  \n{"text": "b"}\n', encoding="utf-8")  # blank lines are skipped
+    assert list(corpora.read_jsonl(jsonl)) == ["a", "b"]
+    parquet = tmp_path / "rows.parquet"
+    datasets.Dataset.from_dict({"text": ["a", None, "b"]}).to_parquet(str(parquet))  # nulls are skipped
+    assert list(corpora.read_parquet(parquet)) == ["a", "b"]
+    # read_file_documents dispatches on the extension.
+    assert list(corpora.read_file_documents(txt)) == ["whole file\nis one document"]
+    assert list(corpora.read_file_documents(as_list, "body")) == ["a", "b"]
+    assert list(corpora.read_file_documents(jsonl)) == list(corpora.read_file_documents(parquet)) == ["a", "b"]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "a"}\n{"text": 3}\n', encoding="utf-8")
+    with pytest.raises(ValueError, match=r"line 2 of data file .*bad\.jsonl.*must be a string, got int"):
+        list(corpora.read_jsonl(bad))
+    with pytest.raises(ValueError, match=r"record 0 of data file .*list\.json.*no key text_field='text'"):
+        list(corpora.read_json(as_list, "text"))
+
+
+def test_expand_files_and_describe_source(tmp_path):
+    (tmp_path / "corpus" / "sub").mkdir(parents=True)
+    for name in ("b.txt", "a.jsonl", "sub/c.PARQUET", "notes.md"):
+        (tmp_path / "corpus" / name).write_text("x")
+    single = tmp_path / "single.txt"
+    single.write_text("y")
+    expanded = corpora.expand_files([str(single), str(tmp_path / "corpus")])
+    assert [p.relative_to(tmp_path).as_posix() for p in expanded] == [
+        "single.txt", "corpus/a.jsonl", "corpus/b.txt", "corpus/sub/c.PARQUET"
+    ]
+    assert corpora.describe_source(files=["x.txt"]) == "files ['x.txt']"
+    assert corpora.describe_source(hub_dataset="d", hub_split="test") == "hub dataset 'd' (config=None, split='test')"
+    assert corpora.describe_source().startswith("the Python standard library sources in ")
+
+
+def test_load_documents_function_caps_and_skips_empty(tmp_path, texts):
+    files = write_txt(tmp_path / "txt", [texts[0], "", texts[1], texts[2]])
+    assert corpora.load_documents(files=files) == texts[:3]  # the empty document is skipped
+    assert corpora.load_documents(files=files, max_chars=len(texts[0])) == [texts[0]]
+    assert corpora.load_documents(files=files, max_chars=len(texts[0]) + 1) == [texts[0], texts[1][:1]]
+    assert corpora.load_documents(files=files, max_chars=5) == [texts[0][:5]]
+    assert corpora.load_documents(max_chars=50_000, seed=7) == TextDataModule(max_chars=50_000, seed=7).load_documents()
+
+
+def test_arguments_are_kept_once_in_hparams(tmp_path, texts, tokenizer):
+    dm = TextDataModule(files=write_txt(tmp_path / "txt", texts), seq_len=SEQ_LEN, batch_size=3, val_batch_size=2)
+    assert dm.batch_size == dm.hparams.batch_size == 3  # read by callbacks through trainer.datamodule
+    with pytest.raises(AttributeError):
+        dm.batch_size = 5
+    assert not hasattr(dm, "files") and not hasattr(dm, "seq_len") and not hasattr(dm, "tokens_per_sample")
+    dm.set_tokenizer(tokenizer)
+    dm.setup("fit")
+    assert next(iter(dm.val_dataloader()))["input_ids"].shape[0] == min(2, dm.num_val_blocks)
+    assert next(iter(dm.train_dataloader()))["input_ids"].shape[0] == 3
+
+
 # ---------------------------------------------------------------- packing and split
 
 
 def test_packing_shapes_and_shifted_targets(datamodule, texts, tokenizer):
     dm = datamodule
     block_len = SEQ_LEN + 1
-    assert dm.tokens_per_sample == SEQ_LEN
+    assert dm.hparams.seq_len == SEQ_LEN
     assert dm.train_blocks.dtype == torch.int64 and dm.train_blocks.shape == (dm.num_train_blocks, block_len)
     assert dm.val_blocks.shape == (dm.num_val_blocks, block_len)
     num_blocks = dm.num_train_blocks + dm.num_val_blocks
@@ -226,7 +305,7 @@ def test_stream_follows_seeded_epoch_permutations(datamodule):
     samples = stream_samples(dm, start_sample=0, count=2 * num_train + 5)
     for index, sample in enumerate(samples):
         epoch, position = divmod(index, num_train)
-        permutation = torch.randperm(num_train, generator=torch.Generator().manual_seed(dm.seed + epoch))
+        permutation = torch.randperm(num_train, generator=torch.Generator().manual_seed(dm.hparams.seed + epoch))
         assert torch.equal(sample, dm.train_blocks[permutation[position], :-1])
     # Every block appears exactly once per epoch.
     first_epoch = {tuple(sample.tolist()) for sample in samples[:num_train]}

@@ -3,38 +3,12 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from conftest import make_teacher_dir, random_batch, tiny_recipe
-
-ROOT = Path(__file__).resolve().parents[1]
-MODEL_PARALLEL = '{"class_path": "lightning.pytorch.strategies.ModelParallelStrategy"}'
-FSDP1 = '{"class_path": "lightning.pytorch.strategies.FSDPStrategy"}'
-
-
-def scalars(tb_dir: Path, tag: str) -> dict[int, float]:
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    values = {}
-    for events in sorted(tb_dir.glob("events.out.tfevents*")):
-        acc = EventAccumulator(str(events), size_guidance={"scalars": 0})
-        acc.Reload()
-        if tag in acc.Tags()["scalars"]:
-            values.update({e.step: e.value for e in acc.Scalars(tag)})
-    return values
-
-
-def train(recipe: str, out: Path, *extra: str) -> None:
-    result = subprocess.run([sys.executable, "train.py", "--config", recipe, "--output_dir", str(out), *extra],
-                            cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
-
+from helpers import FSDP1, MODEL_PARALLEL, make_teacher_dir, random_batch, scalars, tiny_recipe, train
 
 # A tiny grad_clip so that clipping acts on every step: the global gradient norm over every FSDP unit
 # (both FSDP flavours compute it over shards) must equal the single process's.

@@ -8,7 +8,7 @@ import pickle
 import pytest
 import torch
 
-from conftest import random_batch, tiny_model
+from helpers import random_batch, tiny_model
 from lightning_slimmoe.distill import KDConfig
 from lightning_slimmoe.families import get_family
 from lightning_slimmoe.importance import ImportanceScores, compute_scores, expert_saliency

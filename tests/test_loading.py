@@ -13,11 +13,10 @@ import torch
 from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM
 
-from conftest import FAMILIES, random_batch, tiny_model
+from helpers import ATTN_PRUNABLE, FAMILIES, random_batch, random_keep, tiny_model
 from lightning_slimmoe.loading import materialize_, meta_model, pending_fingerprint, pending_load
 from lightning_slimmoe.module import model_fingerprint
 from lightning_slimmoe.slimming import remove_experts_, slim_model_
-from test_slimming import ATTN_PRUNABLE, random_keep
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -113,7 +112,7 @@ def test_missing_tensor_is_named(tmp_path):
 @pytest.mark.distributed
 def test_sharded_scores_equal_single_process(tmp_path):
     """Every criterion scored on FSDP2-sharded student and teacher (2 gloo ranks) gives the single-process
-    scores, so every rank keeps what one process keeps (design.md §5)."""
+    scores, so every rank keeps what one process keeps (docs/design.md §5)."""
     from lightning_slimmoe.distill import KDConfig
     from lightning_slimmoe.importance import CRITERIA, compute_scores, expert_saliency
     from lightning_slimmoe.slimming import resolve_target, select_keep

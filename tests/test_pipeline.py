@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from conftest import FAMILIES, make_teacher_dir, read_summary, tiny_recipe
+from helpers import FAMILIES, make_teacher_dir, read_summary, tiny_recipe
 from lightning_slimmoe.cli import main
 
 
@@ -60,7 +60,7 @@ def test_users_own_tiny_moe_of_each_family(tmp_path, corpus_file, family):
     AutoModelForCausalLM.from_pretrained(summary["final_dir"])
 
 
-def test_resume_after_interruption_reproduces_losses(tmp_path, phimoe_teacher, corpus_file):
+def test_resume_after_interruption_reproduces_losses(tmp_path, phimoe_teacher, corpus_file, monkeypatch):
     """Kill stage 2 after a checkpoint, resume: per-step losses equal the uninterrupted run exactly."""
     from lightning.pytorch import Callback
 
@@ -86,17 +86,15 @@ def test_resume_after_interruption_reproduces_losses(tmp_path, phimoe_teacher, c
     ]
     import lightning_slimmoe.cli as cli
 
+    original = cli.SlimMoECLI.make_trainer
+
     def run(subdir, extra, resume=False):
         recipe = tiny_recipe(tmp_path / subdir, phimoe_teacher, corpus_file, stages=stages)
-        original = cli.SlimMoECLI.make_trainer
 
         def make_trainer(self, extra_callbacks=(), **kw):
             return original(self, extra_callbacks=[*extra_callbacks, *extra], **kw)
-        cli.SlimMoECLI.make_trainer = make_trainer
-        try:
-            return main(["--config", recipe] + (["--resume", "true"] if resume else []))
-        finally:
-            cli.SlimMoECLI.make_trainer = original
+        monkeypatch.setattr(cli.SlimMoECLI, "make_trainer", make_trainer)  # this run's callbacks only
+        return main(["--config", recipe] + (["--resume", "true"] if resume else []))
 
     (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
     full = RecordLoss()
@@ -129,7 +127,7 @@ def test_teacher_never_in_checkpoint_and_gets_no_grads(tmp_path, phimoe_teacher,
     assert sum(s["exp_avg"].numel() for s in optim_state.values()) == n_student  # optimizer: student only
 
     from lightning_slimmoe.module import StageModule
-    from conftest import random_batch
+    from helpers import random_batch
     teacher = AutoModelForCausalLM.from_pretrained(phimoe_teacher)
     student = AutoModelForCausalLM.from_pretrained(phimoe_teacher)
     module = StageModule(student, teacher).train()

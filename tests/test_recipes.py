@@ -13,10 +13,10 @@ import torch
 import yaml
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from conftest import read_summary, tiny_recipe
+from helpers import read_summary, tiny_recipe
 from lightning_slimmoe.cli import SlimMoECLI, main
 from lightning_slimmoe.data import TextDataModule
-from lightning_slimmoe.pipeline import Pipeline
+from lightning_slimmoe.planning import plan_shapes
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = sorted(p.name for p in (ROOT / "conf").glob("*.yaml"))
@@ -29,8 +29,8 @@ def test_recipe_list_is_complete():
 @pytest.mark.parametrize("recipe", RECIPES)
 def test_every_recipe_parses_and_plans(recipe):
     cli = SlimMoECLI(args=["--config", str(ROOT / "conf" / recipe)])
-    teacher, configs = Pipeline(cli.spec, cli.datamodule, cli.make_trainer).plan()
-    assert len(configs) == len(cli.spec.stages) >= 2
+    shapes = plan_shapes(cli.run_config)
+    assert len(shapes.configs) == len(cli.run_config.stages) >= 2
 
 
 def run_plan(recipe: str) -> dict:

@@ -1,8 +1,8 @@
-"""Issue 7: kills, faults and bad resumes lose nothing and resume exactly (CPU, real processes).
+"""Kills, faults and bad resumes lose nothing and resume exactly (CPU, real processes).
 
 The kill scenarios run ``train.py``'s own entry point (``lightning_slimmoe.cli.main``) in a child process
-through a small *test-only* driver (written below into the test's temp dir; nothing test-specific lives
-in the product). The driver adds a recording callback (per-step loss and the first token ids of every
+through a small *test-only* driver, ``tests/fault_driver.py`` (nothing test-specific lives in the
+product). The driver adds a recording callback (per-step loss and the first token ids of every
 batch, one fsync'ed JSONL line each) and kills its own process with SIGKILL at the chosen point: at a
 training step, half-way through writing a checkpoint file, inside ``export_hf`` before the rename, or
 at a stage boundary (during scoring, between scoring and slicing, between slicing and the first KD
@@ -21,6 +21,7 @@ import copy
 import hashlib
 import json
 import os
+import pickle
 import random
 import shutil
 import signal
@@ -33,7 +34,7 @@ import pytest
 import torch
 from lightning.pytorch import Callback
 
-from conftest import read_summary, tiny_recipe
+from helpers import FSDP1, MODEL_PARALLEL, read_summary, tiny_model, tiny_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 WATCHDOG_S = 120  # no child may take longer than this (a hang fails the test instead of the CI job)
@@ -47,246 +48,7 @@ STAGES = [
 ]
 STEPS = {"slim1": 4, "slim2": 6}
 
-DRIVER = r'''
-"""Test-only driver: lightning_slimmoe.cli.main(argv) plus a recorder and one fault (see test_reliability)."""
-import hashlib, io, json, os, signal, sys, time
-sys.path.insert(0, os.getcwd())
-OPTS = json.loads(os.environ["RELIABILITY_DRIVER"])
-FAULT = OPTS.get("fault") or {}
-
-
-def log(**record):
-    record["pid"] = os.getpid()
-    with open(OPTS["log"], "a") as f:
-        f.write(json.dumps(record) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def die(where):
-    # the whole process group: every rank of the job dies at once, as when a node is lost
-    log(event="kill", where=where)
-    os.killpg(os.getpgid(0), signal.SIGKILL)
-
-
-import torch
-from lightning.pytorch import Callback
-import lightning_slimmoe.checkpoint_io as checkpoint_io
-import lightning_slimmoe.cli as cli
-import lightning_slimmoe.export as export
-import callbacks.expert_slimming as expert_slimming
-from callbacks.expert_slimming import ExpertSlimming, widths_of
-from callbacks.preemption import CheckpointOnSigterm
-
-CURRENT = {"stage": None}
-
-
-def stage_of(trainer):
-    return next((c.stage.name for c in trainer.callbacks if isinstance(c, ExpertSlimming)), None)
-
-
-def at(kind, stage=None, rank=None):
-    return (FAULT.get("kind") == kind and (stage is None or FAULT.get("stage") == stage)
-            and (rank is None or FAULT.get("rank") in (None, rank)))
-
-
-def local_state_hash(pl_module, trainer):
-    """sha256 of this rank's student weights (local shards) and optimizer state, in a fixed order."""
-    h = hashlib.sha256()
-
-    def add(name, t):
-        t = t.to_local() if hasattr(t, "to_local") else t
-        h.update(name.encode())
-        h.update(t.detach().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
-    for name, t in pl_module.student.state_dict().items():
-        add(name, t)
-    for opt in trainer.optimizers:
-        for g, group in enumerate(opt.param_groups):
-            for i, p in enumerate(group["params"]):
-                for k, v in sorted(opt.state.get(p, {}).items()):
-                    if torch.is_tensor(v):
-                        add(f"opt{g}.{i}.{k}", v)
-    return h.hexdigest()
-
-
-class Recorder(Callback):
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        name = stage_of(trainer)
-        if at("nan_loss", name) and trainer.global_step == FAULT["step"]:
-            log(event="state", when="before", stage=name, step=trainer.global_step, rank=trainer.global_rank,
-                hash=local_state_hash(pl_module, trainer))
-        if at("nan_loss", name) and trainer.global_step == FAULT["step"] + 1:  # reached only if the step was skipped
-            log(event="state", when="after_skip", stage=name, step=trainer.global_step, rank=trainer.global_rank,
-                hash=local_state_hash(pl_module, trainer))
-
-    def on_exception(self, trainer, pl_module, exception):
-        log(event="exception", stage=stage_of(trainer), step=trainer.global_step, rank=trainer.global_rank,
-            type=type(exception).__name__, message=str(exception))
-        if at("nan_loss", stage_of(trainer)):
-            log(event="state", when="after", stage=stage_of(trainer), step=trainer.global_step,
-                rank=trainer.global_rank, hash=local_state_hash(pl_module, trainer))
-
-    def on_train_start(self, trainer, pl_module):
-        name = stage_of(trainer)
-        log(event="train_start", stage=name, step=trainer.global_step, rank=trainer.global_rank,
-            widths=widths_of(pl_module.student.config))
-        if at("train_start", name):
-            die(f"{name}: after slicing, before the first KD step")
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        name = stage_of(trainer)
-        log(event="step", stage=name, step=trainer.global_step, rank=trainer.global_rank,
-            loss=outputs["loss"].item(), first_ids=batch["input_ids"][:, :4].tolist())
-        if at("step", name, trainer.global_rank) and trainer.global_step == FAULT["step"]:
-            die(f"{name}: step {trainer.global_step} on rank {trainer.global_rank}")
-        if at("await_sigterm", name, trainer.global_rank) and trainer.global_step == FAULT["step"]:
-            log(event="ready", stage=name, step=trainer.global_step, rank=trainer.global_rank)
-            preemption = next(c for c in trainer.callbacks if isinstance(c, CheckpointOnSigterm))
-            deadline = time.time() + 60
-            while not preemption.received and time.time() < deadline:
-                time.sleep(0.02)
-            log(event="sigterm_seen", received=preemption.received)
-
-
-_make_trainer = cli.SlimMoECLI.make_trainer
-
-
-def make_trainer(self, extra_callbacks=(), **overrides):
-    # first, so that its batch-end record (and a test's wait for a signal) comes before the product's callbacks
-    return _make_trainer(self, extra_callbacks=[Recorder(), *extra_callbacks], **overrides)
-
-
-cli.SlimMoECLI.make_trainer = make_trainer
-
-
-class HalfWritingTorch:
-    """Stands in for ``torch`` inside checkpoint_io: the chosen checkpoint is cut off half-way."""
-
-    def __getattr__(self, name):
-        return getattr(torch, name)
-
-    @staticmethod
-    def save(obj, f, *args, **kwargs):
-        target = getattr(f, "name", str(f))
-        if (at("checkpoint_half_written") and str(target).endswith(FAULT["path_suffix"])
-                and isinstance(obj, dict) and obj.get("global_step") == FAULT["step"]):
-            buffer = io.BytesIO()
-            torch.save(obj, buffer)
-            data = buffer.getvalue()
-            f.write(data[: len(data) // 2])
-            f.flush()
-            os.fsync(f.fileno())
-            die(f"writing {target}: {len(data) // 2} of {len(data)} bytes")
-        return torch.save(obj, f, *args, **kwargs)
-
-
-checkpoint_io.torch = HalfWritingTorch()
-
-_replace_dir = export.replace_dir
-
-
-def replace_dir(tmp, final):
-    if at("export_before_rename") and str(tmp).endswith(FAULT["path_suffix"]):
-        die(f"export_hf: {tmp} written, not yet renamed to {final}")
-    return _replace_dir(tmp, final)
-
-
-export.replace_dir = replace_dir
-
-_setup = ExpertSlimming.setup
-
-
-def setup(self, trainer, pl_module, stage):
-    CURRENT["stage"] = self.stage.name
-    return _setup(self, trainer, pl_module, stage)
-
-
-ExpertSlimming.setup = setup
-
-_compute_scores = expert_slimming.compute_scores
-
-
-def compute_scores(*args, **kwargs):
-    scores = _compute_scores(*args, **kwargs)
-    log(event="scored", stage=CURRENT["stage"])
-    if at("scoring", CURRENT["stage"]):
-        die(f"{CURRENT['stage']}: during scoring (scores computed, not saved)")
-    return scores
-
-
-expert_slimming.compute_scores = compute_scores
-
-_slim_model = expert_slimming.slim_model_
-
-
-def slim_model_(model, keep):
-    if CURRENT.get("reapplying"):
-        return _slim_model(model, keep)
-    if at("before_slicing", CURRENT["stage"]):
-        die(f"{CURRENT['stage']}: between scoring and slicing")
-    log(event="sliced", stage=CURRENT["stage"], kept_index_hash=keep.digest())
-    return _slim_model(model, keep)
-
-
-expert_slimming.slim_model_ = slim_model_
-
-_reapply = ExpertSlimming._reapply
-
-
-def reapply(self, *args, **kwargs):
-    log(event="reapplied", stage=self.stage.name)
-    CURRENT["reapplying"] = True
-    try:
-        return _reapply(self, *args, **kwargs)
-    finally:
-        CURRENT["reapplying"] = False
-
-
-ExpertSlimming._reapply = reapply
-
-import dataclasses
-import lightning.pytorch.strategies.model_parallel as model_parallel
-from lightning_slimmoe.module import StageModule
-
-_dcp_save = model_parallel._distributed_checkpoint_save
-
-
-def dcp_save(state, path):
-    _dcp_save(state, path)  # every shard and DCP's .metadata are written; Lightning's meta.pt and the rename not yet
-    if at("sharded_checkpoint_written") and str(path).endswith(FAULT["path_suffix"]):
-        CURRENT["saves"] = CURRENT.get("saves", 0) + 1
-        if CURRENT["saves"] < FAULT["occurrence"]:
-            return
-        import torch.distributed as dist
-        dist.barrier()  # both ranks' shards are on disk
-        if dist.get_rank() == 0:
-            die(f"sharded save of {path}: shards and .metadata written, not yet renamed")
-        time.sleep(60)
-
-
-model_parallel._distributed_checkpoint_save = dcp_save
-
-_forward_loss = StageModule.forward_loss
-
-
-def forward_loss(self, batch):
-    out = _forward_loss(self, batch)
-    if (self.training and at("nan_loss", CURRENT["stage"], self.global_rank) and self.global_step == FAULT["step"]):
-        nan = torch.tensor(float("nan"))
-        out = dataclasses.replace(out, loss=out.loss * nan, kd_loss=out.kd_loss * nan)
-    return out
-
-
-StageModule.forward_loss = forward_loss
-
-try:
-    cli.main(sys.argv[1:])
-except BaseException as exc:  # SystemExit included: record how each rank ended
-    log(event="exit", rank=int(os.environ.get("LOCAL_RANK", 0)), type=type(exc).__name__,
-        code=getattr(exc, "code", None))
-    raise
-log(event="done", rank=int(os.environ.get("LOCAL_RANK", 0)))
-'''
+DRIVER = Path(__file__).resolve().parent / "fault_driver.py"  # the child-process driver (see its docstring)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -321,16 +83,13 @@ class Run:
 
 
 def start(workdir: Path, recipe: str, *args: str, fault: dict | None = None, tag: str = "run") -> Run:
-    driver = workdir / "driver.py"
-    if not driver.exists():
-        driver.write_text(DRIVER)
     n = len(list(workdir.glob(f"{tag}*.jsonl")))
     log_path = workdir / f"{tag}{n}.jsonl"
     out = workdir / f"{tag}{n}.out"
     env = {**os.environ, "RELIABILITY_DRIVER": json.dumps({"log": str(log_path), "fault": fault}),
            "PYTHONUNBUFFERED": "1"}
     with open(out, "w") as sink:
-        proc = subprocess.Popen([sys.executable, str(driver), "--config", recipe, *args], cwd=ROOT, env=env,
+        proc = subprocess.Popen([sys.executable, str(DRIVER), "--config", recipe, *args], cwd=ROOT, env=env,
                                 stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)
     return Run(proc, log_path, str(out))
 
@@ -462,7 +221,7 @@ def test_baseline_stream_is_the_data_stream(baseline, expected_stream):
 
 
 # ---------------------------------------------------------------------------------------------------
-# 1. kill -9 at a random step of stage 2
+# kill -9 at a random step of stage 2
 # ---------------------------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_sigkill_at_random_step_resumes_exactly(tmp_path, baseline, expected_stream, phimoe_teacher, corpus_file):
@@ -480,7 +239,7 @@ def test_sigkill_at_random_step_resumes_exactly(tmp_path, baseline, expected_str
 
 
 # ---------------------------------------------------------------------------------------------------
-# 2. kill while a checkpoint is half written / while an HF export is not yet renamed
+# kill while a checkpoint is half written / while an HF export is not yet renamed
 # ---------------------------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_kill_mid_checkpoint_write_keeps_previous_checkpoint(tmp_path, baseline, expected_stream, phimoe_teacher,
@@ -529,7 +288,7 @@ def test_kill_mid_hf_export_leaves_no_partial_dir(tmp_path, baseline, expected_s
 
 
 # ---------------------------------------------------------------------------------------------------
-# 3. crashes at a stage boundary (repeatedly): same widths, kept indices and losses; nothing pruned twice
+# crashes at a stage boundary (repeatedly): same widths, kept indices and losses; nothing pruned twice
 # ---------------------------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_crashes_at_stage_boundary_resume_identically(tmp_path, baseline, expected_stream, phimoe_teacher,
@@ -561,7 +320,7 @@ def test_crashes_at_stage_boundary_resume_identically(tmp_path, baseline, expect
 
 
 # ---------------------------------------------------------------------------------------------------
-# 4. SIGTERM mid-stage: one checkpoint, prompt non-zero exit, exact resume
+# SIGTERM mid-stage: one checkpoint, prompt non-zero exit, exact resume
 # ---------------------------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_sigterm_saves_one_checkpoint_and_resumes(tmp_path, baseline, expected_stream, phimoe_teacher, corpus_file):
@@ -590,12 +349,11 @@ def test_sigterm_saves_one_checkpoint_and_resumes(tmp_path, baseline, expected_s
 
 
 # ---------------------------------------------------------------------------------------------------
-# Scenarios 1, 4, 5 with 2 ranks: FSDP2 (ModelParallelStrategy) over gloo, 2 samples per rank, so that a
-# global batch holds the same 4 samples as the 1-process runs above. Checkpoints are sharded (DCP dirs).
+# kill -9 at a random step, a kill mid checkpoint, SIGTERM and NaN with 2 ranks: FSDP2 (ModelParallelStrategy)
+# over gloo, 2 samples per rank, so that a global batch holds the same 4 samples as the 1-process runs above.
+# Checkpoints are sharded (DCP dirs).
 # ---------------------------------------------------------------------------------------------------
-MODEL_PARALLEL = '{"class_path": "lightning.pytorch.strategies.ModelParallelStrategy"}'
 TWO_RANKS = ("--trainer.devices", "2", "--trainer.strategy", MODEL_PARALLEL, "--data.init_args.batch_size", "2")
-FSDP1 = '{"class_path": "lightning.pytorch.strategies.FSDPStrategy"}'
 TWO_RANKS_FSDP1 = ("--trainer.devices", "2", "--trainer.strategy", FSDP1, "--data.init_args.batch_size", "2")
 
 
@@ -693,7 +451,7 @@ def test_two_ranks_match_one_process_exactly_enough(baseline, baseline2):
 @pytest.mark.distributed
 def test_two_ranks_sigkill_at_random_step_resumes_exactly(tmp_path, baseline2, expected_stream, phimoe_teacher,
                                                           corpus_file):
-    """Scenario 1 with 2 ranks: the whole job is killed (-9) at a random step of stage 2 (after that step,
+    """With 2 ranks: the whole job is killed (-9) at a random step of stage 2 (after that step,
     before its checkpoint); the 2-rank resume reproduces every per-rank loss, the sample stream and the
     final weights of the uninterrupted 2-rank run bit for bit."""
     kill_step = random.Random(11).randint(1, STEPS["slim2"] - 1)
@@ -714,7 +472,7 @@ def test_two_ranks_sigkill_at_random_step_resumes_exactly(tmp_path, baseline2, e
 @pytest.mark.distributed
 def test_two_ranks_fsdp1_sigkill_at_random_step_resumes_exactly(tmp_path_factory, tmp_path, expected_stream,
                                                                 phimoe_teacher, corpus_file):
-    """Scenario 1 under FSDP1 (FSDPStrategy): the whole 2-rank job is killed (-9) at a random step of stage 2;
+    """Under FSDP1 (FSDPStrategy): the whole 2-rank job is killed (-9) at a random step of stage 2;
     the resume (full student checkpoint written by rank 0, loaded into every rank's shards, optimizer state
     included) reproduces every per-rank loss, the sample stream and the final weights of the uninterrupted
     FSDP1 run bit for bit. Every checkpoint under a final name is a complete, finite, student-only file."""
@@ -740,7 +498,7 @@ def test_two_ranks_fsdp1_sigkill_at_random_step_resumes_exactly(tmp_path_factory
 @pytest.mark.distributed
 def test_two_ranks_kill_mid_sharded_checkpoint_keeps_previous(tmp_path, baseline2, expected_stream, phimoe_teacher,
                                                               corpus_file):
-    """Scenario 2 for sharded checkpoints: killed after every shard of the new last.ckpt is written but before
+    """Sharded checkpoints: killed after every shard of the new last.ckpt is written but before
     it is complete: the previous last.ckpt is still there, complete, and is what resumes; the half-made
     directory is never under a final name."""
     recipe = recipe_in(tmp_path, phimoe_teacher, corpus_file)
@@ -760,7 +518,7 @@ def test_two_ranks_kill_mid_sharded_checkpoint_keeps_previous(tmp_path, baseline
 @pytest.mark.slow
 @pytest.mark.distributed
 def test_sigterm_to_one_rank_stops_all_ranks(tmp_path, baseline2, expected_stream, phimoe_teacher, corpus_file):
-    """Scenario 4 with 2 ranks: SIGTERM to rank 1 only, mid stage 2. Both ranks stop within the grace period
+    """SIGTERM with 2 ranks, to rank 1 only, mid stage 2. Both ranks stop within the grace period
     with status 143, exactly one new complete checkpoint (last.ckpt) is written, nothing deadlocks (the
     watchdog), and the resume continues exactly."""
     recipe = recipe_in(tmp_path, phimoe_teacher, corpus_file)
@@ -796,7 +554,7 @@ def test_sigterm_to_one_rank_stops_all_ranks(tmp_path, baseline2, expected_strea
 @pytest.mark.slow
 @pytest.mark.distributed
 def test_nan_on_one_rank_stops_all_ranks_before_the_step(tmp_path, phimoe_teacher, corpus_file):
-    """Scenario 5 with 2 ranks: a NaN loss at stage-2 step 3 on rank 1 only. Both ranks stop before
+    """A NaN loss with 2 ranks, at stage-2 step 3 on rank 1 only. Both ranks stop before
     optimizer.step (their weight and optimizer-state shards are bit-identical before and after), both errors
     name the step, the rank and the tensor, and the last finite checkpoint is kept."""
     recipe = recipe_in(tmp_path, phimoe_teacher, corpus_file)
@@ -892,13 +650,11 @@ def interrupted(tmp_path_factory, phimoe_teacher, corpus_file):
     shutil.copytree(phimoe_teacher, teacher)
     recipe = recipe_in(work, str(teacher), corpus_file)
     original = cli.SlimMoECLI.make_trainer
-    cli.SlimMoECLI.make_trainer = lambda self, extra_callbacks=(), **kw: original(
-        self, extra_callbacks=[*extra_callbacks, CrashAt(3)], **kw)
-    try:
+    with pytest.MonkeyPatch.context() as mp:  # module scope: the function-scoped `monkeypatch` is not available
+        mp.setattr(cli.SlimMoECLI, "make_trainer", lambda self, extra_callbacks=(), **kw: original(
+            self, extra_callbacks=[*extra_callbacks, CrashAt(3)], **kw))
         with pytest.raises(Stop):
             main_("--config", recipe)
-    finally:
-        cli.SlimMoECLI.make_trainer = original
     last = torch.load(work / "run/stage_1_slim2/checkpoints/last.ckpt", weights_only=True)
     assert last["global_step"] == 2 and (work / "run/stage_1_slim2/keep.pt").is_file()
     return {"dir": work, "recipe": recipe, "teacher": teacher, "corpus": corpus_file}
@@ -910,7 +666,7 @@ def clone(interrupted, dest: Path, stages=STAGES) -> str:
     return recipe_in(dest, str(interrupted["teacher"]), interrupted["corpus"], stages=stages)
 
 
-# 5. NaN ---------------------------------------------------------------------------------------------
+# NaN ----------------------------------------------------------------------------------------------
 class Snapshot(Callback):
     """Student weights and optimizer state just before the step that goes wrong."""
 
@@ -1036,7 +792,7 @@ def test_nan_weights_never_reach_a_checkpoint(tmp_path, interrupted, with_callba
     assert_finite_checkpoints(tmp_path / "run/stage_1_slim2/checkpoints", expect_last_step=2)
 
 
-# 6. the teacher ------------------------------------------------------------------------------------
+# the teacher --------------------------------------------------------------------------------------
 def _nbytes(obj) -> int:
     if torch.is_tensor(obj):
         return obj.numel() * obj.element_size()
@@ -1053,7 +809,7 @@ def test_checkpoint_holds_student_and_optimizer_only(tmp_path, phimoe_teacher, c
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from conftest import tiny_config
+    from helpers import tiny_config
 
     teacher = tmp_path / "teacher"
     tokenizer = AutoTokenizer.from_pretrained(phimoe_teacher)
@@ -1095,7 +851,7 @@ def test_resume_with_a_different_teacher_is_an_error(tmp_path, interrupted):
         weights.write_bytes(saved)
 
 
-# 7. resuming with another configuration ------------------------------------------------------------
+# resuming with another configuration --------------------------------------------------------------
 @pytest.mark.parametrize("change", ["width", "stage_list", "accumulate", "world_size", "batch_size"])
 def test_resume_with_changed_config_prints_the_difference(tmp_path, interrupted, no_weights, change):
     from lightning_slimmoe.pipeline import ConfigError
@@ -1123,7 +879,7 @@ def test_resume_with_changed_config_prints_the_difference(tmp_path, interrupted,
     assert {p: p.stat().st_mtime_ns for p in (tmp_path / "run").rglob("*")} == before
 
 
-# 9. security ---------------------------------------------------------------------------------------
+# security -----------------------------------------------------------------------------------------
 class Evil:
     """Unpickling this runs code (here: it writes a marker file)."""
 
@@ -1165,16 +921,110 @@ def test_malicious_pickle_is_refused(tmp_path, interrupted, target):
     assert not marker.exists()
 
 
-def test_product_reads_pickles_with_weights_only_everywhere():
-    """Static guard: every torch.load in the product passes weights_only=True."""
-    import re
+# Every file the project reads with torch.load, planted with a pickle that runs code when unpickled and read
+# through the public function that loads it: the load fails and the code never runs.
+def evil_checkpoint(marker: Path) -> dict:
+    """Looks like a Lightning checkpoint; unpickling it writes ``marker``."""
+    return {"state_dict": {}, "optimizer_states": [], "global_step": 2, "evil": Evil(marker)}
 
-    offenders = []
-    for path in [*ROOT.glob("lightning_slimmoe/**/*.py"), *ROOT.glob("callbacks/*.py")]:
-        for n, line in enumerate(path.read_text().splitlines(), 1):
-            if re.search(r"torch\.load\(", line) and "weights_only=True" not in line:
-                offenders.append(f"{path.relative_to(ROOT)}:{n}: {line.strip()}")
-    assert not offenders, offenders
+
+def test_scores_with_code_are_refused_by_importance_scores_load(tmp_path):
+    """``ImportanceScores.load``: how a stage's ``scores.pt`` and a recipe's ``scores_file`` are read."""
+    from lightning_slimmoe.importance import SCORES_FORMAT, ImportanceScores
+
+    marker, path = tmp_path / "PWNED", tmp_path / "scores.pt"
+    plant(path, {"format": SCORES_FORMAT, "criterion": "magnitude", "experts": {"0": Evil(marker)}}, marker)
+    with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
+        ImportanceScores.load(str(path))
+    assert not marker.exists()
+
+
+def test_recipe_scores_file_with_code_is_a_config_error(tmp_path, phimoe_teacher, corpus_file, no_weights):
+    """A recipe's ``scores_file`` is read while the run is planned: the error names the stage and the file, and
+    comes before any weight is loaded or anything is written."""
+    from lightning_slimmoe.importance import SCORES_FORMAT
+    from lightning_slimmoe.pipeline import ConfigError
+
+    marker, scores = tmp_path / "PWNED", tmp_path / "scores.pt"
+    plant(scores, {"format": SCORES_FORMAT, "criterion": "magnitude", "experts": {"0": Evil(marker)}}, marker)
+    stages = [{"name": "s", "expert_width": 16, "criterion": "magnitude", "scores_file": str(scores),
+               "calibration_tokens": 128, "max_tokens": 256}]
+    with pytest.raises(ConfigError) as info:
+        main_("--config", tiny_recipe(tmp_path, phimoe_teacher, corpus_file, stages=stages))
+    message = str(info.value)
+    assert "scores_file" in message and str(scores) in message and "Weights only load failed" in message, message
+    assert not marker.exists() and not no_weights and not (tmp_path / "run").exists()
+
+
+def test_keep_file_with_code_is_refused_on_resume(tmp_path):
+    """A resumed stage re-applies its ``keep.pt`` (``StageDir.load_keep``) in ``ExpertSlimming.setup`` instead of
+    re-scoring."""
+    from lightning.pytorch import Trainer
+
+    from callbacks.expert_slimming import ExpertSlimming
+    from lightning_slimmoe.config import StageConfig
+    from lightning_slimmoe.module import StageModule
+    from lightning_slimmoe.run_dir import KEEP_FORMAT, StageDir
+
+    marker, stage_dir = tmp_path / "PWNED", StageDir(tmp_path / "stage_1_slim2", "slim2")
+    stage_dir.path.mkdir()
+    plant(stage_dir.keep_file, {"format": KEEP_FORMAT, "keep": {}, "kept_experts": {}, "evil": Evil(marker)}, marker)
+    module = StageModule(tiny_model("phimoe"))
+    callback = ExpertSlimming(StageConfig(name="slim2", expert_width=8), stage_dir,
+                              reference_config=module.student.config)
+    trainer = Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                      enable_progress_bar=False, enable_model_summary=False)
+    with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
+        callback.setup(trainer, module, "fit")
+    assert not marker.exists()
+    assert module.student.config.intermediate_size == 24  # nothing was sliced
+
+
+@pytest.mark.parametrize("weights_only", [None, False])
+def test_checkpoint_with_code_is_refused_by_checkpoint_io(tmp_path, weights_only):
+    """``AtomicCheckpointIO.load_checkpoint``: how Lightning resumes a single-process run from ``last.ckpt``;
+    code is never unpickled, even when the caller asks for ``weights_only=False``."""
+    from lightning_slimmoe.checkpoint_io import AtomicCheckpointIO
+
+    marker, path = tmp_path / "PWNED", tmp_path / "last.ckpt"
+    plant(path, evil_checkpoint(marker), marker)
+    with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
+        AtomicCheckpointIO().load_checkpoint(path, weights_only=weights_only)
+    assert not marker.exists()
+
+
+def test_fsdp1_checkpoint_with_code_is_refused(tmp_path):
+    """``SlimFSDPStrategy.load_checkpoint``: every FSDP1 rank reads the whole student checkpoint itself."""
+    from lightning_slimmoe.module import StageModule
+    from lightning_slimmoe.strategies import SlimFSDPStrategy
+
+    marker, path = tmp_path / "PWNED", tmp_path / "last.ckpt"
+    plant(path, evil_checkpoint(marker), marker)
+    strategy = SlimFSDPStrategy()
+    strategy.connect(StageModule(tiny_model("phimoe")))
+    with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
+        strategy.load_checkpoint(path)
+    assert not marker.exists()
+
+
+def test_sharded_checkpoint_meta_with_code_is_refused(tmp_path):
+    """``AtomicModelParallelStrategy.load_checkpoint``: a sharded (DCP) checkpoint whose shards are fine but whose
+    ``meta.pt`` (Lightning's loop and callback state) would run code."""
+    import torch.distributed.checkpoint as dcp
+
+    from lightning_slimmoe.module import STUDENT_PREFIX, StageModule
+    from lightning_slimmoe.strategies import LIGHTNING_META, AtomicModelParallelStrategy
+
+    marker, path = tmp_path / "PWNED", tmp_path / "last.ckpt"
+    module = StageModule(tiny_model("phimoe"))
+    dcp.save({"state_dict": {STUDENT_PREFIX + k: v for k, v in module.student.state_dict().items()}},
+             checkpoint_id=path)
+    plant(path / LIGHTNING_META, {"global_step": 2, "evil": Evil(marker)}, marker)
+    strategy = AtomicModelParallelStrategy()
+    strategy.connect(module)
+    with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
+        strategy.load_checkpoint(path)
+    assert not marker.exists()
 
 
 def test_custom_code_needs_trust_remote_code(tmp_path, corpus_file, no_weights):

@@ -6,35 +6,17 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from conftest import FAMILIES, random_batch, tiny_config, tiny_model
+from helpers import ATTN_PRUNABLE, FAMILIES, random_batch, random_keep, tiny_config, tiny_model
 from lightning_slimmoe.families import UnsupportedModelError, get_family, supported_model_types
 from lightning_slimmoe.importance import ImportanceScores, compute_scores
 from lightning_slimmoe.slimming import (
     KeepIndices, SlimTarget, expert_weights, remove_experts_, resolve_target, select_keep, slim_config, slim_model_,
 )
 
-ATTN_PRUNABLE = [f for f in FAMILIES if get_family(tiny_config(f)).attention_prunable]
-
 
 def logits(model, batch):
     with torch.no_grad():
         return model(input_ids=batch["input_ids"]).logits
-
-
-def random_keep(model, width, groups, shared_width=None, seed=0) -> KeepIndices:
-    gen = torch.Generator().manual_seed(seed)
-    family = get_family(model)
-    keep = KeepIndices()
-    for layer, block in family.moe_blocks(model):
-        num_experts, cur, _ = expert_weights(block.experts)[0].shape
-        keep.experts[layer] = torch.stack([torch.randperm(cur, generator=gen)[:width].sort().values
-                                           for _ in range(num_experts)])
-        if shared_width is not None and family.shared_expert(block) is not None:
-            cur_shared = family.shared_expert(block).gate_proj.out_features
-            keep.shared[layer] = torch.randperm(cur_shared, generator=gen)[:shared_width].sort().values
-    for layer, _ in family.attention_modules(model):
-        keep.groups[layer] = torch.randperm(model.config.num_key_value_heads, generator=gen)[:groups].sort().values
-    return keep
 
 
 def test_every_family_is_registered():

@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from conftest import random_batch, read_summary, tiny_model, tiny_recipe
+from helpers import random_batch, read_summary, tiny_model, tiny_recipe
 from lightning_slimmoe.cli import main
 
 bnb = pytest.importorskip("bitsandbytes")

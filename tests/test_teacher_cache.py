@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import lightning_slimmoe.cli as cli
-from conftest import make_teacher_dir, read_summary, tiny_recipe
+from helpers import make_teacher_dir, read_summary, tiny_recipe
 from lightning_slimmoe.cli import main
 from lightning_slimmoe.data import ResumableBlockStream, TextDataModule
 from lightning_slimmoe.pipeline import ConfigError
@@ -49,11 +49,9 @@ def run(workdir: Path, teacher: str, corpus: str, *args: str, callbacks=(), stag
     def make_trainer(self, extra_callbacks=(), **kw):
         return original(self, extra_callbacks=[*extra_callbacks, *callbacks], **kw)
 
-    cli.SlimMoECLI.make_trainer = make_trainer
-    try:
+    with pytest.MonkeyPatch.context() as mp:  # also used by module-scoped fixtures: no `monkeypatch` there
+        mp.setattr(cli.SlimMoECLI, "make_trainer", make_trainer)
         return main(["--config", recipe, *args])
-    finally:
-        cli.SlimMoECLI.make_trainer = original
 
 
 @pytest.fixture(scope="module")
@@ -305,7 +303,7 @@ def test_speed_bench_reports_the_cached_step_ratio(tmp_path):
 def test_two_gloo_ranks_build_and_use_the_cache_like_one_process(tmp_path, corpus_file, monkeypatch, strategy):
     """FSDP2 or FSDP1 over 2 CPU processes: each rank computes its parts with the sharded teacher (rank 1 pads
     with an extra forward); the cache and the per-step losses match a single process's (within 1e-5)."""
-    from test_distributed import FSDP1, MODEL_PARALLEL, scalars, train
+    from helpers import FSDP1, MODEL_PARALLEL, scalars, train
 
     monkeypatch.setenv("SLIMMOE_CACHE_PART_BYTES", str(7 * 32 * 48))  # 7 blocks per part: 6 parts, 3 per rank
     teacher = make_teacher_dir(tmp_path / "teacher", "qwen3_moe", corpus_file)

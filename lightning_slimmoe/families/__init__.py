@@ -1,13 +1,14 @@
-"""Family adapters: where the experts, router and attention of each HF MoE family live.
+"""Family adapters: where the experts, router and attention of each HF MoE family live, in memory and on disk.
 
-transformers 5.x stores every supported family's experts the same way — fused 3-D parameters
+transformers 5.x stores every supported family's experts the same way in memory — fused 3-D parameters
 ``mlp.experts.gate_up_proj [E, 2I, H]`` (gate rows, then up rows) and ``mlp.experts.down_proj
 [E, H, I]`` — and names its router ``mlp.gate`` or ``mlp.router``. What differs between families is a
-handful of config field names and whether the model has a shared expert or pruneable attention, so an
-adapter is a small frozen record and the scorer and slicer are written once against it.
+handful of config field names, whether the model has a shared expert or pruneable attention, and how its
+checkpoints key the experts (:class:`CheckpointKeys`, read by ``checkpoint_layout.py``), so an adapter is a
+small frozen record and the scorer, slicer and checkpoint reader are written once against it.
 
 Adding a family: one file in this package that calls :func:`register` with a :class:`MoEFamily`, plus
-a tiny config in ``tests/conftest.py``.
+a tiny config in ``tests/helpers.py``.
 """
 
 from __future__ import annotations
@@ -25,6 +26,19 @@ class UnsupportedModelError(ValueError):
 
 
 @dataclass(frozen=True)
+class CheckpointKeys:
+    """How a family's hub checkpoints (and ``save_pretrained``, which writes the hub layout back) key the
+    tensors that slimming cuts, relative to ``<decoder_layers>.<i>.``. Fused keys are the in-memory names
+    (``mlp.experts.gate_up_proj`` / ``down_proj``); per-expert keys are the legacy ones, fused at load."""
+
+    decoder_layers: str = "model.layers"  # prefix of the decoder layers, anchored at the key's start
+    expert_block: str = "mlp"  # module holding the per-expert keys: mlp | block_sparse_moe
+    expert_projections: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")  # gate, up, down
+    shared_expert: str | None = None  # module of the always-on shared expert (Qwen2-MoE: mlp.shared_expert)
+    attention: str = "self_attn"  # module of q_proj / k_proj / v_proj / o_proj
+
+
+@dataclass(frozen=True)
 class MoEFamily:
     model_type: str
     width_field: str  # config field holding each routed expert's FFN width (d_expert)
@@ -33,6 +47,7 @@ class MoEFamily:
     shared_expert_width_field: str | None = None  # Qwen2-MoE: an always-on dense expert beside the routed ones
     attention_prunable: bool = True
     attention_not_prunable_reason: str = ""
+    checkpoint_keys: CheckpointKeys = CheckpointKeys()
 
     # --- where things live -------------------------------------------------------------------
     def decoder_layers(self, model: nn.Module) -> nn.ModuleList:
@@ -69,6 +84,9 @@ class MoEFamily:
     def shared_expert_width(self, config) -> int | None:
         return int(getattr(config, self.shared_expert_width_field)) if self.shared_expert_width_field else None
 
+
+# Mixtral / PhiMoE hub layout: block_sparse_moe.experts.{e}.w1 (gate) / w3 (up) / w2 (down).
+PER_EXPERT_W123 = CheckpointKeys(expert_block="block_sparse_moe", expert_projections=("w1", "w3", "w2"))
 
 _REGISTRY: dict[str, MoEFamily] = {}
 

@@ -1,4 +1,4 @@
-"""Qwen3-MoE: per-head q/k RMSNorms over ``head_dim`` (untouched by group pruning)."""
+"""The Qwen3-MoE adapter: per-head q/k RMSNorms over ``head_dim`` (untouched by group pruning)."""
 
 from lightning_slimmoe.families import MoEFamily, register
 

@@ -1,0 +1,111 @@
+"""How Hugging Face MoE checkpoints key the tensors that slimming cuts: one place, driven by the family adapters.
+
+The same weights have two layouts. In memory (transformers 5) every supported family's routed experts are fused
+3-D tensors ``<layers>.<i>.mlp.experts.gate_up_proj [E, 2I, H]`` (gate rows, then up rows) and
+``<layers>.<i>.mlp.experts.down_proj [E, H, I]``; a hub checkpoint, and ``save_pretrained``, which writes the hub
+layout back, store them per expert under the names the family's :class:`~lightning_slimmoe.families.CheckpointKeys`
+give (``block_sparse_moe.experts.{e}.w1/w3/w2`` for PhiMoE/Mixtral, ``mlp.experts.{e}.gate_proj/up_proj/down_proj``
+for Qwen/OLMoE). Shared experts and attention projections have one name in both layouts. Every other tensor is
+renamed, if at all, by transformers' own ``revert_weight_conversion`` (loading.py uses it), so no family table is
+kept here for those.
+
+Every pattern is anchored at the start of the key (``model.layers.<i>.``), so the layers of a multi-token-prediction
+head (``mtp.layers.0.``), a vision tower or any other stack are never taken for decoder layer ``i``.
+
+Shapes: E experts, I expert width, W kept width, H hidden, G KV groups.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from torch import Tensor
+
+from lightning_slimmoe.families import get_family, head_dim
+from lightning_slimmoe.slimming import KeepIndices, group_rows
+
+FUSED_PROJECTIONS = ("gate_up_proj", "down_proj")  # in-memory names of the fused expert tensors
+_ROWS_OF = ("gate", "up")  # GLU roles whose neurons are rows; down's neurons are columns
+
+
+@dataclass(frozen=True)
+class ExpertKey:
+    """A per-expert checkpoint key: ``role`` is gate, up or down."""
+
+    layer: int
+    expert: int
+    role: str
+
+
+@dataclass(frozen=True)
+class FusedKey:
+    """A fused expert tensor: ``proj`` is gate_up_proj ``[E, 2I, H]`` or down_proj ``[E, H, I]``."""
+
+    layer: int
+    proj: str
+
+
+class CheckpointLayout:
+    """The key patterns of one model (from its config's family adapter) and the selection a
+    :class:`~lightning_slimmoe.slimming.KeepIndices` makes from each tensor."""
+
+    def __init__(self, config):
+        family = get_family(config)
+        keys = family.checkpoint_keys
+        layer = rf"^{re.escape(keys.decoder_layers)}\.(?P<layer>\d+)\."
+        self._roles = dict(zip(keys.expert_projections, ("gate", "up", "down")))
+        self._per_expert = re.compile(
+            layer + re.escape(keys.expert_block) + r"\.experts\.(?P<expert>\d+)\.(?P<proj>"
+            + "|".join(map(re.escape, keys.expert_projections)) + r")\.weight$")
+        self._fused = re.compile(layer + r"mlp\.experts\.(?P<proj>" + "|".join(FUSED_PROJECTIONS) + r")$")
+        self._shared = (re.compile(layer + re.escape(keys.shared_expert)
+                                   + r"\.(?P<proj>gate_proj|up_proj|down_proj)\.weight$")
+                        if keys.shared_expert else None)
+        self._attention = re.compile(layer + re.escape(keys.attention)
+                                     + r"\.(?P<proj>q_proj|k_proj|v_proj|o_proj)\.(?P<kind>weight|bias)$")
+        self._router = re.compile(layer + r"mlp\." + re.escape(family.router_attr) + r"\.(?:weight|bias)$")
+        self.heads_per_group = int(config.num_attention_heads) // int(config.num_key_value_heads)
+        self.head_dim = head_dim(config)
+
+    # --- what a key is ---------------------------------------------------------------------------------
+    def expert_key(self, key: str) -> ExpertKey | None:
+        if m := self._per_expert.match(key):
+            return ExpertKey(int(m["layer"]), int(m["expert"]), self._roles[m["proj"]])
+        return None
+
+    def fused_key(self, name: str) -> FusedKey | None:
+        if m := self._fused.match(name):
+            return FusedKey(int(m["layer"]), m["proj"])
+        return None
+
+    def router_layer(self, name: str) -> int | None:
+        """The layer of a router weight/bias (expert removal keeps its rows of the kept experts)."""
+        m = self._router.match(name)
+        return int(m["layer"]) if m else None
+
+    # --- what a keep selects -------------------------------------------------------------------------
+    def plain_selection(self, name: str, keep: KeepIndices) -> tuple[int, Tensor] | None:
+        """``(axis, index)`` that ``keep`` selects from the 1-D/2-D tensor called ``name`` (a per-expert key, a
+        shared-expert projection or a q/k/v/o projection), or None when it is kept whole. The fused 3-D expert
+        tensors are not plain (each expert keeps its own rows): the reader gathers those expert by expert."""
+        if (e := self.expert_key(name)) is not None:
+            if e.layer not in keep.experts:
+                return None
+            return (0 if e.role in _ROWS_OF else 1), keep.experts[e.layer][e.expert]
+        if self._shared is not None and (m := self._shared.match(name)):
+            layer = int(m["layer"])
+            if layer not in keep.shared:
+                return None
+            return (0 if m["proj"] != "down_proj" else 1), keep.shared[layer]
+        if m := self._attention.match(name):
+            layer = int(m["layer"])
+            if layer not in keep.groups:
+                return None
+            groups = keep.groups[layer]
+            per_group = self.heads_per_group * self.head_dim if m["proj"] in ("q_proj", "o_proj") else self.head_dim
+            rows = group_rows(groups, per_group)
+            if m["proj"] == "o_proj":
+                return None if m["kind"] == "bias" else (1, rows)
+            return 0, rows
+        return None

@@ -1,0 +1,181 @@
+"""Planning a run: the recipe (plus, for the schedule, the packed data and the Trainer) -> everything the run will do.
+
+Pure: nothing is written and no weight is read, so every bad target, shape or combination fails here in seconds.
+
+* :func:`plan_shapes` — the teacher's config and the student's config after every stage (what ``plan`` prints,
+  :func:`plan_summary`), validating each stage's targets against the model it receives.
+* :func:`plan_run` — adds the schedule (each stage's steps, where it starts in the data stream and on the step
+  axis), the weight dtypes and whether models are built sharded, from the data module and the Trainer.
+"""
+
+from __future__ import annotations
+
+import pickle
+from dataclasses import dataclass
+
+import torch
+from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
+
+from lightning_slimmoe.config import ConfigError, RunConfig, StageConfig
+from lightning_slimmoe.families import get_family
+from lightning_slimmoe.importance import ImportanceScores
+from lightning_slimmoe.params import count_config_params
+from lightning_slimmoe.slimming import resolve_target, slim_config, widths_of, with_num_experts
+from lightning_slimmoe.sources import load_config
+
+
+@dataclass(frozen=True)
+class Shapes:
+    teacher_config: object
+    configs: tuple  # the student's config after each stage
+
+
+@dataclass(frozen=True)
+class StageSpan:
+    steps: int
+    step_offset: int  # global steps of the earlier stages (TensorBoard's step axis continues)
+    first_sample: int  # global sample index where the stage's part of the data stream starts
+    num_samples: int
+
+
+@dataclass(frozen=True)
+class StagePlan:
+    index: int
+    stage: StageConfig
+    config: object  # the student's config at the end of the stage
+    span: StageSpan
+
+    @property
+    def distils(self) -> bool:
+        """A KD stage (every stage but a leading ``pretrain`` one) runs against the frozen teacher."""
+        return self.stage.pretrain is None
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    teacher_config: object
+    stages: tuple[StagePlan, ...]
+    student_dtype: torch.dtype
+    teacher_dtype: torch.dtype
+    sharded: bool  # FSDP2: teacher and students are built on the meta device and loaded shard by shard
+    world_size: int
+    accumulate: int
+    batch_size: int
+    seq_len: int
+    data_seed: int
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.batch_size * self.accumulate * self.world_size * self.seq_len
+
+    @property
+    def batch(self) -> dict:
+        """The data-stream geometry (recorded in run.json: a resume with another one would skip or repeat samples)."""
+        return {"world_size": self.world_size, "accumulate_grad_batches": self.accumulate,
+                "batch_size": self.batch_size, "seq_len": self.seq_len, "data_seed": self.data_seed}
+
+
+def plan_shapes(config: RunConfig) -> Shapes:
+    """Teacher config and the config after every stage; raises :class:`ConfigError` on any bad target."""
+    stages = config.stages
+    if not stages:
+        raise ConfigError("stages: empty; give at least one stage")
+    names = [s.name for s in stages]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"stages[].name: {names} has duplicates; stage names must be unique")
+    pretrain = [k for k, s in enumerate(stages) if s.pretrain is not None]
+    if config.teacher is None:
+        if pretrain != [0]:
+            raise ConfigError("teacher: missing. Give a hub id or local HF dir, or make the first stage a "
+                              "`pretrain:` stage that trains the teacher")
+        teacher_config = load_config("stages[0].pretrain.model_config", stages[0].pretrain.model_config)
+    else:
+        if pretrain:
+            raise ConfigError(f"stages[{pretrain[0]}].pretrain: a pretrain stage only makes sense without `teacher:`")
+        teacher_config = (load_config("teacher_config", config.teacher_config) if config.teacher_config
+                          else load_config("teacher", config.teacher, config.trust_remote_code))
+    model = teacher_config
+    if config.student_init:
+        model = load_config("student_init", config.student_init, config.trust_remote_code)
+        if model.vocab_size != teacher_config.vocab_size:
+            raise ConfigError(f"student_init vocab_size={model.vocab_size} != teacher vocab_size="
+                              f"{teacher_config.vocab_size}: KD needs the same vocabulary")
+    configs = []
+    for k, stage in enumerate(stages):
+        if stage.prunes:
+            model = _slimmed(k, stage, model, teacher_config)
+        configs.append(model)
+    return Shapes(teacher_config, tuple(configs))
+
+
+def _slimmed(k: int, stage: StageConfig, model, teacher_config):
+    """The config after stage ``k`` prunes ``model``; its expert removal, scores file and targets checked."""
+    if stage.remove_experts_to is not None:
+        family = get_family(model)
+        if not 0 < stage.remove_experts_to <= family.num_experts(model):
+            raise ConfigError(f"stages[{stage.name}].remove_experts_to={stage.remove_experts_to}: must lie "
+                              f"in [1, {family.num_experts(model)}]")
+        model = with_num_experts(model, stage.remove_experts_to)
+    if stage.scores_file:  # read weights_only and shape-checked against the planned model, now
+        try:
+            ImportanceScores.load(stage.scores_file, model)
+        except (OSError, ValueError, KeyError, RuntimeError, pickle.UnpicklingError) as err:
+            raise ConfigError(f"stages[{k}] ({stage.name}).scores_file={stage.scores_file!r}: {err}") from err
+    try:
+        target = resolve_target(model, expert_width=stage.expert_width, attention_groups=stage.attention_groups,
+                                shared_expert_width=stage.shared_expert_width, round_to=stage.round_to,
+                                reference_config=teacher_config)
+    except ValueError as err:
+        raise ConfigError(f"stages[{k}] ({stage.name}): {err}") from err
+    return slim_config(model, target)
+
+
+def precision_dtypes(precision: str) -> tuple[torch.dtype, torch.dtype]:
+    """(student, teacher) weight dtypes for a Lightning precision string."""
+    precision = str(precision)
+    if precision.startswith("bf16"):
+        return (torch.bfloat16 if "true" in precision else torch.float32), torch.bfloat16
+    if precision.startswith("16"):
+        return (torch.float16 if "true" in precision else torch.float32), torch.float16
+    return torch.float32, torch.float32
+
+
+def plan_run(config: RunConfig, shapes: Shapes, datamodule, trainer) -> RunPlan:
+    """The whole run, from the shapes, the set-up data module (steps per token budget) and a Trainer built from the
+    recipe's ``trainer`` section (world size, gradient accumulation, precision, strategy)."""
+    sharded = isinstance(trainer.strategy, ModelParallelStrategy)
+    fsdp1 = isinstance(trainer.strategy, FSDPStrategy)  # shards too, but loads whole models first
+    teacher_config = shapes.teacher_config
+    if fsdp1 and getattr(teacher_config, "tie_word_embeddings", False):
+        raise ConfigError(f"trainer.strategy=FSDPStrategy: the teacher ({teacher_config.model_type}) ties its input "
+                          "and output embeddings, one parameter that FSDP1's per-module units cannot split; use "
+                          "trainer.strategy=ModelParallelStrategy (FSDP2)")
+    if config.teacher_8bit:  # bitsandbytes present, and not a combination that would corrupt the teacher
+        from lightning_slimmoe.quantize import check_teacher_8bit
+        try:
+            check_teacher_8bit(sharded or fsdp1, trainer.precision)
+        except ValueError as err:
+            raise ConfigError(str(err)) from err
+    world, accumulate = trainer.world_size, trainer.accumulate_grad_batches
+    hp = datamodule.hparams
+    samples_per_step = hp.batch_size * accumulate * world
+    stages, step_offset = [], 0
+    for k, (stage, stage_config) in enumerate(zip(config.stages, shapes.configs)):
+        steps = datamodule.steps_for_tokens(stage.max_tokens, accumulate, world)
+        span = StageSpan(steps, step_offset, step_offset * samples_per_step, steps * samples_per_step)
+        stages.append(StagePlan(k, stage, stage_config, span))
+        step_offset += steps
+    student_dtype, teacher_dtype = precision_dtypes(trainer.precision)
+    teacher_dtype = config.parallel.dtype("param_dtype") or teacher_dtype  # the frozen teacher needs no fp32 master
+    return RunPlan(teacher_config=teacher_config, stages=tuple(stages), student_dtype=student_dtype,
+                   teacher_dtype=teacher_dtype, sharded=sharded, world_size=world, accumulate=accumulate,
+                   batch_size=hp.batch_size, seq_len=hp.seq_len, data_seed=hp.seed)
+
+
+def plan_summary(shapes: Shapes, stages: list[StageConfig]) -> dict:
+    """What ``plan`` prints: shapes and parameter counts per stage."""
+    def describe(config):
+        counts = count_config_params(config)
+        return {**widths_of(config), "total_params": counts.total, "active_params": counts.active}
+    return {"teacher": describe(shapes.teacher_config),
+            "stages": [{"name": s.name, **describe(c)} for s, c in zip(stages, shapes.configs)]}

@@ -1,0 +1,110 @@
+"""Where models and tokenizers come from: a hub id, a local HF dir, a config-only JSON or a shipped recipe file.
+
+Each check here runs before any weight is read, so a bad source fails in seconds naming the field: a path that is
+not a model dir, a model that ships code, an unsupported family, pickled weights, tokenizers that differ.
+:func:`load_model` then reads the weights, whole or (sharded runs) on the meta device with the load pending.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from lightning_slimmoe.config import ConfigError
+from lightning_slimmoe.families import get_family
+from lightning_slimmoe.loading import meta_model
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_PICKLED = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def shipped_conf_dir() -> Path:
+    """The recipes shipped with the project: ``conf/`` of the checkout, or its copy in the installed package."""
+    here = Path(__file__).resolve().parent
+    checkout = here.parent / "conf"
+    return checkout if checkout.is_dir() else here / "conf"
+
+
+def resolve_path(path: str) -> str:
+    """``path`` as given when it exists; else, for a path under ``conf/``, the shipped file of that name (so an
+    installed ``slimmoe`` finds ``conf/phi_tiny.yaml`` and the model JSONs it names from any directory)."""
+    if os.path.exists(path) or not Path(path).parts or Path(path).parts[0] != "conf":
+        return path
+    shipped = shipped_conf_dir().joinpath(*Path(path).parts[1:])
+    return str(shipped) if shipped.exists() else path
+
+
+def _check_source(field: str, source: str) -> None:
+    if os.path.exists(source):
+        if not os.path.isfile(os.path.join(source, "config.json")):
+            raise ConfigError(f"{field}={source!r}: directory has no config.json (not a Hugging Face model dir)")
+        return
+    if source.startswith((".", "/", "~")) or not _HUB_ID.match(source):
+        raise FileNotFoundError(f"{field}={source!r}: no such local path, and not a hub id of the form 'org/name'")
+
+
+def load_config(field: str, source: str, trust_remote_code: bool = False):
+    """The config of ``source`` (HF dir, hub id or config JSON) of a supported MoE family, else a clear error."""
+    if source.endswith(".json"):
+        source = resolve_path(source)
+        if not os.path.isfile(source):
+            raise FileNotFoundError(f"{field}={source!r}: config file not found")
+    else:
+        _check_source(field, source)
+    try:
+        config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
+    except ValueError as err:
+        if "trust_remote_code" in str(err):
+            raise ConfigError(
+                f"{field}={source!r} ships custom modelling code (as the released Phi-mini/tiny-MoE checkpoints "
+                "do); loading it runs that code, so it is off by default. Set `trust_remote_code: true` in the "
+                "YAML only if you trust the source.") from err
+        raise
+    get_family(config)  # unsupported / dense model_type fails here
+    return config
+
+
+def check_weight_files(field: str, source: str | None) -> None:
+    """Weights are read from safetensors only: a pickled ``pytorch_model.bin`` can run code when loaded."""
+    if not source or not os.path.isdir(source):
+        return  # hub ids: from_pretrained(use_safetensors=True) refuses pickled weights itself
+    files = os.listdir(source)
+    if not any(f.endswith(".safetensors") or f.endswith(".safetensors.index.json") for f in files):
+        pickled = sorted(f for f in files if f.endswith(_PICKLED))
+        raise ConfigError(
+            f"{field}={source!r}: no *.safetensors weights in the directory"
+            + (f" (found {pickled}: pickle-based weights are refused because loading them can run code; "
+               "convert them once, in a process you trust, with "
+               "`AutoModelForCausalLM.from_pretrained(dir).save_pretrained(dir, safe_serialization=True)`)"
+               if pickled else ""))
+
+
+def load_model(source: str, dtype: torch.dtype, trust_remote_code: bool = False, sharded: bool = False):
+    """The model in ``source``, whole (``from_pretrained``) — or, for a sharded run, on the meta device with
+    its load pending: ``StageModule.configure_model`` shards it and each rank reads only its own rows of every
+    tensor (loading.py), so no rank ever holds the whole model (docs/design.md §4)."""
+    if sharded:
+        return meta_model(source, dtype, trust_remote_code=trust_remote_code)
+    return AutoModelForCausalLM.from_pretrained(source, dtype=dtype, trust_remote_code=trust_remote_code,
+                                                use_safetensors=True)
+
+
+def tokenizer_signature(tokenizer) -> dict:
+    vocab = sorted(tokenizer.get_vocab().items())
+    return {"vocab_hash": hashlib.sha256(json.dumps(vocab).encode()).hexdigest(), "size": len(tokenizer),
+            "special": {k: v for k, v in sorted(tokenizer.special_tokens_map.items()) if isinstance(v, str)},
+            "eos_token_id": tokenizer.eos_token_id, "bos_token_id": tokenizer.bos_token_id}
+
+
+def check_tokenizers_match(what: str, ours, theirs) -> None:
+    a, b = tokenizer_signature(ours), tokenizer_signature(theirs)
+    if a != b:
+        diff = {k: (a[k], b[k]) for k in a if a[k] != b[k]}
+        raise ConfigError(f"{what}: tokenizers differ (a different tokenizer, even with the same vocab size, makes "
+                          f"KD compare unrelated tokens): {diff}")

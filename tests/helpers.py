@@ -1,0 +1,183 @@
+"""Plain helpers shared by the tests (no fixtures: those live in conftest.py).
+
+What is here:
+
+* tiny random models of every supported family: ``FAMILIES``, ``VOCAB``, ``tiny_config``, ``tiny_model``,
+  ``random_batch``, ``ATTN_PRUNABLE`` (the families whose GQA groups can be pruned) and ``random_keep``
+  (random keep indices for slicing tests);
+* pipeline inputs and outputs: ``PIPELINE_FAMILY_OVERRIDES``, ``make_teacher_dir`` (a tiny HF teacher dir
+  with its tokenizer), ``tiny_recipe`` (a tiny 2-stage recipe YAML), ``read_summary`` (a run's summary.json);
+* running ``train.py`` in a child process, e.g. with 2 gloo ranks: ``ROOT``, ``MODEL_PARALLEL``, ``FSDP1``
+  (``--trainer.strategy`` values), ``train`` and ``scalars`` (a TensorBoard scalar series).
+
+Tests import these with ``from helpers import ...`` (``tests/`` is on ``sys.path`` under pytest's rootdir
+conftest; the torchrun workers put it there themselves). The library is imported lazily, inside the
+functions, so that importing this module (and so conftest.py) needs only torch and transformers.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+import yaml
+from transformers import AutoConfig, AutoModelForCausalLM
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# ---------------------------------------------------------------------------------------------------
+# Tiny random configs and models of every supported family (LitGPT style)
+# ---------------------------------------------------------------------------------------------------
+FAMILIES = ["phimoe", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe"]
+VOCAB = 96
+
+_COMMON = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+               head_dim=8, num_experts_per_tok=2, max_position_embeddings=128, tie_word_embeddings=False)
+
+_PER_FAMILY = {
+    "phimoe": dict(intermediate_size=24, num_local_experts=4, attention_bias=True, lm_head_bias=True,
+                   router_jitter_noise=0.0, input_jitter_noise=0.0),
+    "mixtral": dict(intermediate_size=24, num_local_experts=4),
+    "qwen2_moe": dict(moe_intermediate_size=24, num_experts=4, shared_expert_intermediate_size=20, qkv_bias=True,
+                      intermediate_size=40),
+    "qwen3_moe": dict(moe_intermediate_size=24, num_experts=4, intermediate_size=40),
+    "olmoe": dict(intermediate_size=24, num_experts=4, num_key_value_heads=4),
+}
+
+
+def tiny_config(model_type: str, **overrides):
+    kwargs = {**_COMMON, **_PER_FAMILY[model_type], **overrides}
+    if model_type == "olmoe":
+        kwargs.pop("head_dim")  # OLMoE sizes q/k norms from hidden_size: keep heads * head_dim == hidden
+    return AutoConfig.for_model(model_type, **kwargs)
+
+
+def tiny_model(model_type: str, seed: int = 0, **overrides):
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(model_type, **overrides))
+    # Random init of every parameter (router weights start at zero for some families).
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.2)
+    return model.eval()
+
+
+def random_batch(batch_size: int = 2, seq_len: int = 8, seed: int = 0) -> dict:
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, VOCAB, (batch_size, seq_len + 1), generator=gen)
+    return {"input_ids": ids[:, :-1], "labels": ids[:, 1:]}
+
+
+def _attn_prunable() -> list[str]:
+    from lightning_slimmoe.families import get_family
+
+    return [f for f in FAMILIES if get_family(tiny_config(f)).attention_prunable]
+
+
+def __getattr__(name: str):
+    # ATTN_PRUNABLE asks the library's family registry: computed on first use (`from helpers import
+    # ATTN_PRUNABLE` included), not when conftest.py imports this module.
+    if name == "ATTN_PRUNABLE":
+        globals()["ATTN_PRUNABLE"] = value = _attn_prunable()
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def random_keep(model, width, groups, shared_width=None, seed=0):
+    """Random (sorted) keep indices for every expert, shared expert and attention layer of ``model``."""
+    from lightning_slimmoe.families import get_family
+    from lightning_slimmoe.slimming import KeepIndices, expert_weights
+
+    gen = torch.Generator().manual_seed(seed)
+    family = get_family(model)
+    keep = KeepIndices()
+    for layer, block in family.moe_blocks(model):
+        num_experts, cur, _ = expert_weights(block.experts)[0].shape
+        keep.experts[layer] = torch.stack([torch.randperm(cur, generator=gen)[:width].sort().values
+                                           for _ in range(num_experts)])
+        if shared_width is not None and family.shared_expert(block) is not None:
+            cur_shared = family.shared_expert(block).gate_proj.out_features
+            keep.shared[layer] = torch.randperm(cur_shared, generator=gen)[:shared_width].sort().values
+    for layer, _ in family.attention_modules(model):
+        keep.groups[layer] = torch.randperm(model.config.num_key_value_heads, generator=gen)[:groups].sort().values
+    return keep
+
+
+# ---------------------------------------------------------------------------------------------------
+# Pipeline inputs and outputs: tiny teacher dirs with tokenizers, tiny recipes, run summaries
+# ---------------------------------------------------------------------------------------------------
+PIPELINE_FAMILY_OVERRIDES = {  # widths that stay grouped_mm-aligned after two halvings
+    "phimoe": dict(intermediate_size=32), "mixtral": dict(intermediate_size=32),
+    "qwen2_moe": dict(moe_intermediate_size=32, shared_expert_intermediate_size=32),
+    "qwen3_moe": dict(moe_intermediate_size=32), "olmoe": dict(intermediate_size=32),
+}
+
+
+def make_teacher_dir(path, model_type: str, corpus: str, vocab_size: int = 320, seed: int = 0) -> str:
+    """A user's own tiny HF MoE directory (weights + tokenizer), as `teacher:` takes it."""
+    from lightning_slimmoe.data import TextDataModule
+
+    path = Path(path)
+    dm = TextDataModule(files=[corpus])
+    tokenizer = dm.train_tokenizer(vocab_size, str(path))
+    model = tiny_model(model_type, seed=seed, vocab_size=len(tokenizer), **PIPELINE_FAMILY_OVERRIDES[model_type])
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(0.25)  # a tamer random teacher: logits of O(1)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+def tiny_recipe(tmp_path, teacher: str | None, corpus: str, stages: list | None = None, **top) -> str:
+    """Write a tiny 2-stage recipe YAML and return its path."""
+    stages = stages if stages is not None else [
+        {"name": "slim1", "expert_width": 16, "criterion": "kd_taylor", "calibration_tokens": 256,
+         "max_tokens": 6 * 4 * 32, "optimizer": {"lr": 1e-3}, "kd": {"top_k": 8}},
+        {"name": "slim2", "expert_width": 8, "attention_groups": 1, "criterion": "kd_taylor",
+         "calibration_tokens": 256, "max_tokens": 4 * 4 * 32, "optimizer": {"lr": 1e-3}},
+    ]
+    config = {
+        "seed_everything": 0, "output_dir": str(tmp_path / "run"), "teacher": teacher,
+        "trainer": {"accelerator": "cpu", "devices": 1, "precision": "32-true", "log_every_n_steps": 1,
+                    "limit_val_batches": 2, "enable_progress_bar": False, "enable_model_summary": False},
+        "data": {"class_path": "lightning_slimmoe.data.TextDataModule",
+                 "init_args": {"files": [corpus], "seq_len": 32, "batch_size": 4, "val_fraction": 0.05}},
+        "stages": stages,
+    }
+    config.update(top)
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return str(path)
+
+
+def read_summary(run_dir) -> dict:
+    return json.loads((Path(run_dir) / "summary.json").read_text())
+
+
+# ---------------------------------------------------------------------------------------------------
+# train.py in a child process (1 process or 2 gloo ranks) and its TensorBoard scalars
+# ---------------------------------------------------------------------------------------------------
+MODEL_PARALLEL = '{"class_path": "lightning.pytorch.strategies.ModelParallelStrategy"}'
+FSDP1 = '{"class_path": "lightning.pytorch.strategies.FSDPStrategy"}'
+
+
+def scalars(tb_dir: Path, tag: str) -> dict[int, float]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    values = {}
+    for events in sorted(tb_dir.glob("events.out.tfevents*")):
+        acc = EventAccumulator(str(events), size_guidance={"scalars": 0})
+        acc.Reload()
+        if tag in acc.Tags()["scalars"]:
+            values.update({e.step: e.value for e in acc.Scalars(tag)})
+    return values
+
+
+def train(recipe: str, out: Path, *extra: str) -> None:
+    result = subprocess.run([sys.executable, "train.py", "--config", recipe, "--output_dir", str(out), *extra],
+                            cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
