@@ -8,7 +8,7 @@
 
 import sys
 
-from lightning_slimmoe.cli import main
+from lightning_slimmoe.cli import main, run_command
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    run_command(main, sys.argv[1:])

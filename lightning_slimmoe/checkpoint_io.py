@@ -46,7 +46,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                     f"{getattr(rank_zero_only, 'rank', 0)}: tensor {bad} holds non-finite values (NaN/Inf); the "
                     "previous checkpoint is kept")
         os.makedirs(os.path.dirname(str(path)) or ".", exist_ok=True)
-        atomic_torch_save(checkpoint, str(path))
+        atomic_torch_save(checkpoint, str(path), what="checkpoint")
 
     def load_checkpoint(self, path, map_location=None, weights_only=None):
         # Our checkpoints hold tensors, numbers, strings and dicts only: load without unpickling code.

@@ -14,6 +14,7 @@ import json
 import re
 import sys
 import warnings
+from typing import Literal, Optional
 
 import yaml
 from jsonargparse import ArgumentParser, set_docstring_parse_options
@@ -23,10 +24,11 @@ from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities import rank_zero_only
 
 from lightning_slimmoe.checkpoint_io import AtomicCheckpointIO
-from lightning_slimmoe.config import RunConfig
+from lightning_slimmoe.config import ConfigError, RunConfig, ServingConfig
 from lightning_slimmoe.data import TextDataModule
 from lightning_slimmoe.quiet import quiet_lightning
 from lightning_slimmoe.sources import resolve_path, shipped_conf_dir
+from lightning_slimmoe.storage import StorageError
 from lightning_slimmoe.strategies import with_atomic_checkpoints
 
 set_docstring_parse_options(attribute_docstrings=True)  # RunConfig's attribute docstrings are its --help
@@ -34,7 +36,7 @@ set_docstring_parse_options(attribute_docstrings=True)  # RunConfig's attribute 
 USAGE = """usage: slimmoe {train,plan,eval,export} [--help] ...   (or: python -m lightning_slimmoe ...)
 
   train --config X [overrides]    the stage pipeline (the same as `python train.py`)
-  plan --config X [--json] [--memory]
+  plan --config X [--json] [--memory] [--serve-tp N [--serve-dtype fp8] [--strict]]
                                   shapes and parameter counts of every stage, from configs alone (no weights)
   eval --model DIR --ppl-file F   held-out perplexity (+ teacher agreement, lm-evaluation-harness tasks)
   export --checkpoint C --out D   a sharded (DCP) stage checkpoint -> a stock HF dir, one tensor at a time
@@ -104,6 +106,13 @@ class PlanCLI(SlimMoECLI):
         parser.add_argument("--memory", action="store_true", help="add a per-GPU memory plan of every stage")
         parser.add_argument("--gpus", type=int, default=64, help="GPUs of the memory plan")
         parser.add_argument("--gpu-memory-gib", type=float, default=80.0, help="memory of one GPU (GiB)")
+        parser.add_argument("--serve-tp", type=Optional[int], default=None,
+                            help="check every stage serves at this tensor-parallel size (vLLM / SGLang); "
+                                 "overrides serving.tp")
+        parser.add_argument("--serve-dtype", type=Optional[Literal["bf16", "fp8"]], default=None,
+                            help="served weights: bf16 or fp8 (block-quantized 128x128); overrides serving.dtype")
+        parser.add_argument("--strict", action="store_true",
+                            help="exit with status 2 when the final stage does not serve (also serving.strict)")
 
 
 _STAGE_OVERRIDE = re.compile(r"^--stages\.(\d+)\.([A-Za-z_][\w.]*)(?:=(.*))?$")
@@ -195,11 +204,25 @@ def plan(args: list[str]) -> dict:
     """``plan``: shapes and parameter counts of every stage, on the meta device from configs alone."""
     from lightning_slimmoe.memory import MemoryPlanInputs, memory_plan
     from lightning_slimmoe.planning import plan_shapes, plan_summary
+    from lightning_slimmoe.serving import DOC as SERVING_DOC
+    from lightning_slimmoe.serving import check_serving, format_serving
 
     cli = PlanCLI(args=with_default_config(args))
     opts, config = cli.config_init, cli.run_config
+    try:  # --serve-* given override the recipe's serving section
+        serving = ServingConfig(tp=config.serving.tp if opts["serve_tp"] is None else opts["serve_tp"],
+                                dtype=opts["serve_dtype"] or config.serving.dtype,
+                                strict=opts["strict"] or config.serving.strict)
+    except ValueError as err:
+        cli.parser.error(str(err))
     shapes = plan_shapes(config)
     result = plan_summary(shapes, config.stages)
+    checks = []
+    if serving.tp is not None:
+        checks = [check_serving(c, serving.tp, serving.dtype, reference=shapes.teacher_config) for c in shapes.configs]
+        result["serving"] = {"tp": serving.tp, "dtype": serving.dtype}
+        for row, check in zip(result["stages"], checks):
+            row["serving"] = check.to_json()
     if opts["memory"]:
         hp = cli.datamodule.hparams
         for stage, stage_config, row in zip(config.stages, shapes.configs, result["stages"]):
@@ -210,17 +233,34 @@ def plan(args: list[str]) -> dict:
             row["memory_gib_per_gpu"] = memory_plan(stage_config, shapes.teacher_config, inputs)
     if opts["json"]:
         print(json.dumps(result, indent=2))
+        _refuse_unservable(serving, config.stages[-1].name, checks)
         return result
-    rows = [("stage", "expert_width", "heads q/kv", "head_dim", "total", "active")]
-    for name, d in [("teacher", result["teacher"])] + [(s["name"], s) for s in result["stages"]]:
+    rows = [("stage", "expert_width", "heads q/kv", "head_dim", "total", "active", *[c.label for c in checks[:1]])]
+    serves = ["-"] + ["yes" if c.ok else "no" for c in checks]
+    for k, (name, d) in enumerate([("teacher", result["teacher"])] + [(s["name"], s) for s in result["stages"]]):
         rows.append((name, str(d["expert_width"]), f"{d['num_attention_heads']}/{d['num_key_value_heads']}",
-                     str(d["head_dim"]), f"{d['total_params']:,}", f"{d['active_params']:,}"))
+                     str(d["head_dim"]), f"{d['total_params']:,}", f"{d['active_params']:,}",
+                     *([serves[k]] if checks else [])))
     print(_table(rows))
+    if checks:
+        lines = [line for stage, check in zip(config.stages, checks) for line in format_serving(stage.name, check)]
+        print(f"\nserving at tp={serving.tp} {serving.dtype} (vLLM / SGLang, {SERVING_DOC}):"
+              + (" every stage serves" if not lines else "\n" + "\n".join(lines)))
     if opts["memory"]:
         print(f"\nper-GPU memory plan (GiB, {opts['gpus']} GPUs x {opts['gpu_memory_gib']:g} GiB, FSDP2 full shard):")
         for row in result["stages"]:
             print(f"  {row['name']}: " + ", ".join(f"{k} {v}" for k, v in row["memory_gib_per_gpu"].items()))
+    _refuse_unservable(serving, config.stages[-1].name, checks)
     return result
+
+
+def _refuse_unservable(serving, final_name: str, checks: list) -> None:
+    """``plan --strict`` (or ``serving.strict``): a final stage that does not serve exits 2, its problems on stderr."""
+    from lightning_slimmoe.serving import final_stage_message
+
+    if serving.strict and checks and not checks[-1].ok:
+        print("error: " + final_stage_message(final_name, checks[-1]), file=sys.stderr)
+        sys.exit(2)
 
 
 def evaluate(args: list[str]) -> dict:
@@ -309,6 +349,20 @@ def dispatch(argv: list[str] | None = None):
     return COMMANDS[argv[0]](argv[1:])
 
 
+def run_command(command, argv: list[str]) -> None:
+    """Run ``command(argv)`` as a user's command: a configuration that cannot work (:class:`ConfigError`, raised
+    before any compute) or a failed write (:class:`StorageError`: disk full, quota, read-only disk) ends the process
+    with one line saying what and where, not a traceback. Exit status 2 and 1."""
+    try:
+        command(argv)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    except StorageError as err:
+        print(f"error: {err.strerror or err}", file=sys.stderr)
+        sys.exit(1)
+
+
 def console() -> None:
-    """The installed ``slimmoe`` command (its return value would be taken for an exit status)."""
-    dispatch()
+    """The installed ``slimmoe`` command (and ``python -m lightning_slimmoe``)."""
+    run_command(dispatch, sys.argv[1:])

@@ -122,6 +122,25 @@ class ParallelConfig:
 
 
 @dataclass
+class ServingConfig:
+    """The serving check of the final stage (vLLM / SGLang fused-MoE and tensor-parallel rules,
+    ``lightning_slimmoe/serving.py``, docs/families-2026.md "Serving constraints")."""
+
+    tp: Optional[int] = None
+    """tensor-parallel size the result is to be served at; null = no check"""
+    dtype: Literal["bf16", "fp8"] = "bf16"
+    """served weights: `bf16` (width per rank an integer) or `fp8` block-quantized 128x128 (width per rank a multiple of 128)"""
+    strict: bool = False
+    """a final stage that does not serve is an error before any compute (default: a warning)"""
+
+    def __post_init__(self):
+        if self.tp is not None:
+            _check(not isinstance(self.tp, bool) and isinstance(self.tp, int) and self.tp >= 1, "serving.tp", self.tp,
+                   "must be an int >= 1 or null")
+        _check(self.dtype in ("bf16", "fp8"), "serving.dtype", self.dtype, "must be bf16 or fp8")
+
+
+@dataclass
 class RunConfig:
     """The top-level keys of a recipe (besides ``seed_everything``, ``trainer`` and ``data``)."""
 
@@ -137,6 +156,8 @@ class RunConfig:
     """list of stages (below), run in order"""
     resume: bool = False
     """continue the run in `output_dir`"""
+    resume_allow_data_change: bool = False
+    """let `--resume` continue on data (corpus, tokenizer, `seq_len`) other than what `run.json` records; the differences are written into the resumed stages' `meta.json`"""
     trust_remote_code: bool = False
     """allow models that ship modelling code (it runs that code)"""
     teacher_8bit: bool = False
@@ -147,6 +168,8 @@ class RunConfig:
     """directory for the teacher's top-k of the training blocks: computed once before the first KD stage, then read by every KD stage instead of the teacher forward; a cache built for another teacher, data, `seq_len` or `top_k` is refused (`docs/scaling.md`)"""
     teacher_cache_dtype: Literal["float32", "bfloat16"] = "float32"
     """cached teacher values: `float32` (the live teacher's losses) or `bfloat16` (half the values' size)"""
+    serving: ServingConfig = field(default_factory=ServingConfig)
+    """serving check of the final stage: `tp` (tensor-parallel size; null = no check), `dtype` (`bf16`, or `fp8` block-quantized 128x128), `strict` (an error instead of a warning)"""
 
     @classmethod
     def from_parsed(cls, values) -> "RunConfig":

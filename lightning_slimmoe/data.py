@@ -11,8 +11,10 @@ fit therefore continues with the next unseen batch without the datamodule having
 
 from __future__ import annotations
 
+import codecs
 import math
 from collections.abc import Iterator
+from typing import Literal
 
 import lightning.pytorch as pl
 import numpy as np
@@ -156,9 +158,17 @@ class TextDataModule(pl.LightningDataModule):
         seed: seeds the corpus file order (stdlib corpus), the train/val split and the training stream.
         tokenizer: a local directory or hub id loaded with ``AutoTokenizer``; ``None`` means the pipeline injects one
             via :meth:`set_tokenizer` (or trains one via :meth:`train_tokenizer`).
+        encoding: the text encoding of ``.txt`` / ``.json`` / ``.jsonl`` files (a UTF-8 BOM is dropped).
+        encoding_errors: what an undecodable byte in those files does: ``"replace"`` it with U+FFFD (one warning per
+            file, with the count), ``"strict"`` (an error naming the file and byte offset) or ``"ignore"`` (dropped).
+            Whatever it says, a file with more than 1% undecodable bytes or any NUL is refused as not text.
+        skip_bad_records: skip malformed jsonl lines and records without a string ``text_field`` (one warning per
+            file, with the count and the first) instead of failing on the first.
 
-    With neither ``files`` nor ``hub_dataset`` the corpus is the Python standard library's ``.py`` sources. The
-    arguments are kept once, in ``self.hparams``.
+    With neither ``files`` nor ``hub_dataset`` the corpus is the Python standard library's ``.py`` sources (read as
+    always, without the decoding policy). Data errors are :class:`lightning_slimmoe.corpora.CorpusError` naming the
+    file and the line, record, row or byte; they are raised while the corpus is read (by :meth:`setup` or
+    :meth:`train_tokenizer`), before the pipeline writes anything. The arguments are kept once, in ``self.hparams``.
     """
 
     def __init__(
@@ -175,6 +185,9 @@ class TextDataModule(pl.LightningDataModule):
         val_fraction: float = 0.05,
         seed: int = 0,
         tokenizer: str | None = None,
+        encoding: str = "utf-8",
+        encoding_errors: Literal["replace", "strict", "ignore"] = "replace",
+        skip_bad_records: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -191,6 +204,17 @@ class TextDataModule(pl.LightningDataModule):
         _require_at_least("val_batch_size", val_batch_size, none_means="batch_size")
         if not 0.0 <= val_fraction < 1.0:
             raise ValueError(f"val_fraction must satisfy 0 <= val_fraction < 1, got {val_fraction}")
+        try:
+            codecs.lookup(encoding)
+            b"x".decode(encoding, "ignore")  # lookup() also knows bytes-to-bytes codecs such as base64
+        except LookupError as error:
+            raise ValueError(
+                f"data.encoding={encoding!r} is not a text encoding ({error}); e.g. 'utf-8', 'latin-1', 'cp1252'"
+            ) from None
+        if encoding_errors not in corpora.ENCODING_ERRORS:
+            raise ValueError(
+                f"data.encoding_errors must be one of {', '.join(corpora.ENCODING_ERRORS)}, got {encoding_errors!r}"
+            )
 
         self.tokenizer: PreTrainedTokenizerBase | None = None
         self.train_blocks: torch.Tensor | None = None
@@ -264,6 +288,9 @@ class TextDataModule(pl.LightningDataModule):
                 text_field=hp.text_field,
                 max_chars=hp.max_chars,
                 seed=hp.seed,
+                encoding=hp.encoding,
+                encoding_errors=hp.encoding_errors,
+                skip_bad_records=hp.skip_bad_records,
             )
         return self._documents
 

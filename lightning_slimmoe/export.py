@@ -46,7 +46,7 @@ def export_hf(model: nn.Module, out_dir: str | Path, tokenizer=None, probe_ids: 
               extra_files: dict[str, str] | None = None) -> Path:
     """Write ``model`` (+ tokenizer, + extra text files) as an HF dir at ``out_dir``, verified, atomically."""
     out_dir = Path(out_dir)
-    with storage.atomic_dir(out_dir) as tmp:
+    with storage.atomic_dir(out_dir, what="HF export") as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)

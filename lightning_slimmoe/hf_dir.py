@@ -41,27 +41,30 @@ class HFDirWriter:
         """Model tensor ``name`` (whole, on CPU), in the checkpoint layout ``save_pretrained`` writes."""
         from transformers.core_model_loading import revert_weight_conversion
 
-        for key, piece in revert_weight_conversion(self.model, {name: tensor}).items():
-            self._shards.add(key, piece)
+        with storage.writing("HF export", self.out_dir):
+            for key, piece in revert_weight_conversion(self.model, {name: tensor}).items():
+                self._shards.add(key, piece)
 
     def finish(self, config, dtype: torch.dtype, tokenizer=None, extra_files: dict[str, str] | None = None) -> Path:
         """Shard index, config (stored ``dtype`` and class, as ``save_pretrained`` records them), generation
         config, tokenizer and extra text files; returns the temporary directory, to be checked."""
-        self._shards.finish()
         config = copy.deepcopy(config)
         config.dtype = str(dtype).removeprefix("torch.")
         config.architectures = [hf_architecture(self.model)]
-        config.save_pretrained(self.tmp)
-        if self.model.can_generate():
-            self.model.generation_config.save_pretrained(self.tmp)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(self.tmp)
-        for name, text in (extra_files or {}).items():
-            (self.tmp / name).write_text(text)
+        with storage.writing("HF export", self.out_dir):
+            self._shards.finish()
+            config.save_pretrained(self.tmp)
+            if self.model.can_generate():
+                self.model.generation_config.save_pretrained(self.tmp)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(self.tmp)
+            for name, text in (extra_files or {}).items():
+                (self.tmp / name).write_text(text)
         return self.tmp
 
     def commit(self) -> Path:
-        storage.replace_dir(self.tmp, self.out_dir)
+        with storage.writing("HF export", self.out_dir):
+            storage.replace_dir(self.tmp, self.out_dir)
         return self.out_dir
 
 

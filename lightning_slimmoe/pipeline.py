@@ -18,6 +18,7 @@ planning.py.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import tempfile
@@ -34,6 +35,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from callbacks import ExpertSlimming, ParamAndWidthLogger, StageProgressBar, StudentConfigWriter, TokenThroughput
 from callbacks.preemption import CheckpointOnSigterm
 from callbacks.teacher_cache import TeacherCacheCallback
+from lightning_slimmoe import corpora
 from lightning_slimmoe.config import ConfigError, RunConfig
 from lightning_slimmoe.data import TextDataModule
 from lightning_slimmoe.distributed import gather_fsdp1_model, is_fsdp1_sharded, is_sharded
@@ -43,7 +45,8 @@ from lightning_slimmoe.params import count_params
 from lightning_slimmoe.planning import RunPlan, StagePlan, plan_run, plan_shapes
 from lightning_slimmoe.run_dir import RunDir, StageDir
 from lightning_slimmoe.slimming import widths_of
-from lightning_slimmoe.sources import check_tokenizers_match, check_weight_files, load_config, load_model
+from lightning_slimmoe.sources import (check_tokenizers_match, check_weight_files, load_config, load_model,
+                                       tokenizer_signature)
 from lightning_slimmoe.strategies import latest_complete_checkpoint
 from lightning_slimmoe.tb import ContinuousTensorBoardLogger
 from lightning_slimmoe.teacher_cache import TeacherCache, TeacherCacheError, cache_key
@@ -68,6 +71,7 @@ class RunContext:
     tokenizer: object
     probe_ids: torch.Tensor  # a few validation tokens: each export must reload to the same logits on them
     teacher_cache: TeacherCache | None
+    data_change: tuple[str, ...] = ()  # a resume allowed to train on other data: the differences, for meta.json
 
     @property
     def teacher_source(self) -> str:
@@ -103,12 +107,15 @@ class Pipeline:
         eval_trainer = self.make_trainer(default_root_dir=str(run_dir.path), logger=False, enable_checkpointing=False)
         plan = plan_run(config, shapes, dm, eval_trainer)
         cache = open_teacher_cache(config, dm, plan, tokenizer, eval_trainer.precision)
+        record = run_record(config, plan.batch, data_identity(dm, tokenizer))
+        data_change = []  # on --resume with resume_allow_data_change: how the data differs (recorded in meta.json)
         if rank_zero_only.rank == 0:  # the first write: everything above passed
-            run_dir.start(run_record(config, plan.batch), config.resume, tokenizer=new_tokenizer)
+            data_change = run_dir.start(record, config.resume, tokenizer=new_tokenizer,
+                                        allow_data_change=config.resume_allow_data_change)
         ctx = RunContext(config=config, seed=self.seed, plan=plan, run_dir=run_dir, datamodule=dm,
                          make_trainer=self.make_trainer, logger=ContinuousTensorBoardLogger(str(run_dir.tb_dir)),
                          tokenizer=tokenizer, probe_ids=dm.val_blocks[:1, : min(32, plan.seq_len)].clone(),
-                         teacher_cache=cache)
+                         teacher_cache=cache, data_change=tuple(data_change))
 
         teacher, teacher_summary, results = None, None, []
         for stage_plan, stage_dir in zip(plan.stages, run_dir.stages):
@@ -208,7 +215,8 @@ def run_stage(ctx: RunContext, stage_plan: StagePlan, stage_dir: StageDir, stude
         if not sharded:
             export_hf(student, stage_dir.hf, tokenizer=ctx.tokenizer, probe_ids=ctx.probe_ids)
         stage_dir.record_complete(widths=widths_of(module.student.config), steps=span.steps, tokens=tokens,
-                                  fit_s=round(fit_s, 3), summary=summary, teacher_cache_build_s=round(build_s, 3))
+                                  fit_s=round(fit_s, 3), summary=summary, teacher_cache_build_s=round(build_s, 3),
+                                  **({"resumed_with_data_change": list(ctx.data_change)} if ctx.data_change else {}))
     trainer.strategy.barrier()
     rank_zero_info(f"[{stage.name}] done: val ppl {summary['val_ppl']:.3f}, "
                    f"{counts.total:,} params ({counts.active:,} active)")
@@ -218,13 +226,34 @@ def run_stage(ctx: RunContext, stage_plan: StagePlan, stage_dir: StageDir, stude
 # ---------------------------------------------------------------------------------------------------
 # What goes into a stage: data, teacher, student
 # ---------------------------------------------------------------------------------------------------
-def run_record(config: RunConfig, batch: dict | None = None) -> dict:
-    """What ``run.json`` holds and ``--resume`` compares: the stages, the sources, the data-stream geometry."""
+def run_record(config: RunConfig, batch: dict | None = None, data: dict | None = None) -> dict:
+    """What ``run.json`` holds and ``--resume`` compares: the stages, the sources, the data-stream geometry and the
+    identity of the data (:func:`data_identity`)."""
     stages = [{k: v for k, v in dataclasses.asdict(s).items() if k not in RESUME_MAY_CHANGE} for s in config.stages]
     record = {"stages": stages, "teacher": config.teacher, "student_init": config.student_init}
     if batch is not None:
         record["batch"] = batch
+    if data is not None:
+        record["data"] = data
     return json.loads(json.dumps(record))
+
+
+def data_identity(dm: TextDataModule, tokenizer) -> dict:
+    """What the run trains on: the source (files with their sizes, or the hub dataset's name, config and split), a
+    sha256 of the packed training and validation blocks (which the corpus, the tokenizer, ``seq_len`` and the data
+    seed decide) and the tokenizer's signature. A resume that trains on other data is refused (run_dir.py)."""
+    hp = dm.hparams
+    if hp.files is not None:
+        source = {"files": [{"path": str(path), "bytes": path.stat().st_size} for path in corpora.expand_files(hp.files)]}
+    elif hp.hub_dataset is not None:
+        source = {"hub": {"name": hp.hub_dataset, "config": hp.hub_config, "split": hp.hub_split}}
+    else:  # where this Python keeps its stdlib may differ between machines; the blocks' hash says what it holds
+        source = {"stdlib": True}
+    digest = hashlib.sha256()
+    for blocks in (dm.train_blocks, dm.val_blocks):
+        digest.update(f"{tuple(blocks.shape)}".encode())
+        digest.update(blocks.to(torch.int64).contiguous().numpy().tobytes())
+    return {"source": source, "blocks_sha256": digest.hexdigest(), "tokenizer": tokenizer_signature(tokenizer)}
 
 
 def prepare_data(config: RunConfig, dm: TextDataModule, run_dir: RunDir, teacher_config):

@@ -20,6 +20,7 @@ from lightning_slimmoe.config import ConfigError, RunConfig, StageConfig
 from lightning_slimmoe.families import get_family
 from lightning_slimmoe.importance import ImportanceScores
 from lightning_slimmoe.params import count_config_params
+from lightning_slimmoe.serving import enforce_serving
 from lightning_slimmoe.slimming import resolve_target, slim_config, widths_of, with_num_experts
 from lightning_slimmoe.sources import load_config
 
@@ -143,6 +144,8 @@ def precision_dtypes(precision: str) -> tuple[torch.dtype, torch.dtype]:
 def plan_run(config: RunConfig, shapes: Shapes, datamodule, trainer) -> RunPlan:
     """The whole run, from the shapes, the set-up data module (steps per token budget) and a Trainer built from the
     recipe's ``trainer`` section (world size, gradient accumulation, precision, strategy)."""
+    # serving.tp: a final stage that vLLM / SGLang would refuse warns (serving.strict: fails) before any compute
+    enforce_serving(config.serving, config.stages[-1].name, shapes.configs[-1], shapes.teacher_config)
     sharded = isinstance(trainer.strategy, ModelParallelStrategy)
     fsdp1 = isinstance(trainer.strategy, FSDPStrategy)  # shards too, but loads whole models first
     teacher_config = shapes.teacher_config

@@ -124,40 +124,54 @@ class RunDir:
             raise ConfigError(f"no {self.run_file.name} in {str(self.path)!r}: not the directory of a run")
         return json.loads(self.run_file.read_text())
 
-    def check(self, record: dict, resume: bool) -> None:
+    def check(self, record: dict, resume: bool, allow_data_change: bool = False) -> list[str]:
         """Read-only: a bad ``--resume`` or an output_dir holding another run fails before any work. Without a
-        ``batch`` entry in ``record`` the saved one is not compared (it is only known once the data is set up)."""
-        if resume:
-            if not self.run_file.exists():
-                raise ConfigError(f"--resume: no run to resume in output_dir={str(self.path)!r} "
-                                  f"(no {self.run_file.name})")
-            saved = self.read_record()
-            if "batch" not in record:
-                saved.pop("batch", None)
-            diff = config_diff(saved, record)
-            if diff:
-                raise ConfigError(f"--resume: the configuration differs from the run in {self.path} "
-                                  f"(saved -> now): {'; '.join(diff[:20])}. Resume with the same stages, or start "
-                                  "a new output_dir")
-        elif self.run_file.exists():
-            raise ConfigError(f"output_dir={str(self.path)!r} already holds a run; pass `--resume true` to continue "
-                              "it, or choose another output_dir (nothing is overwritten)")
+        ``batch`` / ``data`` entry in ``record`` the saved one is not compared (they are only known once the data
+        is set up; a run saved before data identities were recorded has none). A resume on other data (another
+        corpus, tokenizer, ``seq_len``) is refused with the differences, unless ``allow_data_change``: then the
+        differences are returned (for the resumed stages' meta.json)."""
+        if not resume:
+            if self.run_file.exists():
+                raise ConfigError(f"output_dir={str(self.path)!r} already holds a run; pass `--resume true` to "
+                                  "continue it, or choose another output_dir (nothing is overwritten)")
+            return []
+        if not self.run_file.exists():
+            raise ConfigError(f"--resume: no run to resume in output_dir={str(self.path)!r} "
+                              f"(no {self.run_file.name})")
+        saved, now = self.read_record(), dict(record)
+        for key in ("batch", "data"):
+            if key not in now or key not in saved:
+                saved.pop(key, None), now.pop(key, None)
+        data_diff = config_diff(saved.pop("data", None), now.pop("data", None), "data")
+        diff = config_diff(saved, now)
+        if diff:
+            raise ConfigError(f"--resume: the configuration differs from the run in {self.path} "
+                              f"(saved -> now): {'; '.join(diff[:20])}. Resume with the same stages, or start "
+                              "a new output_dir")
+        if data_diff and not allow_data_change:
+            raise ConfigError(f"--resume: the data differs from what the run in {self.path} trained on (saved -> now): "
+                              f"{'; '.join(diff_line[:300] for diff_line in data_diff[:10])}. Resume with the same "
+                              "corpus and tokenizer, or set `resume_allow_data_change: true` to continue on this "
+                              "data (recorded in the stages' meta.json)")
+        return data_diff
 
-    def start(self, record: dict, resume: bool, tokenizer=None) -> None:
+    def start(self, record: dict, resume: bool, tokenizer=None, allow_data_change: bool = False) -> list[str]:
         """The first write of a run (rank 0), once everything was validated: ``run.json`` of a new run, and the
-        tokenizer a pretrain run trained (saved once; a resume finds it)."""
-        self.check(record, resume)
+        tokenizer a pretrain run trained (saved once; a resume finds it). Returns the accepted data differences of
+        a resume (:meth:`check`)."""
+        data_change = self.check(record, resume, allow_data_change)
         if not resume:
             self.path.mkdir(parents=True, exist_ok=True)
             write_json_atomic(self.run_file, record)
         if tokenizer is not None:
             with atomic_dir(self.tokenizer_dir) as tmp:
                 tokenizer.save_pretrained(tmp)
+        return data_change
 
     # --- the end of a run ----------------------------------------------------------------------------
     def write_final(self, source: Path, model_card: str) -> Path:
         """``final/``: the last stage's export plus the model card."""
-        with atomic_dir(self.final_dir) as tmp:
+        with atomic_dir(self.final_dir, what="final model") as tmp:
             shutil.copytree(source, tmp, dirs_exist_ok=True)
             (tmp / "README.md").write_text(model_card)
         return self.final_dir

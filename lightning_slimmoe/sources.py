@@ -19,6 +19,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from lightning_slimmoe.config import ConfigError
 from lightning_slimmoe.families import get_family
 from lightning_slimmoe.loading import meta_model
+from lightning_slimmoe.storage import model_weights_problem
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _PICKLED = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
@@ -71,7 +72,9 @@ def load_config(field: str, source: str, trust_remote_code: bool = False):
 
 
 def check_weight_files(field: str, source: str | None) -> None:
-    """Weights are read from safetensors only: a pickled ``pytorch_model.bin`` can run code when loaded."""
+    """Weights are read from safetensors only (a pickled ``pytorch_model.bin`` can run code when loaded), and every
+    safetensors file is checked against its header and the index before anything is written: a truncated or damaged
+    shard is named now, not hours later (headers only; no tensor is read)."""
     if not source or not os.path.isdir(source):
         return  # hub ids: from_pretrained(use_safetensors=True) refuses pickled weights itself
     files = os.listdir(source)
@@ -83,6 +86,9 @@ def check_weight_files(field: str, source: str | None) -> None:
                "convert them once, in a process you trust, with "
                "`AutoModelForCausalLM.from_pretrained(dir).save_pretrained(dir, safe_serialization=True)`)"
                if pickled else ""))
+    problem = model_weights_problem(source)
+    if problem is not None:
+        raise ConfigError(f"{field}={source!r}: damaged weights: {problem}")
 
 
 def load_model(source: str, dtype: torch.dtype, trust_remote_code: bool = False, sharded: bool = False):

@@ -112,10 +112,12 @@ class AtomicModelParallelStrategy(ModelParallelStrategy):
         if self.global_rank == 0 and tmp.exists():
             shutil.rmtree(tmp)  # a half-written leftover of a killed save
         self.barrier("atomic_checkpoint_clean")
-        super().save_checkpoint(checkpoint, tmp, storage_options)  # shards, then .metadata, then meta.pt
+        with storage.writing("sharded checkpoint", path):
+            super().save_checkpoint(checkpoint, tmp, storage_options)  # shards, then .metadata, then meta.pt
         self.barrier("atomic_checkpoint_written")
         if self.global_rank == 0:
-            storage.replace_dir(tmp, path)  # the previous one moved aside to <path>.old, deleted after
+            with storage.writing("sharded checkpoint", path):
+                storage.replace_dir(tmp, path)  # the previous one moved aside to <path>.old, deleted after
         self.barrier("atomic_checkpoint_renamed")
 
     def _refuse_non_finite(self, checkpoint: dict[str, Any], path: Path) -> None:

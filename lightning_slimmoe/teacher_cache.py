@@ -272,7 +272,7 @@ class TeacherCache:
                 self._remove_partial()
             self.dir.mkdir(parents=True, exist_ok=True)
             write_json_atomic(self.dir / BUILDING, meta)
-            save_safetensors_atomic({"block_index": self.needed}, self.dir / BLOCKS)
+            save_safetensors_atomic({"block_index": self.needed}, self.dir / BLOCKS, what="teacher cache")
         barrier()
 
         per_file, num_blocks, k, seq_len = self.blocks_per_file, len(self.needed), self.key.top_k, self.key.seq_len
@@ -298,7 +298,7 @@ class TeacherCache:
             ids.append(ids_NK.reshape(end - start, seq_len, k).to("cpu").to(id_dtype))  # (b, T, k)
             if end == min((part + 1) * per_file, num_blocks):  # the part is full: to disk, free the memory
                 save_safetensors_atomic({"block_index": self.needed[part * per_file:end], "values": torch.cat(values),
-                              "ids": torch.cat(ids)}, self.dir / part_name(part))
+                                         "ids": torch.cat(ids)}, self.dir / part_name(part), what="teacher cache")
                 values, ids = [], []
         barrier()
         if rank == 0:

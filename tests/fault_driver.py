@@ -23,6 +23,7 @@ Importing this module changes nothing; :func:`main` installs the hooks and runs 
 from __future__ import annotations
 
 import dataclasses
+import errno
 import hashlib
 import io
 import json
@@ -136,7 +137,7 @@ class Recorder(Callback):
 
 class HalfWritingTorch:
     """Stands in for ``torch`` in ``lightning_slimmoe.storage`` (whose ``atomic_torch_save`` writes every checkpoint
-    file): the chosen checkpoint is cut off half-way."""
+    file): the chosen checkpoint is cut off half-way (a kill), or the disk fills up while it is written."""
 
     def __getattr__(self, name):
         return getattr(torch, name)
@@ -153,6 +154,10 @@ class HalfWritingTorch:
             f.flush()
             os.fsync(f.fileno())
             die(f"writing {target}: {len(data) // 2} of {len(data)} bytes")
+        if (at("disk_full") and str(target).endswith(FAULT["path_suffix"])
+                and isinstance(obj, dict) and obj.get("global_step") == FAULT["step"]):
+            f.write(b"\0" * 4096)  # some bytes reach the disk, then it is full
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         return torch.save(obj, f, *args, **kwargs)
 
 
@@ -255,7 +260,7 @@ def main(argv: list[str] | None = None) -> None:
     FAULT.update(OPTS.get("fault") or {})
     install()
     try:
-        cli.main(argv)
+        cli.run_command(cli.main, argv)  # what `python train.py` runs
     except BaseException as exc:  # SystemExit included: record how each rank ended
         log(event="exit", rank=int(os.environ.get("LOCAL_RANK", 0)), type=type(exc).__name__,
             code=getattr(exc, "code", None))

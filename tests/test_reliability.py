@@ -271,6 +271,30 @@ def test_kill_mid_checkpoint_write_keeps_previous_checkpoint(tmp_path, baseline,
 
 
 @pytest.mark.slow
+def test_disk_full_mid_checkpoint_ends_with_one_line_and_resumes_exactly(tmp_path, baseline, expected_stream,
+                                                                       phimoe_teacher, corpus_file):
+    """The disk fills up while last.ckpt is rewritten at step 4 of slim2: the run ends with one line naming what was
+    written, where, and the space left (exit status 1, no traceback); the previous complete checkpoint stays; the
+    resume after "freeing space" (no fault) reproduces the uninterrupted run."""
+    recipe = recipe_in(tmp_path, phimoe_teacher, corpus_file)
+    run_dir = tmp_path / "run"
+    ckpts = run_dir / "stage_1_slim2" / "checkpoints"
+    fault = {"kind": "disk_full", "path_suffix": "stage_1_slim2/checkpoints/last.ckpt.tmp", "step": 4}
+    full = run(tmp_path, recipe, fault=fault, expect_rc=1)
+    errors = [line for line in full.output().splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, full.output()
+    assert "no space left" in errors[0] and "checkpoint" in errors[0] and str(ckpts / "last.ckpt") in errors[0]
+    assert "MiB free on" in errors[0] and "Traceback" not in full.output()
+    assert not (ckpts / "last.ckpt.tmp").exists()  # the partial file is removed, not left under any name
+    last = torch.load(ckpts / "last.ckpt", map_location="cpu", weights_only=True)
+    assert last["global_step"] == 2  # the previous complete checkpoint is intact
+    assert_no_loadable_half_file(run_dir)
+    resumed = run(tmp_path, recipe, "--resume", "true")
+    assert [(r["stage"], r["step"]) for r in resumed.events("train_start")] == [("slim2", 2)]
+    assert_matches_baseline(baseline, expected_stream, run_dir, committed(full, resumed))
+
+
+@pytest.mark.slow
 def test_kill_mid_hf_export_leaves_no_partial_dir(tmp_path, baseline, expected_stream, phimoe_teacher, corpus_file):
     recipe = recipe_in(tmp_path, phimoe_teacher, corpus_file)
     first = killed(tmp_path, recipe, {"kind": "export_before_rename", "path_suffix": "stage_1_slim2/hf.tmp"})
