@@ -60,13 +60,15 @@ class CheckpointLayout:
             + "|".join(map(re.escape, keys.expert_projections)) + r")\.weight$")
         self._fused = re.compile(layer + r"mlp\.experts\.(?P<proj>" + "|".join(FUSED_PROJECTIONS) + r")$")
         self._shared = (re.compile(layer + re.escape(keys.shared_expert)
-                                   + r"\.(?P<proj>gate_proj|up_proj|down_proj)\.weight$")
+                                   + r"\.(?P<proj>gate_proj|up_proj|down_proj)\.(?P<kind>weight|bias)$")
                         if keys.shared_expert else None)
         self._attention = re.compile(layer + re.escape(keys.attention)
                                      + r"\.(?P<proj>q_proj|k_proj|v_proj|o_proj)\.(?P<kind>weight|bias)$")
-        self._router = re.compile(layer + r"mlp\." + re.escape(family.router_attr) + r"\.(?:weight|bias)$")
+        self._expert_indexed = [(re.compile(layer + r"mlp\." + re.escape(name) + "$"), dim)
+                                for name, dim in family.expert_indexed_tensors()]
         self.heads_per_group = int(config.num_attention_heads) // int(config.num_key_value_heads)
         self.head_dim = head_dim(config)
+        self.q_rows_per_head = family.q_rows_per_head
 
     # --- what a key is ---------------------------------------------------------------------------------
     def expert_key(self, key: str) -> ExpertKey | None:
@@ -79,10 +81,13 @@ class CheckpointLayout:
             return FusedKey(int(m["layer"]), m["proj"])
         return None
 
-    def router_layer(self, name: str) -> int | None:
-        """The layer of a router weight/bias (expert removal keeps its rows of the kept experts)."""
-        m = self._router.match(name)
-        return int(m["layer"]) if m else None
+    def expert_indexed(self, name: str) -> tuple[int, int] | None:
+        """``(layer, expert dim)`` of a tensor indexed by expert besides the experts themselves (the router's weight
+        and bias, a score-correction bias): expert removal keeps its entries of the kept experts."""
+        for pattern, dim in self._expert_indexed:
+            if m := pattern.match(name):
+                return int(m["layer"]), dim
+        return None
 
     # --- what a keep selects -------------------------------------------------------------------------
     def plain_selection(self, name: str, keep: KeepIndices) -> tuple[int, Tensor] | None:
@@ -95,15 +100,16 @@ class CheckpointLayout:
             return (0 if e.role in _ROWS_OF else 1), keep.experts[e.layer][e.expert]
         if self._shared is not None and (m := self._shared.match(name)):
             layer = int(m["layer"])
-            if layer not in keep.shared:
-                return None
+            if layer not in keep.shared or (m["proj"] == "down_proj" and m["kind"] == "bias"):
+                return None  # down's bias is indexed by hidden, not by neuron
             return (0 if m["proj"] != "down_proj" else 1), keep.shared[layer]
         if m := self._attention.match(name):
             layer = int(m["layer"])
             if layer not in keep.groups:
                 return None
             groups = keep.groups[layer]
-            per_group = self.heads_per_group * self.head_dim if m["proj"] in ("q_proj", "o_proj") else self.head_dim
+            per_group = {"q_proj": self.heads_per_group * self.head_dim * self.q_rows_per_head,
+                         "o_proj": self.heads_per_group * self.head_dim}.get(m["proj"], self.head_dim)
             rows = group_rows(groups, per_group)
             if m["proj"] == "o_proj":
                 return None if m["kind"] == "bias" else (1, rows)

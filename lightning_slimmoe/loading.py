@@ -170,10 +170,10 @@ class CheckpointReader:
             return
         key = self.checkpoint_key(name, like)
         selection = None if self.keep is None else self.layout.plain_selection(name, self.keep)
-        router_layer = self.layout.router_layer(name)
-        if selection is None and router_layer in self.kept_experts:
-            # expert removal: the router keeps the rows of the kept experts
-            selection = (0, self.kept_experts[router_layer].sort().values)
+        indexed = self.layout.expert_indexed(name)
+        if selection is None and indexed is not None and indexed[0] in self.kept_experts:
+            # expert removal: the router (and its score-correction bias) keeps the entries of the kept experts
+            selection = (indexed[1], self.kept_experts[indexed[0]].sort().values)
         if like.dim() == 0:
             yield 0, self._handle(self.file_of[key]).get_tensor(key)
         elif selection is not None and selection[0] == 0:

@@ -18,7 +18,29 @@ def model_on_meta(config, dtype: torch.dtype | None = None, trust_remote_code: b
     """The causal LM ``config`` describes, on the meta device: every shape, no memory, no weights."""
     kwargs = {"dtype": dtype} if dtype is not None else {}
     with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code, **kwargs)
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code, **kwargs)
+    if dtype is not None:
+        keep_fp32_(model, dtype)
+    return model
+
+
+def keep_fp32_(model: nn.Module, dtype: torch.dtype) -> None:
+    """Upcast the tensors the model keeps in fp32 whatever the dtype (``_keep_in_fp32_modules_strict``, e.g. the
+    routers' score-correction biases), as ``from_pretrained`` does and ``from_config`` does not: a model built here
+    then holds the dtypes of one loaded whole."""
+    plan = model._get_dtype_plan(dtype)
+    if not plan:
+        return
+    from transformers.core_model_loading import build_glob_alternation
+
+    pattern, _, _ = build_glob_alternation(list(plan))
+    for module_name, module in model.named_modules():
+        for table in (module._parameters, module._buffers):
+            for name, tensor in list(table.items()):
+                full = f"{module_name}.{name}" if module_name else name
+                if tensor is not None and tensor.is_floating_point() and pattern.search(full):
+                    table[name] = (nn.Parameter(tensor.to(torch.float32), requires_grad=tensor.requires_grad)
+                                   if isinstance(tensor, nn.Parameter) else tensor.to(torch.float32))
 
 
 def persistent_tensors(model: nn.Module) -> Iterator[tuple[str, Tensor]]:

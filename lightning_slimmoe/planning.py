@@ -21,7 +21,7 @@ from lightning_slimmoe.families import get_family
 from lightning_slimmoe.importance import ImportanceScores
 from lightning_slimmoe.params import count_config_params
 from lightning_slimmoe.serving import enforce_serving
-from lightning_slimmoe.slimming import resolve_target, slim_config, widths_of, with_num_experts
+from lightning_slimmoe.slimming import check_expert_count, resolve_target, slim_config, widths_of, with_num_experts
 from lightning_slimmoe.sources import load_config
 
 
@@ -116,6 +116,10 @@ def _slimmed(k: int, stage: StageConfig, model, teacher_config):
         if not 0 < stage.remove_experts_to <= family.num_experts(model):
             raise ConfigError(f"stages[{stage.name}].remove_experts_to={stage.remove_experts_to}: must lie "
                               f"in [1, {family.num_experts(model)}]")
+        try:
+            check_expert_count(model, stage.remove_experts_to)
+        except ValueError as err:
+            raise ConfigError(f"stages[{stage.name}].remove_experts_to: {err}") from err
         model = with_num_experts(model, stage.remove_experts_to)
     if stage.scores_file:  # read weights_only and shape-checked against the planned model, now
         try:

@@ -24,8 +24,22 @@ from lightning_slimmoe.families import MoEFamily, get_family, head_dim
 # ---------------------------------------------------------------------------------------------------
 # Uniform view of expert weights (written once for every family)
 # ---------------------------------------------------------------------------------------------------
+def check_expert_layout(experts: nn.Module) -> None:
+    """Refuse a fused-experts module in another layout than ``gate_up_proj [E, 2I, H]`` (gate rows, then up rows),
+    ``down_proj [E, H, I]`` without biases: transformers marks each module with its layout (``is_transposed``,
+    ``is_concatenated``, ``has_bias``, ``has_gate``), and slicing one of those as if it were this one would cut
+    the wrong rows silently (docs/families-2026.md, gap 8)."""
+    layout = {k: getattr(experts, k) for k in ("is_transposed", "is_concatenated", "has_bias", "has_gate")
+              if hasattr(experts, k)}
+    if layout and layout != {"is_transposed": False, "is_concatenated": True, "has_bias": False, "has_gate": True}:
+        raise NotImplementedError(f"{type(experts).__name__}: fused experts in layout {layout} are not supported "
+                                  "(only gate_up_proj [E, 2I, H] with gate rows then up rows, down_proj [E, H, I], "
+                                  "no biases)")
+
+
 def expert_weights(experts: nn.Module) -> tuple[Tensor, Tensor, Tensor]:
     """Views ``gate [E, I, H]``, ``up [E, I, H]``, ``down [E, H, I]`` into the fused parameters."""
+    check_expert_layout(experts)
     w_gate_up_E2IH = experts.gate_up_proj
     width = w_gate_up_E2IH.shape[1] // 2
     return w_gate_up_E2IH[:, :width], w_gate_up_E2IH[:, width:], experts.down_proj
@@ -109,6 +123,12 @@ def resolve_target(
     if family.shared_expert_width_field:
         shared = _resolve_width("shared_expert_width", shared_expert_width, family.shared_expert_width(config),
                                 family.shared_expert_width(reference), round_to)
+    elif family.shared_expert_count_field and shared_expert_width is not None:
+        raise ValueError(f"shared_expert_width={shared_expert_width!r}: model_type {family.model_type!r} builds its "
+                         f"shared experts with width {family.width_field} x {family.shared_expert_count_field}, so "
+                         "their width follows expert_width; leave shared_expert_width unset")
+    elif family.shared_expert_count_field:
+        shared = family.shared_expert_width(_with_field(config, family.width_field, width))
     elif shared_expert_width is not None:
         raise ValueError(f"shared_expert_width={shared_expert_width!r}: model_type {family.model_type!r} "
                          "has no shared expert")
@@ -127,6 +147,12 @@ def resolve_target(
             raise ValueError(f"attention_groups={groups}: not supported for model_type "
                              f"{family.model_type!r}: {family.attention_not_prunable_reason}")
     return SlimTarget(expert_width=width, attention_groups=groups, shared_expert_width=shared)
+
+
+def _with_field(config, name: str, value):
+    new = copy.deepcopy(config)
+    setattr(new, name, value)
+    return new
 
 
 def widths_of(config) -> dict:
@@ -150,14 +176,15 @@ def slim_config(config, target: SlimTarget):
     """
     family = get_family(config)
     new = copy.deepcopy(config)
-    dim = head_dim(config)
-    heads_per_group = config.num_attention_heads // config.num_key_value_heads
     setattr(new, family.width_field, target.expert_width)
     if family.shared_expert_width_field and target.shared_expert_width is not None:
         setattr(new, family.shared_expert_width_field, target.shared_expert_width)
-    new.num_key_value_heads = target.attention_groups
-    new.num_attention_heads = target.attention_groups * heads_per_group
-    new.head_dim = dim
+    if family.attention_prunable:  # others keep their attention fields as they are (an MLA config's `head_dim`
+        dim = head_dim(config)      # can be an alias of its rope dim: writing it is not a no-op there)
+        heads_per_group = config.num_attention_heads // config.num_key_value_heads
+        new.num_key_value_heads = target.attention_groups
+        new.num_attention_heads = target.attention_groups * heads_per_group
+        new.head_dim = dim
     return new
 
 
@@ -254,15 +281,18 @@ def group_rows(groups: Tensor, rows_per_group: int) -> Tensor:
 
 
 @torch.no_grad()
-def slice_attention_groups_(attn: nn.Module, keep_G: Tensor, heads_per_group: int, dim: int) -> None:
-    """Keep whole GQA groups: q rows (+bias) of the group's query heads, k/v rows (+bias) of its KV
-    head, the matching o_proj input columns. Per-head q/k norms (Qwen3) act on ``head_dim`` and stay."""
-    q_rows = group_rows(keep_G, heads_per_group * dim)
+def slice_attention_groups_(attn: nn.Module, keep_G: Tensor, heads_per_group: int, dim: int,
+                            q_rows_per_head: int = 1) -> None:
+    """Keep whole GQA groups: q rows (+bias) of the group's query heads (``q_rows_per_head`` x ``dim`` rows per
+    head: 2 where q_proj holds a query and an output gate per head), k/v rows (+bias) of its KV head, the matching
+    o_proj input columns. Per-head q/k norms (Qwen3) act on ``head_dim`` and stay."""
+    q_rows = group_rows(keep_G, heads_per_group * dim * q_rows_per_head)
+    o_cols = group_rows(keep_G, heads_per_group * dim)
     kv_rows = group_rows(keep_G, dim)
     _slice_linear_(attn.q_proj, q_rows, 0)
     _slice_linear_(attn.k_proj, kv_rows, 0)
     _slice_linear_(attn.v_proj, kv_rows, 0)
-    _slice_linear_(attn.o_proj, q_rows, 1)
+    _slice_linear_(attn.o_proj, o_cols, 1)
     attn.head_dim = dim
     attn.num_key_value_groups = heads_per_group
 
@@ -276,10 +306,15 @@ def keep_target(keep: KeepIndices, config) -> SlimTarget:
     if len(widths) > 1 or len(groups) > 1 or len(shared) > 1:
         raise ValueError("SlimMoE widths are uniform across layers; got per-layer widths "
                          f"experts={sorted(widths)} shared={sorted(shared)} groups={sorted(groups)}")
-    return SlimTarget(
-        expert_width=widths.pop() if widths else family.expert_width(config),
-        attention_groups=groups.pop() if groups else int(config.num_key_value_heads),
-        shared_expert_width=shared.pop() if shared else family.shared_expert_width(config))
+    width = widths.pop() if widths else family.expert_width(config)
+    target = SlimTarget(expert_width=width, attention_groups=groups.pop() if groups else int(config.num_key_value_heads),
+                        shared_expert_width=shared.pop() if shared else family.shared_expert_width(config))
+    if family.shared_expert_count_field and target.shared_expert_width is not None:
+        tied = family.shared_expert_width(_with_field(config, family.width_field, width))
+        if target.shared_expert_width != tied:
+            raise ValueError(f"{family.model_type}: shared experts keep {target.shared_expert_width} neurons, but their "
+                             f"width is tied to {family.width_field} x {family.shared_expert_count_field} = {tied}")
+    return target
 
 
 def slim_model_(model: nn.Module, keep: KeepIndices) -> nn.Module:
@@ -302,10 +337,10 @@ def slim_model_(model: nn.Module, keep: KeepIndices) -> nn.Module:
                          f"{family.attention_not_prunable_reason}")
     for layer, attn in family.attention_modules(model):
         if layer in keep.groups:
-            slice_attention_groups_(attn, keep.groups[layer], heads_per_group, dim)
+            slice_attention_groups_(attn, keep.groups[layer], heads_per_group, dim, family.q_rows_per_head)
     new_config = slim_config(config, target)
-    for key in (family.width_field, family.shared_expert_width_field, "num_attention_heads",
-                "num_key_value_heads", "head_dim"):
+    attention = ("num_attention_heads", "num_key_value_heads", "head_dim") if family.attention_prunable else ()
+    for key in (family.width_field, family.shared_expert_width_field, *attention):
         if key:
             setattr(config, key, getattr(new_config, key))
     return model
@@ -323,6 +358,23 @@ def kept_expert_count(keep_experts: dict[int, Tensor]) -> int:
     return counts.pop()
 
 
+def check_expert_count(config, num_experts: int) -> None:
+    """Expert removal must leave at least ``top_k`` experts and, with group-limited routing, a count that divides
+    into its ``n_group`` groups."""
+    family = get_family(config)
+    top_k = int(config.num_experts_per_tok)
+    if num_experts < top_k:
+        raise ValueError(f"num_experts={num_experts}: must be >= num_experts_per_tok={top_k}")
+    groups = family.expert_groups(config)
+    if num_experts % groups:
+        raise ValueError(f"num_experts={num_experts}: must be divisible by {family.expert_group_field}={groups} "
+                         "(group-limited routing splits the experts into equal groups)")
+    if groups > 1 and num_experts // groups < family.min_experts_per_group:
+        raise ValueError(f"num_experts={num_experts}: {family.model_type} scores each of its {groups} expert groups by "
+                         f"the sum of its top-{family.min_experts_per_group} experts, so it needs at least "
+                         f"{family.min_experts_per_group * groups} experts")
+
+
 def with_num_experts(config, num_experts: int):
     """A copy of ``config`` with ``num_experts`` routed experts per layer (no weights touched)."""
     new = copy.deepcopy(config)
@@ -334,21 +386,25 @@ def remove_experts_(model: nn.Module, keep_experts: dict[int, Tensor]) -> nn.Mod
     """Drop whole experts: slice the fused expert tensors and the router rows, update ``num_experts``."""
     family: MoEFamily = get_family(model)
     kept = kept_expert_count(keep_experts)
-    top_k = int(model.config.num_experts_per_tok)
-    if kept < top_k:
-        raise ValueError(f"num_experts={kept}: must be >= num_experts_per_tok={top_k}")
+    check_expert_count(model.config, kept)
     for layer, block in family.moe_blocks(model):
         idx = keep_experts[layer].sort().values
         experts = block.experts
         experts.gate_up_proj = _new_param(experts.gate_up_proj, experts.gate_up_proj[idx.to(experts.gate_up_proj.device)])
         experts.down_proj = _new_param(experts.down_proj, experts.down_proj[idx.to(experts.down_proj.device)])
+        for name, dim in family.expert_indexed_tensors():  # router weight / bias, score-correction biases
+            owner_name, _, attr = name.rpartition(".")
+            owner = block.get_submodule(owner_name) if owner_name else block
+            tensor = getattr(owner, attr, None)
+            if tensor is None:
+                continue
+            sliced = tensor.index_select(dim, idx.to(tensor.device))
+            setattr(owner, attr, _new_param(tensor, sliced) if isinstance(tensor, nn.Parameter) else sliced)
         router = family.router(block)
-        router.weight = _new_param(router.weight, router.weight[idx.to(router.weight.device)])
-        if getattr(router, "bias", None) is not None:
-            router.bias = _new_param(router.bias, router.bias[idx.to(router.bias.device)])
         for module in (experts, router, block):
-            if hasattr(module, "num_experts"):
-                module.num_experts = kept
+            for attr in ("num_experts", "n_routed_experts"):
+                if hasattr(module, attr):
+                    setattr(module, attr, kept)
         if isinstance(router, nn.Linear):
             router.out_features = kept
     setattr(model.config, family.num_experts_field, kept)

@@ -31,7 +31,8 @@ ROOT = Path(__file__).resolve().parents[1]
 # ---------------------------------------------------------------------------------------------------
 # Tiny random configs and models of every supported family (LitGPT style)
 # ---------------------------------------------------------------------------------------------------
-FAMILIES = ["phimoe", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe"]
+FAMILIES = ["phimoe", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "glm4_moe", "deepseek_v2", "deepseek_v3",
+            "ernie4_5_moe", "minimax_m2", "qwen3_next"]
 VOCAB = 96
 
 _COMMON = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -45,12 +46,31 @@ _PER_FAMILY = {
                       intermediate_size=40),
     "qwen3_moe": dict(moe_intermediate_size=24, num_experts=4, intermediate_size=40),
     "olmoe": dict(intermediate_size=24, num_experts=4, num_key_value_heads=4),
+    # DeepSeek-style shared experts (width moe_intermediate_size x n_shared), score-correction bias, group-limited
+    # routing over 2 groups, a leading dense layer: 3 layers so that two have experts.
+    "glm4_moe": dict(moe_intermediate_size=24, n_routed_experts=4, n_shared_experts=1, intermediate_size=40,
+                     num_hidden_layers=3, first_k_dense_replace=1, n_group=2, topk_group=2, attention_bias=True),
+    "deepseek_v2": dict(moe_intermediate_size=24, n_routed_experts=4, n_shared_experts=2, intermediate_size=40,
+                        num_hidden_layers=3, first_k_dense_replace=1, q_lora_rank=None, kv_lora_rank=8,
+                        qk_rope_head_dim=4, qk_nope_head_dim=4, v_head_dim=8, num_key_value_heads=4),
+    "deepseek_v3": dict(moe_intermediate_size=24, n_routed_experts=4, n_shared_experts=1, intermediate_size=40,
+                        num_hidden_layers=3, first_k_dense_replace=1, n_group=2, topk_group=2, q_lora_rank=16,
+                        kv_lora_rank=8, qk_rope_head_dim=4, qk_nope_head_dim=4, v_head_dim=8, num_key_value_heads=4),
+    "ernie4_5_moe": dict(moe_intermediate_size=24, moe_num_experts=4, moe_num_shared_experts=1, moe_k=2,
+                         intermediate_size=40, use_bias=True),
+    "minimax_m2": dict(intermediate_size=24, num_local_experts=4),
+    # GatedDeltaNet linear attention in layer 0, gated full attention in layer 1
+    "qwen3_next": dict(moe_intermediate_size=24, num_experts=4, shared_expert_intermediate_size=20,
+                       intermediate_size=40, layer_types=["linear_attention", "full_attention"],
+                       linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=8,
+                       linear_value_head_dim=8),
 }
+_MLA = ("deepseek_v2", "deepseek_v3")  # head_dim is derived from the rope dims there
 
 
 def tiny_config(model_type: str, **overrides):
     kwargs = {**_COMMON, **_PER_FAMILY[model_type], **overrides}
-    if model_type == "olmoe":
+    if model_type == "olmoe" or model_type in _MLA:
         kwargs.pop("head_dim")  # OLMoE sizes q/k norms from hidden_size: keep heads * head_dim == hidden
     return AutoConfig.for_model(model_type, **kwargs)
 
@@ -100,6 +120,8 @@ def random_keep(model, width, groups, shared_width=None, seed=0):
                                            for _ in range(num_experts)])
         if shared_width is not None and family.shared_expert(block) is not None:
             cur_shared = family.shared_expert(block).gate_proj.out_features
+            if family.shared_expert_count_field:  # DeepSeek-style: the shared width follows the routed one
+                shared_width = width * int(getattr(model.config, family.shared_expert_count_field))
             keep.shared[layer] = torch.randperm(cur_shared, generator=gen)[:shared_width].sort().values
     for layer, _ in family.attention_modules(model):
         keep.groups[layer] = torch.randperm(model.config.num_key_value_heads, generator=gen)[:groups].sort().values
@@ -113,6 +135,10 @@ PIPELINE_FAMILY_OVERRIDES = {  # widths that stay grouped_mm-aligned after two h
     "phimoe": dict(intermediate_size=32), "mixtral": dict(intermediate_size=32),
     "qwen2_moe": dict(moe_intermediate_size=32, shared_expert_intermediate_size=32),
     "qwen3_moe": dict(moe_intermediate_size=32), "olmoe": dict(intermediate_size=32),
+    "glm4_moe": dict(moe_intermediate_size=32), "deepseek_v2": dict(moe_intermediate_size=32),
+    "deepseek_v3": dict(moe_intermediate_size=32), "ernie4_5_moe": dict(moe_intermediate_size=32),
+    "minimax_m2": dict(intermediate_size=32),
+    "qwen3_next": dict(moe_intermediate_size=32, shared_expert_intermediate_size=32),
 }
 
 

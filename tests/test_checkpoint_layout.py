@@ -11,6 +11,7 @@ from transformers import AutoModelForCausalLM
 
 from helpers import FAMILIES, random_batch, random_keep, tiny_model
 from lightning_slimmoe.checkpoint_layout import CheckpointLayout
+from lightning_slimmoe.families import get_family
 from lightning_slimmoe.hf_dir import HFDirWriter, read_back_problem
 from lightning_slimmoe.models import persistent_tensors
 from lightning_slimmoe.slimming import group_rows
@@ -28,12 +29,14 @@ def test_every_per_expert_key_of_a_saved_checkpoint_is_recognised(family_name, t
     layout = CheckpointLayout(model.config)
     keys = saved_keys(model, tmp_path)
     experts = {k: layout.expert_key(k) for k in keys if ".experts." in k}
-    config = model.config
-    num_experts = config.num_local_experts if hasattr(config, "num_local_experts") else config.num_experts
+    family = get_family(model)
+    num_experts = family.num_experts(model.config)
+    moe_layers = [layer for layer, _ in family.moe_blocks(model)]  # interleaved dense layers have no experts
+    shared = family.checkpoint_keys.shared_expert
+    experts = {k: v for k, v in experts.items() if not (shared and f".{shared}." in k)}
     assert experts and all(v is not None for v in experts.values()), [k for k, v in experts.items() if v is None]
     assert {(e.layer, e.expert, e.role) for e in experts.values()} == {
-        (layer, e, role) for layer in range(config.num_hidden_layers) for e in range(num_experts)
-        for role in ("gate", "up", "down")}
+        (layer, e, role) for layer in moe_layers for e in range(num_experts) for role in ("gate", "up", "down")}
     assert all(layout.expert_key(k) is None for k in keys if ".experts." not in k)
 
 
@@ -42,11 +45,14 @@ def test_fused_and_router_names_of_the_model_are_recognised(family_name):
     model = tiny_model(family_name)
     layout = CheckpointLayout(model.config)
     names = list(model.state_dict())
+    moe_layers = [layer for layer, _ in get_family(model).moe_blocks(model)]
     fused = {(f.layer, f.proj) for n in names if (f := layout.fused_key(n)) is not None}
-    assert fused == {(layer, proj) for layer in range(model.config.num_hidden_layers)
-                     for proj in ("gate_up_proj", "down_proj")}
-    routers = [n for n in names if layout.router_layer(n) is not None]
-    assert len(routers) >= model.config.num_hidden_layers and all(".experts." not in n for n in routers)
+    assert fused == {(layer, proj) for layer in moe_layers for proj in ("gate_up_proj", "down_proj")}
+    indexed = {n: layout.expert_indexed(n) for n in names if layout.expert_indexed(n) is not None}
+    assert {layer for layer, _ in indexed.values()} == set(moe_layers) and all(".experts." not in n for n in indexed)
+    num_experts = get_family(model).num_experts(model.config)
+    state = model.state_dict()
+    assert all(state[n].shape[dim] == num_experts for n, (_, dim) in indexed.items())  # the dim really is experts
 
 
 def test_patterns_are_anchored_at_the_decoder_layers():
@@ -56,7 +62,7 @@ def test_patterns_are_anchored_at_the_decoder_layers():
     for prefix in ("mtp.layers.0.", "model.visual.layers.0.", "model.mtp.layers.0.", "xmodel.layers.0."):
         assert layout.expert_key(prefix + "mlp.experts.0.gate_proj.weight") is None
         assert layout.fused_key(prefix + "mlp.experts.gate_up_proj") is None
-        assert layout.router_layer(prefix + "mlp.gate.weight") is None
+        assert layout.expert_indexed(prefix + "mlp.gate.weight") is None
         assert layout.plain_selection(prefix + "self_attn.q_proj.weight", keep) is None
         assert layout.plain_selection(prefix + "mlp.shared_expert.gate_proj.weight", keep) is None
     assert layout.expert_key("model.layers.1.mlp.experts.3.down_proj.weight").role == "down"

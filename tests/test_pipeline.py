@@ -9,8 +9,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from helpers import FAMILIES, make_teacher_dir, read_summary, tiny_recipe
+from helpers import FAMILIES, make_teacher_dir, read_summary, tiny_config, tiny_recipe
 from lightning_slimmoe.cli import main
+from lightning_slimmoe.families import get_family
 
 
 def test_two_stage_run_leaves_the_contract(tmp_path, phimoe_teacher, corpus_file):
@@ -48,10 +49,10 @@ def test_two_stage_run_leaves_the_contract(tmp_path, phimoe_teacher, corpus_file
 def test_users_own_tiny_moe_of_each_family(tmp_path, corpus_file, family):
     teacher = make_teacher_dir(tmp_path / "teacher", family, corpus_file)
     stages = None
-    if family == "olmoe":  # expert slimming only (see families/olmoe.py)
+    if not get_family(tiny_config(family)).attention_prunable:  # expert slimming only (olmoe, MLA, minimax_m2)
         stages = [{"name": "a", "expert_width": 16, "calibration_tokens": 128, "max_tokens": 256},
                   {"name": "b", "expert_width": 8, "calibration_tokens": 128, "max_tokens": 256}]
-    elif family == "qwen2_moe":
+    elif family in ("qwen2_moe", "qwen3_next"):  # their own shared-expert width
         stages = [{"name": "a", "expert_width": 16, "shared_expert_width": 16, "calibration_tokens": 128, "max_tokens": 256},
                   {"name": "b", "expert_width": 8, "attention_groups": 1, "calibration_tokens": 128, "max_tokens": 256}]
     main(["--config", tiny_recipe(tmp_path, teacher, corpus_file, stages=stages)])

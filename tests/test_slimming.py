@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
@@ -148,7 +150,9 @@ def test_olmoe_refuses_attention_pruning():
 
 def test_unsupported_family_lists_supported():
     dense = AutoConfig.for_model("llama", vocab_size=32, hidden_size=16, num_hidden_layers=1, num_attention_heads=2)
-    with pytest.raises(UnsupportedModelError, match=r"'llama'.*\['mixtral', 'olmoe', 'phimoe', 'qwen2_moe', 'qwen3_moe'\]"):
+    listed = re.escape(str(supported_model_types()))
+    assert "'deepseek_v3'" in listed and "'mixtral'" in listed and "'qwen3_next'" in listed
+    with pytest.raises(UnsupportedModelError, match=r"'llama'.*" + listed):
         get_family(dense)
 
 
@@ -160,6 +164,11 @@ def test_uniform_widths_enforced():
         slim_model_(model, keep)
 
 
+def _get(module, dotted: str):
+    owner, _, attr = dotted.rpartition(".")
+    return getattr(module.get_submodule(owner) if owner else module, attr, None)
+
+
 def test_expert_removal_updates_router_and_reloads(family_name, tmp_path):
     model = tiny_model(family_name)
     batch = random_batch()
@@ -167,10 +176,85 @@ def test_expert_removal_updates_router_and_reloads(family_name, tmp_path):
     keep_all = {layer: torch.arange(4) for layer, _ in get_family(model).moe_blocks(model)}
     remove_experts_(model, keep_all)
     assert torch.equal(full, logits(model, batch))
-    remove_experts_(model, {layer: torch.tensor([0, 2, 3]) for layer in keep_all})
-    assert get_family(model).num_experts(model.config) == 3
+    family = get_family(model)
+    if family.expert_groups(model.config) == 2:  # 4 experts in 2 groups: no removal keeps the routing valid
+        with pytest.raises(ValueError, match="divisible by n_group=2"):
+            remove_experts_(model, {layer: torch.tensor([0, 2, 3]) for layer in keep_all})
+        if family.min_experts_per_group == 2:
+            with pytest.raises(ValueError, match="at least 4 experts"):
+                remove_experts_(model, {layer: torch.tensor([0, 3]) for layer in keep_all})
+        model = tiny_model(family_name, n_group=1, topk_group=1)  # the rest with ungrouped routing
+    kept = torch.tensor([0, 2, 3])
+    before = {(layer, name): tensor.detach().clone() for layer, block in family.moe_blocks(model)
+              for name, _ in family.expert_indexed_tensors() if (tensor := _get(block, name)) is not None}
+    remove_experts_(model, {layer: kept for layer in keep_all})
+    assert family.num_experts(model.config) == len(kept)
+    for layer, block in family.moe_blocks(model):  # router rows and score-correction biases of the kept experts
+        for name, dim in family.expert_indexed_tensors():
+            if (layer, name) in before:
+                assert torch.equal(_get(block, name), before[(layer, name)].index_select(dim, kept)), name
     model.save_pretrained(tmp_path)
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     assert torch.equal(logits(model, batch), logits(reloaded, batch))
     with pytest.raises(ValueError, match="num_experts_per_tok"):
         remove_experts_(model, {layer: torch.tensor([1]) for layer in keep_all})
+
+
+@pytest.mark.parametrize("family_name", ["deepseek_v2", "deepseek_v3", "minimax_m2"])
+def test_families_without_gqa_groups_refuse_attention_targets(family_name):
+    config = tiny_config(family_name)
+    with pytest.raises(ValueError, match=r"attention_groups=1: not supported for model_type .*slim expert widths only"):
+        resolve_target(config, attention_groups=1)
+    assert resolve_target(config, expert_width=8).expert_width == 8  # experts still slim
+
+
+def test_mla_layers_have_no_attention_to_score_or_slice():
+    model = tiny_model("deepseek_v3")
+    assert list(get_family(model).attention_modules(model)) == []
+    assert compute_scores(model, [], "magnitude").groups == {}
+
+
+def test_linear_attention_layers_are_left_alone():
+    model = tiny_model("qwen3_next")  # layer 0: GatedDeltaNet, layer 1: gated full attention
+    assert [layer for layer, _ in get_family(model).attention_modules(model)] == [1]
+    linear = {k: v.clone() for k, v in model.model.layers[0].linear_attn.state_dict().items()}
+    slim_model_(model, random_keep(model, width=8, groups=1, shared_width=12, seed=2))
+    assert model.model.layers[1].self_attn.q_proj.out_features == 2 * 2 * 8  # 2 heads x (query + gate) x head_dim
+    assert all(torch.equal(linear[k], v) for k, v in model.model.layers[0].linear_attn.state_dict().items())
+
+
+@pytest.mark.parametrize("family_name", ["glm4_moe", "deepseek_v3", "ernie4_5_moe"])
+def test_tied_shared_expert_width_follows_the_routed_width(family_name, tmp_path):
+    model = tiny_model(family_name)
+    family = get_family(model)
+    with pytest.raises(ValueError, match=r"shared_expert_width=8: .* builds its shared experts with width"):
+        resolve_target(model.config, expert_width=16, shared_expert_width=8)
+    target = resolve_target(model.config, expert_width=16)
+    count = int(getattr(model.config, family.shared_expert_count_field))
+    assert target.shared_expert_width == 16 * count
+    slim_model_(model, select_keep(compute_scores(model, [], "magnitude"), target))
+    for _, block in family.moe_blocks(model):
+        assert family.shared_expert(block).gate_proj.out_features == 16 * count
+    model.save_pretrained(tmp_path)  # stock code rebuilds the shared experts from the routed width
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    batch = random_batch()
+    assert torch.equal(logits(model, batch), logits(reloaded, batch))
+
+
+def test_group_limited_routing_bounds_expert_removal():
+    from lightning_slimmoe.slimming import check_expert_count
+
+    config = tiny_config("deepseek_v3", n_routed_experts=8)  # n_group=2, groups scored by their top-2
+    check_expert_count(config, 4)
+    with pytest.raises(ValueError, match="divisible by n_group=2"):
+        check_expert_count(config, 5)
+    with pytest.raises(ValueError, match="at least 4 experts"):
+        check_expert_count(config, 2)
+
+
+def test_fused_experts_in_another_layout_are_refused():
+    model = tiny_model("qwen3_moe")
+    experts = next(get_family(model).moe_blocks(model))[1].experts
+    experts.is_transposed = True  # e.g. Qwen3-VL / gpt-oss store gate_up_proj as [E, H, 2I]
+    with pytest.raises(NotImplementedError, match=r"layout \{'is_transposed': True"):
+        expert_weights(experts)

@@ -45,6 +45,16 @@ class MoEFamily:
     num_experts_field: str  # config field holding the number of routed experts
     router_attr: str  # attribute of the sparse MoE block that holds the router
     shared_expert_width_field: str | None = None  # Qwen2-MoE: an always-on dense expert beside the routed ones
+    shared_expert_attr: str = "shared_expert"  # DeepSeek / GLM / ERNIE: `shared_experts`
+    # DeepSeek / GLM / ERNIE build the shared experts with width `<width_field> * <this field>`: their width is
+    # tied to the routed width in the config, so it follows every expert-width target (docs/families-2026.md).
+    shared_expert_count_field: str | None = None
+    # Tensors of the MoE block (dotted, relative to it) indexed by expert along the given dim, besides the router's
+    # weight and bias: router score-correction biases. Expert removal slices them with the router.
+    expert_indexed: tuple[tuple[str, int], ...] = ()
+    expert_group_field: str | None = None  # group-limited routing (`n_group`): the expert count must divide by it
+    min_experts_per_group: int = 1  # DeepSeek-V3 / GLM score a group by the sum of its top-2 experts
+    q_rows_per_head: int = 1  # Qwen3-Next / Qwen3.5: q_proj holds a query and an output gate per head
     attention_prunable: bool = True
     attention_not_prunable_reason: str = ""
     checkpoint_keys: CheckpointKeys = CheckpointKeys()
@@ -65,14 +75,26 @@ class MoEFamily:
                 yield i, layer.mlp
 
     def attention_modules(self, model: nn.Module) -> Iterator[tuple[int, nn.Module]]:
+        """(layer index, GQA attention) for every layer whose attention has whole KV groups to prune. Linear-
+        attention (Qwen3-Next's GatedDeltaNet) and Mamba layers have none, nor has MLA (no per-group k/v rows):
+        those layers are left as they are, even by scoring."""
         for i, layer in enumerate(self.decoder_layers(model)):
-            yield i, layer.self_attn
+            attn = getattr(layer, "self_attn", None)
+            if attn is not None and all(hasattr(attn, p) for p in ("q_proj", "k_proj", "v_proj", "o_proj")):
+                yield i, attn
 
     def router(self, block: nn.Module) -> nn.Module:
         return getattr(block, self.router_attr)
 
+    def has_shared_expert(self) -> bool:
+        return bool(self.shared_expert_width_field or self.shared_expert_count_field)
+
     def shared_expert(self, block: nn.Module) -> nn.Module | None:
-        return getattr(block, "shared_expert", None) if self.shared_expert_width_field else None
+        return getattr(block, self.shared_expert_attr, None) if self.has_shared_expert() else None
+
+    def expert_indexed_tensors(self) -> tuple[tuple[str, int], ...]:
+        """Every tensor of the MoE block indexed by expert, with its expert dim: the router's, then the rest."""
+        return ((f"{self.router_attr}.weight", 0), (f"{self.router_attr}.bias", 0), *self.expert_indexed)
 
     # --- config fields ---------------------------------------------------------------------------
     def expert_width(self, config) -> int:
@@ -82,7 +104,15 @@ class MoEFamily:
         return int(getattr(config, self.num_experts_field))
 
     def shared_expert_width(self, config) -> int | None:
-        return int(getattr(config, self.shared_expert_width_field)) if self.shared_expert_width_field else None
+        if self.shared_expert_width_field:
+            return int(getattr(config, self.shared_expert_width_field))
+        if self.shared_expert_count_field and getattr(config, self.shared_expert_count_field, None):
+            return self.expert_width(config) * int(getattr(config, self.shared_expert_count_field))
+        return None
+
+    def expert_groups(self, config) -> int:
+        """Groups of group-limited routing (1: none)."""
+        return int(getattr(config, self.expert_group_field, None) or 1) if self.expert_group_field else 1
 
 
 # Mixtral / PhiMoE hub layout: block_sparse_moe.experts.{e}.w1 (gate) / w3 (up) / w2 (down).
