@@ -68,6 +68,16 @@ def load_config(field: str, source: str, trust_remote_code: bool = False):
                 "YAML only if you trust the source.") from err
         raise
     get_family(config)  # unsupported / dense model_type fails here
+    quantization = getattr(config, "quantization_config", None)
+    if quantization:
+        method = quantization.get("quant_method") if isinstance(quantization, dict) else getattr(
+            quantization, "quant_method", type(quantization).__name__)
+        raise ConfigError(
+            f"{field}={source!r} holds quantized weights (quantization_config.quant_method={method!r}); this "
+            "project does not dequantize hub weights yet (FP8 block scales must be applied before rows can be sliced), "
+            "so a quantized teacher is refused before any weight is read. Convert it to bf16 once (e.g. "
+            "DeepSeek's fp8_cast_bf16.py, or from_pretrained with dequantization and save_pretrained) and pass that "
+            "directory")
     return config
 
 

@@ -23,7 +23,9 @@ RECIPES = sorted(p.name for p in (ROOT / "conf").glob("*.yaml"))
 
 
 def test_recipe_list_is_complete():
-    assert {"demo.yaml", "phi_mini.yaml", "phi_tiny.yaml", "mixtral.yaml", "qwen3_moe.yaml"} <= set(RECIPES)
+    assert {"demo.yaml", "phi_mini.yaml", "phi_tiny.yaml", "mixtral.yaml", "qwen3_moe.yaml", "qwen3_next.yaml",
+            "glm4_moe.yaml", "deepseek_v2_lite.yaml", "deepseek_v3.yaml", "ernie4_5_moe.yaml",
+            "minimax_m2.yaml"} <= set(RECIPES)
 
 
 @pytest.mark.parametrize("recipe", RECIPES)
@@ -80,16 +82,135 @@ def test_typo_inside_yaml_names_the_key(tmp_path, corpus_file, capsys):
     assert "calibraton_tokens" in capsys.readouterr().err
 
 
+# ---------------------------------------------------------------------------------------------------
+# Every shipped config-only JSON: `plan` counts the model it describes, and that model is the published one
+# ---------------------------------------------------------------------------------------------------
+MODEL_JSONS = sorted(p.name for p in (ROOT / "conf" / "models").glob("*.json"))
+
+# (total, active) as each model's publisher states them. `plan` counts active parameters as every non-expert
+# parameter, BOTH embedding matrices included, plus top_k / num_experts of the routed experts (params.py); most
+# publishers round to one or two significant digits and leave the embeddings out of "active", so those figures are
+# given a measured bound below instead of 2%.
+PUBLISHED = {
+    # Mistral AI, "Mixtral of experts" (2023-12-11): 46.7B total, 12.9B used per token
+    "mixtral-8x7b.json": (46.7e9, 12.9e9),
+    # Phi-3 technical report / Phi-3.5-MoE-instruct card: 16 x 3.8B experts, 41.9B total, 6.6B active
+    "phi-3.5-moe.json": (41.9e9, 6.6e9),
+    # Qwen/Qwen3-30B-A3B card: "30.5B in total and 3.3B activated"
+    "qwen3-30b-a3b.json": (30.5e9, 3.3e9),
+    # the transformers qwen3_next docs (Qwen's overview): "Qwen3-Next-80B-A3B — 80B total parameters, only 3B active"
+    # (the hub lists 81B: it also counts the MTP layer, which transformers does not build)
+    "qwen3-next-80b-a3b.json": (80e9, 3e9),
+    # zai-org/GLM-4.5 README and the transformers glm4_moe docs: GLM-4.5-Air "106 billion total parameters and 12
+    # billion active parameters" (MTP layer excluded; the hub's 110B includes it)
+    "glm-4.5-air.json": (106e9, 12e9),
+    # DeepSeek-V2-Lite card, architecture section: 15.7B total, 2.4B activated (its download table rounds to 16B)
+    "deepseek-v2-lite.json": (15.7e9, 2.4e9),
+    # deepseek-ai/DeepSeek-V3 README_WEIGHTS.md: main model 671B total, 36.6B activated "including 0.9B for the
+    # output head" (input embedding excluded; card headline 37B); the 14B MTP module is separate (hub total 685B)
+    "deepseek-v3.json": (671e9, 37e9),
+    # baidu/ERNIE-4.5-21B-A3B-PT card and the transformers ernie4_5_moe docs: 21B total, 3B activated
+    "ernie-4.5-21b-a3b.json": (21e9, 3e9),
+    # MiniMax-M2 card and the SGLang MiniMax-M2 docs: "230 billion total parameters with 10 billion active"
+    "minimax-m2.json": (230e9, 10e9),
+}
+TOLERANCE = 0.02
+# Measured gaps beyond 2% (ours / published - 1 in brackets), each bounded so that a config edit widening it fails.
+KNOWN_GAPS = {
+    # +29.2%: the rounded "3B" leaves out the embeddings (0.62B); without them 3.25B, the GatedDeltaNet layers 1.2B
+    ("qwen3-next-80b-a3b.json", "active"): 0.30,
+    # +11.9%: without the two embeddings (1.24B) 12.18B, +1.5%
+    ("glm-4.5-air.json", "active"): 0.12,
+    # +10.9%: without the input embedding (0.21B) 2.45B, +2.1%; without both 2.24B
+    ("deepseek-v2-lite.json", "active"): 0.11,
+    # +3.9%: "21B" is the model's name; the checkpoint holds 21.8B (the hub lists the -PT repos as 22B)
+    ("ernie-4.5-21b-a3b.json", "total"): 0.04,
+    # +11.7%: without the (tied) embedding matrix (0.26B) 3.09B, +2.9%
+    ("ernie-4.5-21b-a3b.json", "active"): 0.12,
+    # +10.3%: without the two embeddings (1.23B) 9.80B, -2.0%
+    ("minimax-m2.json", "active"): 0.11,
+}
+
+
+def _recipe_using(model_json: str) -> str:
+    for recipe in RECIPES:
+        data = yaml.safe_load((ROOT / "conf" / recipe).read_text())
+        sources = [data.get("teacher_config")] + [(s.get("pretrain") or {}).get("model_config") for s in data["stages"]]
+        if f"conf/models/{model_json}" in sources:
+            return recipe
+    raise AssertionError(f"conf/models/{model_json} is used by no recipe")
+
+
+@pytest.mark.parametrize("model_json", MODEL_JSONS)
+def test_every_model_json_plans_to_the_published_totals(model_json):
+    from lightning_slimmoe.cli import plan
+    from lightning_slimmoe.params import count_config_params
+
+    config = AutoConfig.from_pretrained(ROOT / "conf" / "models" / model_json)
+    meta = count_config_params(config)  # the model transformers builds from the JSON, on the meta device
+    teacher = plan(["--config", str(ROOT / "conf" / _recipe_using(model_json)), "--json"])["teacher"]
+    assert (teacher["total_params"], teacher["active_params"]) == (meta.total, meta.active)
+    if model_json == "demo-phimoe.json":  # the demo's own teacher: nothing is published
+        return
+    for kind, ours, published in zip(("total", "active"), (meta.total, meta.active), PUBLISHED[model_json]):
+        gap = ours / published - 1
+        bound = KNOWN_GAPS.get((model_json, kind), TOLERANCE)
+        assert abs(gap) <= bound, f"{model_json} {kind}: {ours:,} vs published {published:,.0f} ({gap:+.1%})"
+
+
+def test_known_gaps_are_still_gaps():
+    """A bound wider than 2% stays only while it is needed."""
+    from lightning_slimmoe.params import count_config_params
+
+    for model_json, kind in KNOWN_GAPS:
+        meta = count_config_params(AutoConfig.from_pretrained(ROOT / "conf" / "models" / model_json))
+        ours = meta.total if kind == "total" else meta.active
+        assert abs(ours / PUBLISHED[model_json][kind == "active"] - 1) > TOLERANCE, (model_json, kind)
+
+
 def _stand_in_teacher(recipe: dict, tmp_path: Path, corpus: str) -> str:
-    """Same family and the recipe's real expert widths/head counts, but hidden 64, one layer, tiny vocab."""
+    """Same family and the recipe's real expert widths/head counts, but hidden 64, tiny vocab, at most 16 experts, and
+    the fewest layers that hold routed experts and (if the family prunes attention) a GQA attention layer: one for
+    most families, more where the first layers are dense (DeepSeek / GLM `first_k_dense_replace`, ERNIE
+    `moe_layer_start_index`) or linear attention (Qwen3-Next: the 4th layer is the first full-attention one)."""
+    from lightning_slimmoe.families import get_family
+    from lightning_slimmoe.models import model_on_meta
+
     source = recipe.get("teacher_config") or recipe["stages"][0]["pretrain"]["model_config"]
     config = AutoConfig.from_pretrained(ROOT / source)
     tokenizer = TextDataModule(files=[corpus]).train_tokenizer(300, str(tmp_path / "teacher"))
-    config.hidden_size, config.num_hidden_layers, config.head_dim = 64, 1, 8
+    family = get_family(config)
+    config.hidden_size = 64
+    if getattr(config, "qk_rope_head_dim", None) is None:
+        config.head_dim = 8
+    else:  # MLA (DeepSeek) derives its rotary dim from qk_rope_head_dim and has no groups to prune: 4 heads
+        config.num_attention_heads = config.num_key_value_heads = 4
     config.vocab_size, config.max_position_embeddings = len(tokenizer), 256
+    for key in ("pad_token_id", "bos_token_id", "eos_token_id"):  # the hub's ids lie outside the tiny vocabulary
+        ids = getattr(config, key, None)
+        if ids is not None and max(ids if isinstance(ids, list) else [ids]) >= config.vocab_size:
+            setattr(config, key, None)
     for key in ("router_jitter_noise", "input_jitter_noise"):
         if hasattr(config, key):
             setattr(config, key, 0.0)
+    if family.num_experts(config) > 16:  # DeepSeek-V3's 8 groups keep 2 experts each
+        setattr(config, family.num_experts_field, 16)
+    if getattr(config, "linear_key_head_dim", None):  # Qwen3-Next's GatedDeltaNet layers are never slimmed: tiny
+        config.linear_num_key_heads, config.linear_num_value_heads = 2, 4
+        config.linear_key_head_dim = config.linear_value_head_dim = 8
+    if family.width_field != "intermediate_size":  # the dense MLP of leading dense layers, not an expert width
+        config.intermediate_size = min(config.intermediate_size, 256)
+    layer_types = getattr(config, "layer_types", None)
+    for layers in range(1, 9):
+        config.num_hidden_layers = layers
+        if layer_types:  # checked against num_hidden_layers when saved
+            config.layer_types = layer_types[:layers]
+        meta = model_on_meta(config)
+        if any(True for _ in family.moe_blocks(meta)) and (
+                not family.attention_prunable or any(True for _ in family.attention_modules(meta))):
+            break
+    else:
+        raise AssertionError(f"{source}: no stand-in of up to 8 layers has routed experts")
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config)
     with torch.no_grad():
