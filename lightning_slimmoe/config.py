@@ -170,6 +170,8 @@ class RunConfig:
     """cached teacher values: `float32` (the live teacher's losses) or `bfloat16` (half the values' size)"""
     serving: ServingConfig = field(default_factory=ServingConfig)
     """serving check of the final stage: `tp` (tensor-parallel size; null = no check), `dtype` (`bf16`, or `fp8` block-quantized 128x128), `strict` (an error instead of a warning)"""
+    experts_implementation: Optional[Literal["grouped_mm", "batched_mm", "eager"]] = None
+    """transformers' fused-experts kernel of teacher and student; null = the fastest measured on the device (`grouped_mm` on CPU and on CUDA compute capability >= 8.0, else `eager`), logged once per run (`docs/results.md` "Speed")"""
 
     @classmethod
     def from_parsed(cls, values) -> "RunConfig":

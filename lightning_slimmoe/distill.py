@@ -14,12 +14,23 @@ here therefore works over *chunks of tokens*:
 
 * ``teacher_topk`` projects the teacher's final hidden states chunk by chunk under
   ``no_grad`` and keeps only ``(N, k)`` values/ids.
-* ``distill_loss`` projects the student's hidden states chunk by chunk, and wraps
-  every chunk in ``torch.utils.checkpoint.checkpoint(use_reentrant=False)``: the
-  chunk's ``[chunk, V]`` logits are *not* saved for backward, only its
-  ``[chunk, H]`` input is; backward recomputes the chunk's logits right before it
-  needs them.  So at most one ``[chunk, V]`` fp32 logits tensor (plus its
-  transient gradient) exists at any time, forward or backward.
+* ``distill_loss`` (default, *fused*) projects the student's hidden states chunk by
+  chunk inside one ``torch.autograd.Function`` that, in the FORWARD pass, computes
+  each chunk's logits, its share of the loss and, analytically, the loss's gradient
+  with respect to the chunk's logits, and turns that at once into the gradients
+  with respect to the chunk's hidden states and the LM-head weight (and bias),
+  which it accumulates.  Backward only scales those saved gradients by
+  ``grad_output``: the projection is never recomputed (the trick of fused
+  linear-cross-entropy kernels such as Liger's).  One ``[chunk, V]`` buffer (two
+  for ``temperature != 1``) is allocated per call and reused by every chunk (the
+  logits become the softmax, then the gradient, in place); nothing of vocabulary
+  size per token outlives the call, and nothing at all is saved for backward
+  except the ``[N, H]`` / ``[V, H]`` gradients.
+* ``distill_loss(..., fused=False)`` is the previous path, the reference of the
+  tests: every chunk wrapped in ``torch.utils.checkpoint.checkpoint(use_reentrant=
+  False)``; the ``[chunk, V]`` logits are recomputed in backward.  It is also what
+  runs when the LM head is not a plain ``nn.Linear`` (an FSDP-sharded head, hooks:
+  see :func:`_plain_linear`).
 
 Per-chunk results are *sums*; they are divided by the total number of counted
 tokens once at the end, so the chunk size never changes the value of the loss.
@@ -36,11 +47,14 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 IGNORE_INDEX = -100
+# log1p(-Q) of the student's top-k mass Q is taken at min(Q, 1 - 1e-7) (tail bucket): finite when Q rounds to 1.
+_REST_CLAMP = 1.0 - 1e-7
 
 __all__ = [
     "IGNORE_INDEX",
     "KDConfig",
     "DistillOutput",
+    "frozen_forward",
     "teacher_topk",
     "distill_loss",
 ]
@@ -120,6 +134,27 @@ def _upcast(logits: Tensor) -> Tensor:
 
 def _chunk_bounds(n: int, chunk_tokens: int) -> list[tuple[int, int]]:
     return [(s, min(s + chunk_tokens, n)) for s in range(0, n, chunk_tokens)]
+
+
+def frozen_forward(model: nn.Module):
+    """The grad mode of a frozen model's forward (the teacher): ``torch.inference_mode()`` (no autograd
+    bookkeeping, no version counters), or ``torch.no_grad()`` where inference mode is not safe: an FSDP-sharded
+    model (FSDP writes its all-gathered parameters and frees them in place across calls) and a bitsandbytes 8-bit
+    one (LLM.int8 keeps per-weight state it updates in place). Results of an inference-mode forward are
+    inference tensors: clone them before autograd saves them (``StageModule.teacher_targets`` does)."""
+    try:
+        from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
+        sharded = (FSDPModule, FullyShardedDataParallel)
+    except ImportError:  # pragma: no cover - torch without distributed
+        sharded = ()
+    for module in model.modules():
+        if isinstance(module, sharded):
+            return torch.no_grad()
+        if "8bit" in type(module).__name__ or "Int8" in type(module).__name__:
+            return torch.no_grad()
+    if getattr(model, "is_loaded_in_8bit", False) or getattr(model, "is_quantized", False):
+        return torch.no_grad()
+    return torch.inference_mode()
 
 
 @torch.no_grad()
@@ -232,7 +267,7 @@ def _chunk_losses(
     if tail_bucket:
         # One extra bucket: the teacher's and the student's probability mass outside the top-k ids.
         p_rest = (1.0 - p.sum(-1)).clamp_min(0.0)  # (c,)
-        log_q_rest = torch.log1p(-log_q.exp().sum(-1).clamp(max=1.0 - 1e-7))  # (c,)
+        log_q_rest = torch.log1p(-log_q.exp().sum(-1).clamp(max=_REST_CLAMP))  # (c,)
         kd_per_token = kd_per_token + torch.special.xlogy(p_rest, p_rest) - p_rest * log_q_rest
     kd_sum = (temperature**2) * kd_per_token.sum()  # ()
 
@@ -245,6 +280,233 @@ def _chunk_losses(
     return loss_sum, kd_sum.detach(), lm_sum.detach(), agree
 
 
+# ---------------------------------------------------------------------------------------------------
+# Fused path: loss and gradients in one forward pass, chunk by chunk
+# ---------------------------------------------------------------------------------------------------
+def _plain_linear(lm_head: nn.Module) -> tuple[Tensor, Tensor | None] | None:
+    """``(weight, bias)`` when ``lm_head(x)`` is exactly ``F.linear(x, weight, bias)``, else None.
+
+    The fused path reads the head's parameters and does the projection itself, so it only runs where that is what
+    the module's forward would do: a plain ``nn.Linear`` (not a subclass) with no hooks and an ordinary weight.
+    Everything else takes the checkpointed path, which calls the module.  In particular FSDP: an FSDP2
+    (``fully_shard``) head is an ``FSDPLinear`` whose forward pre-hook all-gathers the DTensor weight and whose
+    gradient is reduce-scattered by FSDP's post-backward hooks, which fire from the autograd graph of the module's
+    own forward output; gradients handed to the unsharded weight from outside that graph are not ordered before
+    the reduce-scatter, so the fused Function cannot feed them safely.  An FSDP1 head is a
+    ``FullyShardedDataParallel`` wrapper.  Both therefore fall back to the checkpointed path (its backward
+    recomputes the projection through the module, which FSDP handles).
+    """
+    if type(lm_head) is not nn.Linear:
+        return None
+    if lm_head._forward_hooks or lm_head._forward_pre_hooks or lm_head._backward_hooks or \
+            lm_head._backward_pre_hooks:
+        return None
+    from torch.nn.modules import module as _module
+    if _module._global_forward_hooks or _module._global_forward_pre_hooks:
+        return None
+    weight, bias = lm_head.weight, lm_head.bias
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover - torch without distributed
+        DTensor = ()
+    if isinstance(weight, DTensor) or isinstance(bias, DTensor):
+        return None
+    return weight, bias
+
+
+def _matmul_dtype(hidden: Tensor, weight: Tensor) -> torch.dtype:
+    """The dtype ``F.linear(hidden, weight)`` computes in here: autocast's (bf16-mixed) where it is on and would
+    cast these tensors, else the weight's."""
+    device_type = weight.device.type
+    if torch.is_autocast_enabled(device_type) and torch.float64 not in (hidden.dtype, weight.dtype):
+        return torch.get_autocast_dtype(device_type)
+    return weight.dtype
+
+
+def _fused_sums(hidden: Tensor, labels: Tensor, teacher_values: Tensor | None, teacher_ids: Tensor | None,
+                weight: Tensor, bias: Tensor | None, temperature: float, lm_weight: float, tail_bucket: bool,
+                chunk_tokens: int, md: torch.dtype, need_hidden: bool, need_weight: bool, need_bias: bool):
+    """Sums over every counted token (loss, kd, lm, #agreeing) and the gradients of the loss SUM with respect to
+    ``hidden`` / ``weight`` / ``bias`` (None where not needed), computed chunk by chunk without autograd.
+
+    Per token, with z the fp32 logits, s1 = softmax(z), sT = softmax(z / T), p the teacher's k probabilities at
+    ids, P = sum_k p_k, q_k = sT[ids_k], Q = sum_k q_k (what :func:`_chunk_losses` computes), the gradient of the
+    weighted loss with respect to z is
+
+        w_lm * (s1 - onehot(label))
+      + w_kd * T * ((P - r * Q) * sT - scatter(ids, p - r * q))       r = p_rest / (1 - Q)   (tail bucket, else 0)
+
+    where w_lm = lm_weight (1 without a teacher), w_kd = 1 - lm_weight (T^2 of the KD term times 1/T of z / T);
+    r is 0 where the clamp ``Q <= 1 - 1e-7`` is active, as autograd's clamp gives.  That [c, V] gradient is built
+    in place in the buffer that held the logits and is turned into [c, H] / [V, H] / [V] gradients right away.
+    ``md`` is the dtype of the projection and of the gradient matmuls (:func:`_matmul_dtype`); the caller runs
+    this with autocast off, every cast being explicit here.
+    """
+    m_tokens, hidden_size = hidden.shape
+    vocab = weight.shape[0]
+    device = hidden.device
+    has_teacher = teacher_values is not None
+    cd = torch.float64 if md == torch.float64 else torch.float32  # what the softmax runs in (_upcast)
+    acc = cd if md == cd else torch.float32  # accumulators of the [V, H] / [V] gradients
+    w_lm = lm_weight if has_teacher else 1.0  # weights of the terms in the loss and of their gradients
+    w_kd = 1.0 - lm_weight if has_teacher else 0.0
+    need_grad = need_hidden or need_weight or need_bias
+    w_md = weight.to(md)
+    b_md = bias.to(md) if bias is not None else None
+
+    d_hidden = torch.empty(m_tokens, hidden_size, dtype=hidden.dtype, device=device) if need_hidden else None
+    d_weight = torch.zeros(vocab, hidden_size, dtype=acc, device=device) if need_weight else None
+    d_bias = torch.zeros(vocab, dtype=acc, device=device) if need_bias and bias is not None else None
+    zero = torch.zeros((), dtype=cd, device=device)
+    if m_tokens == 0:  # nothing counted: zero sums, zero gradients
+        grads = (d_hidden, d_weight.to(weight.dtype) if d_weight is not None else None,
+                 d_bias.to(bias.dtype) if d_bias is not None else None)
+        return (zero, zero.clone(), zero.clone(), zero.clone()), grads
+
+    rows = min(chunk_tokens, m_tokens)
+    z_buf = torch.empty(rows, vocab, dtype=cd, device=device)  # logits -> exp -> gradient, in place
+    low_buf = torch.empty(rows, vocab, dtype=md, device=device) if md != cd else None  # bf16 logits / gradient
+    two_pass = temperature != 1.0 and has_teacher  # softmax at T=1 (LM) and at T (KD): a second buffer
+    e_buf = torch.empty(rows, vocab, dtype=cd, device=device) if two_pass else None
+
+    loss_sum = kd_sum = lm_sum = agree_sum = None
+    for start, end in _chunk_bounds(m_tokens, chunk_tokens):
+        c = end - start
+        h = hidden[start:end].to(md)  # (c, H)
+        lab = labels[start:end]  # (c,)
+        out = low_buf[:c] if low_buf is not None else z_buf[:c]
+        if b_md is not None:
+            torch.addmm(b_md, h, w_md.t(), out=out)  # (c, V)
+        else:
+            torch.mm(h, w_md.t(), out=out)
+        z = z_buf[:c]
+        if low_buf is not None:
+            z.copy_(out)  # upcast, as _upcast does
+        z_label = z.gather(1, lab.unsqueeze(1)).squeeze(1)  # (c,)
+        z_max, z_argmax = z.max(dim=-1)  # (c,), (c,): the first maximum, as argmax
+        shift = z_max.masked_fill(z_max.abs() == math.inf, 0.0)  # logsumexp's rule for infinite maxima
+        if has_teacher:
+            tv = teacher_values[start:end].to(cd)  # (c, k)
+            ids = teacher_ids[start:end]  # (c, k)
+            z_ids = z.gather(1, ids)  # (c, k)
+        if two_pass:
+            e1 = torch.sub(z, shift.unsqueeze(1), out=e_buf[:c]).exp_()  # (c, V) exp(z - max), z kept
+        else:
+            e1 = z.sub_(shift.unsqueeze(1)).exp_()  # (c, V), in place: z is not needed any more
+        s1 = e1.sum(-1)  # (c,)
+        lse = s1.log() + shift  # (c,)
+        lm_c = (lse - z_label).sum()  # ()
+
+        if not has_teacher:
+            loss_c, kd_c, agree_c = lm_c, zero, zero
+            g = e1  # softmax - onehot(label), built below
+            if need_grad:
+                g.mul_(s1.reciprocal().unsqueeze(1))
+                g.scatter_add_(1, lab.unsqueeze(1), torch.full((c, 1), -1.0, dtype=cd, device=device))
+        else:
+            if tail_bucket:  # values are already full-vocabulary log-probabilities at T
+                log_p = tv
+            else:
+                log_p = torch.log_softmax(tv / temperature, dim=-1)  # (c, k)
+            p = log_p.exp()  # (c, k)
+            if two_pass:
+                z.div_(temperature)  # z / T, as the reference's tempered logits
+                shift_t = torch.div(z_max, temperature)  # max(z / T): division by T > 0 is monotone
+                shift_t = shift_t.masked_fill(shift_t.abs() == math.inf, 0.0)
+                e_t = z.sub_(shift_t.unsqueeze(1)).exp_()  # (c, V)
+                s_t = e_t.sum(-1)  # (c,)
+                lse_t = s_t.log() + shift_t  # (c,)
+                log_q = z_ids / temperature - lse_t.unsqueeze(-1)  # (c, k)
+            else:
+                e_t, s_t = e1, s1
+                log_q = z_ids - lse.unsqueeze(-1)  # (c, k)
+            kd_tok = (torch.special.xlogy(p, p) - p * log_q).sum(-1)  # (c,)
+            if tail_bucket:
+                p_rest = (1.0 - p.sum(-1)).clamp_min(0.0)  # (c,)
+                q = log_q.exp()  # (c, k)
+                q_mass = q.sum(-1)  # (c,)
+                q_clamped = q_mass.clamp(max=_REST_CLAMP)
+                kd_tok = kd_tok + torch.special.xlogy(p_rest, p_rest) - p_rest * torch.log1p(-q_clamped)
+            kd_c = (temperature**2) * kd_tok.sum()  # ()
+            top1 = ids.gather(-1, tv.argmax(-1, keepdim=True)).squeeze(-1)  # (c,)
+            agree_c = (z_argmax == top1).sum().to(cd)  # ()
+            loss_c = (1.0 - lm_weight) * kd_c + lm_weight * lm_c
+
+            if need_grad:
+                coef_soft = p.sum(-1)  # (c,) P
+                at_ids = p  # (c, k), subtracted at the teacher's ids
+                if tail_bucket:
+                    rest = torch.where(q_mass <= _REST_CLAMP, p_rest / (1.0 - q_clamped), torch.zeros_like(p_rest))
+                    coef_soft = coef_soft - rest * q_mass
+                    at_ids = p - rest.unsqueeze(-1) * q
+                kd_scale = w_kd * temperature
+                if not two_pass:  # one softmax for both terms
+                    g = e1.mul_(((w_lm + kd_scale * coef_soft) / s1).unsqueeze(1))
+                elif w_lm > 0.0:
+                    g = e1.mul_((w_lm / s1).unsqueeze(1)).addcmul_(e_t, (kd_scale * coef_soft / s_t).unsqueeze(1))
+                else:
+                    g = e_t.mul_((kd_scale * coef_soft / s_t).unsqueeze(1))
+                if kd_scale != 0.0:
+                    g.scatter_add_(1, ids, at_ids * -kd_scale)
+                if w_lm != 0.0:
+                    g.scatter_add_(1, lab.unsqueeze(1), torch.full((c, 1), -w_lm, dtype=cd, device=device))
+
+        if need_grad:  # g: (c, V) gradient of this chunk's loss sum w.r.t. its logits
+            g_md = low_buf[:c].copy_(g) if low_buf is not None else g
+            if d_hidden is not None:
+                if md == d_hidden.dtype:
+                    torch.mm(g_md, w_md, out=d_hidden[start:end])  # (c, H)
+                else:
+                    d_hidden[start:end] = torch.mm(g_md, w_md)
+            if d_weight is not None:
+                if md == acc:
+                    d_weight.addmm_(g_md.t(), h)  # (V, H)
+                else:
+                    d_weight.add_(torch.mm(g_md.t(), h))
+            if d_bias is not None:
+                d_bias.add_(g.sum(0))  # (V,)
+        if loss_sum is None:
+            loss_sum, kd_sum, lm_sum, agree_sum = loss_c, kd_c, lm_c, agree_c
+        else:
+            loss_sum, kd_sum, lm_sum, agree_sum = loss_sum + loss_c, kd_sum + kd_c, lm_sum + lm_c, agree_sum + agree_c
+    del z_buf, low_buf, e_buf
+    if not has_teacher:  # four distinct outputs (the Function marks the last three non-differentiable)
+        loss_sum, kd_sum, agree_sum = lm_sum.clone(), zero, zero.clone()
+    grads = (d_hidden,
+             (d_weight if d_weight.dtype == weight.dtype else d_weight.to(weight.dtype)) if d_weight is not None else None,
+             (d_bias if d_bias.dtype == bias.dtype else d_bias.to(bias.dtype)) if d_bias is not None else None)
+    return (loss_sum, kd_sum, lm_sum, agree_sum), grads
+
+
+class _FusedLinearKD(torch.autograd.Function):
+    """``(loss_sum, kd_sum, lm_sum, agree_sum)`` of the counted tokens; only ``loss_sum`` is differentiable.
+
+    The forward computes the gradients too (:func:`_fused_sums`) and keeps them on ``ctx``; backward multiplies
+    them by ``grad_output`` in place and hands them out once (a second backward through the same graph, i.e.
+    ``retain_graph=True``, is refused rather than silently wrong)."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, teacher_values, teacher_ids, temperature, lm_weight,
+                tail_bucket, chunk_tokens, md):
+        need = ctx.needs_input_grad
+        sums, grads = _fused_sums(hidden, labels, teacher_values, teacher_ids, weight, bias, temperature,
+                                  lm_weight, tail_bucket, chunk_tokens, md, need_hidden=need[0],
+                                  need_weight=need[1], need_bias=need[2] and bias is not None)
+        ctx.grads = grads
+        ctx.mark_non_differentiable(*sums[1:])
+        return sums
+
+    @staticmethod
+    def backward(ctx, grad_loss, *_):
+        grads = ctx.grads
+        if grads is None:
+            raise RuntimeError("the fused distillation loss was backpropagated twice (retain_graph=True); its "
+                               "gradients are handed out once: use distill_loss(..., fused=False) for that")
+        ctx.grads = None
+        scaled = tuple(g.mul_(grad_loss.to(g.dtype)) if g is not None else None for g in grads)
+        return (*scaled, None, None, None, None, None, None, None, None)
+
+
 def distill_loss(
     student_hidden: Tensor,
     lm_head: nn.Module,
@@ -252,6 +514,7 @@ def distill_loss(
     teacher_values: Tensor | None,
     teacher_ids: Tensor | None,
     cfg: KDConfig,
+    fused: bool | None = None,
 ) -> DistillOutput:
     """Chunked top-k KD + LM loss of the student.
 
@@ -266,12 +529,16 @@ def distill_loss(
 
     ``kd`` and ``lm`` are means over the tokens whose label != -100 (ignored tokens are
     skipped entirely, also for the KD term).  ``student_logits = lm_head(hidden)`` is
-    computed in (at least) float32, ``cfg.chunk_tokens`` tokens at a time, each chunk
-    under activation checkpointing so the ``(chunk, V)`` logits are recomputed in
-    backward rather than stored; per-chunk sums are divided by the token count once
-    at the end, so the chunk size does not change the result.  When no token is
-    counted every output is 0 (the loss is still attached to the graph, so
-    ``backward()`` works and yields zero gradients).
+    computed in (at least) float32, ``cfg.chunk_tokens`` tokens at a time; per-chunk
+    sums are divided by the token count once at the end, so the chunk size does not
+    change the result.  When no token is counted every output is 0 (the loss is still
+    attached to the graph, so ``backward()`` works and yields zero gradients).
+
+    Two implementations give the same values and gradients (within float rounding): the
+    fused one (default where ``lm_head`` is a plain ``nn.Linear``) computes every chunk's
+    gradients in the forward pass and never recomputes the projection; the checkpointed
+    one (``fused=False``, and for FSDP-sharded or hooked heads) recomputes each chunk's
+    logits in backward.  The fused loss supports one backward per forward.
 
     Args:
         student_hidden: ``(N, H)`` final hidden states, already flattened over ``B*T``
@@ -284,6 +551,8 @@ def distill_loss(
             this tensor (normally ``cfg.top_k``).
         teacher_ids: ``(N, k)`` int64 vocabulary ids matching ``teacher_values``, or None.
         cfg: :class:`KDConfig`.
+        fused: None (default) = fused where the head allows it; False = the checkpointed
+            path; True = fused, an error if the head does not allow it.
     """
     if (teacher_values is None) != (teacher_ids is None):
         raise ValueError("teacher_values and teacher_ids must be given together (or both be None)")
@@ -302,6 +571,9 @@ def distill_loss(
                 f"teacher_values {tuple(teacher_values.shape)} / teacher_ids {tuple(teacher_ids.shape)} "
                 f"must both be (N, k) with N={n}"
             )
+    params = _plain_linear(lm_head) if fused is not False else None
+    if fused and params is None:
+        raise ValueError(f"fused=True needs a plain nn.Linear head without hooks, got {type(lm_head).__name__}")
 
     # Drop ignored tokens up front: prompt / padding positions can be a large share of
     # the batch and would otherwise pay for a full vocabulary projection for nothing.
@@ -317,6 +589,36 @@ def distill_loss(
 
     lm_weight = float(cfg.lm_weight)
     temperature = float(cfg.temperature)
+    if params is not None:
+        weight, bias = params
+        md = _matmul_dtype(hidden, weight)  # bf16 under bf16-mixed autocast, as lm_head(hidden) would run
+        args = (temperature, lm_weight, bool(cfg.tail_bucket), int(cfg.chunk_tokens), md)
+        with torch.autocast(hidden.device.type, enabled=False):  # every cast in _fused_sums is explicit
+            if torch.is_grad_enabled():
+                loss_sum, kd_sum, lm_sum, agree_sum = _FusedLinearKD.apply(
+                    hidden, weight, bias, labels, teacher_values, teacher_ids, *args)
+            else:
+                (loss_sum, kd_sum, lm_sum, agree_sum), _ = _fused_sums(
+                    hidden, labels, teacher_values, teacher_ids, weight, bias, *args, False, False, False)
+    else:
+        loss_sum, kd_sum, lm_sum, agree_sum = _checkpointed_sums(
+            hidden, labels, teacher_values, teacher_ids, lm_head, temperature, lm_weight, cfg)
+
+    denom = max(num_tokens, 1)  # all ignored -> sums are 0 -> outputs 0, not NaN
+    agreement = agree_sum / denom if has_teacher else torch.full_like(lm_sum, float("nan"))
+    return DistillOutput(
+        loss=loss_sum / denom,
+        kd_loss=kd_sum.detach() / denom,
+        lm_loss=lm_sum.detach() / denom,
+        agreement=agreement.detach(),
+        num_tokens=num_tokens,
+    )
+
+
+def _checkpointed_sums(hidden, labels, teacher_values, teacher_ids, lm_head, temperature, lm_weight, cfg):
+    """The previous path: every chunk under non-reentrant activation checkpointing."""
+    has_teacher = teacher_values is not None
+    num_tokens = hidden.shape[0]
     use_ckpt = torch.is_grad_enabled()
     # With M == 0 a single empty chunk still runs, so that the zero loss is attached
     # to the student graph (and backward gives zero grads instead of an error).
@@ -345,13 +647,4 @@ def distill_loss(
             kd_sum = kd_sum + out[1]
             lm_sum = lm_sum + out[2]
             agree_sum = agree_sum + out[3]
-
-    denom = max(num_tokens, 1)  # all ignored -> sums are 0 -> outputs 0, not NaN
-    agreement = agree_sum / denom if has_teacher else torch.full_like(lm_sum, float("nan"))
-    return DistillOutput(
-        loss=loss_sum / denom,
-        kd_loss=kd_sum / denom,
-        lm_loss=lm_sum / denom,
-        agreement=agreement.detach(),
-        num_tokens=num_tokens,
-    )
+    return loss_sum, kd_sum, lm_sum, agree_sum

@@ -24,7 +24,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
 
-from lightning_slimmoe.distill import KDConfig, distill_loss, teacher_topk
+from lightning_slimmoe.distill import KDConfig, distill_loss, frozen_forward, teacher_topk
 from lightning_slimmoe.distributed import local_rows, reshard_head
 from lightning_slimmoe.families import MoEFamily, get_family, head_dim
 from lightning_slimmoe.slimming import expert_weights, shared_expert_weights
@@ -256,11 +256,16 @@ def _kd_taylor(student, teacher, batches, kd: KDConfig, progress, counted) -> tu
     try:
         for i, batch in enumerate(progress(batches)):
             batch = _to_device(batch, device)
-            with torch.no_grad():
+            with frozen_forward(teacher):  # inference_mode; no_grad for a sharded or 8-bit teacher
                 t_hidden_NH = teacher.model(input_ids=batch["input_ids"]).last_hidden_state.flatten(0, 1)
                 t_vals_NK, t_ids_NK = teacher_topk(t_hidden_NH, teacher.get_output_embeddings(), kd.top_k, kd.chunk_tokens,
                                                    log_probs_at=kd.temperature if kd.tail_bucket else None)
+                del t_hidden_NH
                 reshard_head(teacher)  # a sharded teacher's gathered lm_head is freed at once (no backward frees it)
+            if t_vals_NK.is_inference():  # (N, k): ordinary tensors, which a checkpointed loss may save for backward
+                t_vals_NK, t_ids_NK = t_vals_NK.clone(), t_ids_NK.clone()
+            # The loss is distill_loss's fused path where the student's head is a plain nn.Linear: the head is frozen
+            # here, so it computes only d(hidden) and no [V, H] gradient.
             s_hidden_NH = student.model(input_ids=batch["input_ids"]).last_hidden_state.flatten(0, 1)
             out = distill_loss(s_hidden_NH, student.get_output_embeddings(), batch["labels"].flatten(), t_vals_NK, t_ids_NK, kd)
             out.loss.backward()

@@ -14,17 +14,57 @@ import lightning.pytorch as pl
 import torch
 from torch import nn
 from lightning.pytorch.strategies import FSDPStrategy
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torchmetrics import MeanMetric
 
 from lightning_slimmoe.config import OptimizerConfig, ParallelConfig
-from lightning_slimmoe.distill import DistillOutput, KDConfig, distill_loss, teacher_topk
+from lightning_slimmoe.distill import DistillOutput, KDConfig, distill_loss, frozen_forward, teacher_topk
 from lightning_slimmoe.distributed import (clip_grad_norm_fsdp1_, fsdp1_unit_kwargs, fsdp_mesh,
                                            reshard_head, shard_model, shard_model_fsdp1)
 from lightning_slimmoe.loading import fingerprint, materialize_, pending_fingerprint, pending_load
 
 TEACHER_PREFIX = "teacher."
 STUDENT_PREFIX = "student."
+EXPERTS_IMPLEMENTATIONS = ("grouped_mm", "batched_mm", "eager")
+_LOGGED_KERNELS: set = set()  # (role, device type, kernel) already logged: the choice is logged once per process
+
+
+def choose_experts_implementation(device: torch.device | str, requested: str | None = None) -> str:
+    """transformers' fused-experts kernel for a model on ``device``: ``requested`` if given, else the one measured
+    fastest there (bench/speed.py ``experts_kernels``; docs/results.md "Speed"). CPU: ``grouped_mm`` (it equals
+    ``eager`` exactly and is as fast at the bench's shapes; ``batched_mm`` is ~40x slower). CUDA: ``grouped_mm``
+    on compute capability >= 8.0, where torch's grouped GEMM kernel runs, else ``eager`` (transformers' own
+    fallback; ``grouped_mm`` would take its slow per-group loop there)."""
+    if requested is not None:
+        if requested not in EXPERTS_IMPLEMENTATIONS:
+            raise ValueError(f"experts_implementation={requested!r}: must be one of {list(EXPERTS_IMPLEMENTATIONS)} "
+                             "or null (automatic)")
+        return requested
+    device = torch.device(device)
+    if device.type == "cuda" and torch.cuda.is_available():
+        return "grouped_mm" if torch.cuda.get_device_capability(device) >= (8, 0) else "eager"
+    return "grouped_mm"
+
+
+def set_experts_implementation_(model: nn.Module | None, device: torch.device | str, requested: str | None = None,
+                                role: str = "model") -> str | None:
+    """Apply :func:`choose_experts_implementation` to ``model`` (a transformers MoE); returns the kernel, None for a
+    model without fused experts. Logged once per (role, device, kernel) and process."""
+    if model is None or not hasattr(model, "set_experts_implementation"):
+        return None
+    can_set = getattr(model, "_can_set_experts_implementation", None)
+    if can_set is not None and not can_set():
+        return None
+    kernel = choose_experts_implementation(device, requested)
+    if getattr(model.config, "_experts_implementation", None) != kernel:
+        model.set_experts_implementation(kernel)
+    kernel = model.config._experts_implementation
+    key = (role, torch.device(device).type, kernel)
+    if key not in _LOGGED_KERNELS:
+        _LOGGED_KERNELS.add(key)
+        how = "experts_implementation" if requested is not None else "automatic"
+        rank_zero_info(f"{role} experts kernel on {torch.device(device).type}: {kernel} ({how})")
+    return kernel
 
 
 def model_fingerprint(model: nn.Module) -> str:
@@ -42,8 +82,10 @@ def model_fingerprint(model: nn.Module) -> str:
 class StageModule(pl.LightningModule):
     def __init__(self, student: nn.Module, teacher: nn.Module | None = None, kd: KDConfig | None = None,
                  optimizer: OptimizerConfig | None = None, parallel: ParallelConfig | None = None,
-                 max_nonfinite_skips: int = 0):
+                 max_nonfinite_skips: int = 0, experts_implementation: str | None = None):
         super().__init__()
+        choose_experts_implementation("cpu", experts_implementation)  # a bad name fails here, not at fit time
+        self.experts_implementation = experts_implementation  # None = automatic per device (apply_experts_kernel)
         self.max_nonfinite_skips = max_nonfinite_skips
         self.nonfinite_skips = 0  # steps skipped so far in this stage (kept in the checkpoint)
         self._drop_gradients = False  # set by a skipped step on several ranks, read before optimizer.step
@@ -77,6 +119,15 @@ class StageModule(pl.LightningModule):
             self.teacher.eval()
         return self
 
+    def apply_experts_kernel(self, device: torch.device | str | None = None) -> dict:
+        """Set the fused-experts kernel of student and teacher for ``device`` (default: the strategy's root device)
+        from ``experts_implementation`` (:func:`choose_experts_implementation`); returns ``{role: kernel}``. Called
+        by :meth:`configure_model` and, before scoring (which runs in a callback's ``setup``), by the pipeline."""
+        if device is None:
+            device = self.trainer.strategy.root_device if self._trainer is not None else self.device
+        return {role: set_experts_implementation_(model, device, self.experts_implementation, role=role)
+                for role, model in (("student", self.student), ("teacher", self.teacher)) if model is not None}
+
     # --- FSDP: student and teacher sharded per decoder layer (distributed.py) -------------------------
     def configure_model(self) -> None:
         """FSDP2 (ModelParallelStrategy): shard student and teacher, then load the ones built on the meta device
@@ -87,6 +138,7 @@ class StageModule(pl.LightningModule):
         Lightning calls it again, and the teacher is the same object in every stage."""
         strategy = self.trainer.strategy if self._trainer is not None else None
         device = strategy.root_device if strategy is not None else self.device
+        self.apply_experts_kernel(device)  # a student rebuilt for its sliced shape gets it too
         if isinstance(strategy, FSDPStrategy):
             unit_kwargs = fsdp1_unit_kwargs(strategy, self.parallel)
             for model, trainable in ((self.student, True), (self.teacher, False)):
@@ -127,17 +179,28 @@ class StageModule(pl.LightningModule):
     def teacher_targets(self, ids_BT: torch.Tensor, top_k: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """The frozen teacher's top-k (values, ids), (N, k) each with N = B*T: what the KD loss distils towards,
         and what the teacher cache stores (one function for both, so the cached numbers are the live ones)."""
-        with torch.no_grad():
+        with frozen_forward(self.teacher):  # inference_mode, or no_grad for a sharded / 8-bit teacher
             t_hidden_NH = self.teacher.model(input_ids=ids_BT, use_cache=False).last_hidden_state.flatten(0, 1)
             t_vals_NK, t_ids_NK = teacher_topk(
                 t_hidden_NH, self.teacher.get_output_embeddings(), top_k or self.kd.top_k, self.kd.chunk_tokens,
                 log_probs_at=self.kd.temperature if self.kd.tail_bucket else None)
+            del t_hidden_NH
             reshard_head(self.teacher)
+        if t_vals_NK.is_inference():  # ordinary tensors again: the checkpointed loss saves them for backward
+            t_vals_NK = t_vals_NK.clone()  # (N, k)
+            if t_ids_NK.dim() == 2 and t_ids_NK.stride(0) == 0:  # top_k = V: the expanded arange(V), not copied
+                t_ids_NK = torch.arange(t_ids_NK.shape[1], device=t_ids_NK.device).expand(t_ids_NK.shape)
+            else:
+                t_ids_NK = t_ids_NK.clone()  # (N, k)
         return t_vals_NK, t_ids_NK
 
     def training_step(self, batch, batch_idx):
         out = self.forward_loss(batch)
-        if self._skip_or_stop_if_non_finite(out):
+        losses_3 = torch.stack([out.loss.detach(), out.kd_loss, out.lm_loss]).float()  # (3,)
+        # Several ranks: ONE collective per step serves both the non-finite check (every rank's losses) and the
+        # logged global mean (instead of an all_gather plus three sync_dist all-reduces). One process: none.
+        losses_W3 = self.all_gather(losses_3).reshape(-1, 3) if self.trainer.world_size > 1 else losses_3[None]
+        if self._skip_or_stop_if_non_finite(losses_W3):
             # No update: the optimizer changes neither weights nor state; the step still counts, so the data
             # stream and a resume stay aligned. One process: returning None skips backward and leaves every
             # gradient unset. Several ranks: Lightning refuses None, and an FSDP backward is collective, so
@@ -146,40 +209,47 @@ class StageModule(pl.LightningModule):
                 return None
             self._drop_gradients = True
             return out.loss.nan_to_num(0.0, 0.0, 0.0) * 0.0
-        sync = self.trainer.world_size > 1  # log the global mean, not rank 0's share
-        self.log("train/loss", out.loss, prog_bar=True, sync_dist=sync)
-        self.log("train/kd_loss", out.kd_loss, sync_dist=sync)
-        self.log("train/lm_loss", out.lm_loss, sync_dist=sync)
+        mean_3 = losses_W3.mean(0) if losses_W3.shape[0] > 1 else losses_3  # the global mean, not rank 0's share
+        self.log("train/loss", mean_3[0], prog_bar=True)
+        self.log("train/kd_loss", mean_3[1])
+        self.log("train/lm_loss", mean_3[2])
         return out.loss
+
+    def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None) -> None:
+        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        # Free the gradients now: Lightning zeroes them only inside the next step's closure, after its forward, so
+        # a whole student's worth of gradients would sit through that forward (and the teacher's). Equivalent under
+        # gradient accumulation: this runs at the window's end and the next window starts from zero either way.
+        optimizer.zero_grad(set_to_none=True)
 
     def on_before_optimizer_step(self, optimizer) -> None:
         if self._drop_gradients:  # a skipped step on several ranks (training_step): no gradient, no update
             optimizer.zero_grad(set_to_none=True)
             self._drop_gradients = False
 
-    def _skip_or_stop_if_non_finite(self, out: DistillOutput) -> bool:
+    def _skip_or_stop_if_non_finite(self, losses_W3: torch.Tensor) -> bool:
         """Stop every rank before backward and ``optimizer.step`` when any rank's loss is NaN/Inf, so weights
         and optimizer state stay finite (torchtitan's rule) — or, within ``max_nonfinite_skips``, tell every
-        rank to skip the step (returns True). The ranks compare their losses first: a rank that raised or
-        skipped alone would leave the others waiting in the gradient reduce-scatter forever."""
-        losses_3 = torch.stack([out.loss.detach(), out.kd_loss.detach(), out.lm_loss.detach()]).float()  # (3,)
-        losses_W3 = self.all_gather(losses_3).reshape(-1, 3) if self.trainer.world_size > 1 else losses_3[None]
+        rank to skip the step (returns True). ``losses_W3``: (loss, kd_loss, lm_loss) of every rank, gathered
+        (training_step): the ranks decide on the same numbers, since a rank that raised or skipped alone would
+        leave the others waiting in the gradient reduce-scatter forever. One host sync when all are finite."""
+        if bool(torch.isfinite(losses_W3[:, 0]).all()):
+            return False
+        losses_W3 = losses_W3.cpu()
         bad = [rank for rank in range(losses_W3.shape[0]) if not bool(torch.isfinite(losses_W3[rank, 0]))]
-        if bad:
-            where = "; ".join(f"rank {rank}: loss={losses_W3[rank, 0].item()} (kd_loss={losses_W3[rank, 1].item()}, "
-                              f"lm_loss={losses_W3[rank, 2].item()})" for rank in bad)
-            if self.nonfinite_skips < self.max_nonfinite_skips:
-                self.nonfinite_skips += 1
-                rank_zero_warn(f"skipped global step {self.global_step} (no update): non-finite training loss on "
-                               f"{where} [{self.nonfinite_skips}/{self.max_nonfinite_skips} skips allowed]")
-                self.log("train/nonfinite_skips", float(self.nonfinite_skips))
-                return True
-            limit = (f"; {self.nonfinite_skips} of max_nonfinite_skips={self.max_nonfinite_skips} skips already used"
-                     if self.max_nonfinite_skips else "")
-            raise FloatingPointError(f"non-finite training loss at global step {self.global_step} on {where}; "
-                                     f"stopped before optimizer.step on every rank (this is rank {self.global_rank})"
-                                     + limit)
-        return False
+        where = "; ".join(f"rank {rank}: loss={losses_W3[rank, 0].item()} (kd_loss={losses_W3[rank, 1].item()}, "
+                          f"lm_loss={losses_W3[rank, 2].item()})" for rank in bad)
+        if self.nonfinite_skips < self.max_nonfinite_skips:
+            self.nonfinite_skips += 1
+            rank_zero_warn(f"skipped global step {self.global_step} (no update): non-finite training loss on "
+                           f"{where} [{self.nonfinite_skips}/{self.max_nonfinite_skips} skips allowed]")
+            self.log("train/nonfinite_skips", float(self.nonfinite_skips))
+            return True
+        limit = (f"; {self.nonfinite_skips} of max_nonfinite_skips={self.max_nonfinite_skips} skips already used"
+                 if self.max_nonfinite_skips else "")
+        raise FloatingPointError(f"non-finite training loss at global step {self.global_step} on {where}; "
+                                 f"stopped before optimizer.step on every rank (this is rank {self.global_rank})"
+                                 + limit)
 
     def validation_step(self, batch, batch_idx):
         out = self.forward_loss(batch)

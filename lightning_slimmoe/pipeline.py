@@ -177,7 +177,9 @@ def run_stage(ctx: RunContext, stage_plan: StagePlan, stage_dir: StageDir, stude
                                val_check_interval=val_every, check_val_every_n_epoch=None, extra_callbacks=callbacks,
                                progress_bar=StageProgressBar(stage.name, span.steps))
     module = StageModule(student, teacher, kd=stage.kd, optimizer=stage.optimizer, parallel=ctx.config.parallel,
-                         max_nonfinite_skips=stage.max_nonfinite_skips)
+                         max_nonfinite_skips=stage.max_nonfinite_skips,
+                         experts_implementation=ctx.config.experts_implementation)
+    module.apply_experts_kernel(trainer.strategy.root_device)  # before scoring (ExpertSlimming.setup), logged once
     if cache_callback is not None:
         try:  # a complete cache of another teacher fails here, before scoring or any step
             ctx.teacher_cache.check_teacher(module.teacher_fingerprint)
@@ -345,7 +347,9 @@ def incoming_student(ctx: RunContext, stage_plan: StagePlan):
 
 
 def summarize_teacher(ctx: RunContext, teacher, trainer) -> dict:
-    metrics = trainer.validate(StageModule(teacher, parallel=ctx.config.parallel), datamodule=ctx.datamodule,
+    metrics = trainer.validate(StageModule(teacher, parallel=ctx.config.parallel,
+                                           experts_implementation=ctx.config.experts_implementation),
+                               datamodule=ctx.datamodule,
                                verbose=False)[0]
     counts = count_params(teacher)
     return {"source": ctx.teacher_source, "model_type": teacher.config.model_type, **widths_of(teacher.config),

@@ -189,6 +189,52 @@ def test_speed_tiny_ours_floor_and_scoring(tmp_path):
 
 def test_speed_tiny_trl_gkd(tmp_path):
     pytest.importorskip("trl")
-    summary = speed.main(["--out", str(tmp_path / "s"), "--preset", "tiny", "--configs", "trl_gkd"])
+    summary = speed.main(["--out", str(tmp_path / "s"), "--preset", "tiny", "--configs", "ours_topk,trl_gkd"])
     assert summary["results"]["trl_gkd"]["tokens_per_s"] > 0, summary["skipped"]
     assert summary["results"]["trl_gkd"]["loss_tokens"] > 0
+    for key in ("tokens_per_s", "peak_memory", "peak_rss_over_setup"):  # ours / TRL, what docs/results.md reads
+        assert summary["ratios"][f"ours_topk/trl_gkd_{key}"] > 0, key
+    for name in ("ours_topk", "trl_gkd"):
+        r = summary["results"][name]
+        assert r["peak_rss_over_setup_mb"] >= 0 and r["load_before"] >= 0 and r["load_after"] >= 0
+
+
+def test_speed_vocab_override_repeats_and_loss_paths(tmp_path):
+    """--vocab changes the models' vocabulary and nothing else; --repeats gives medians and per-round ratios;
+    the fused loss, the checkpointed one and the bare loop all run; a kernel suffix and experts_kernels work."""
+    out = tmp_path / "s"
+    summary = speed.main(["--out", str(out), "--preset", "tiny", "--vocab", "1000", "--repeats", "2", "--configs",
+                          "ours_topk,ours_topk_ckpt,bare_topk,scoring,ours_topk:eager,experts_kernels,nonsense"])
+    assert summary["vocab_size"] == 1000 and summary["shape"]["vocab"] == 1000 and summary["repeats"] == 2
+    setup = json.loads((out / "work" / "setup.json").read_text())
+    from transformers import AutoConfig
+
+    assert AutoConfig.from_pretrained(setup["teacher"]).vocab_size == 1000 == AutoConfig.from_pretrained(
+        setup["student"]).vocab_size
+    assert setup["tokenizer_size"] <= 320  # the tokenizer is still the tiny preset's
+    for name in ("ours_topk", "ours_topk_ckpt", "bare_topk", "scoring", "ours_topk:eager"):
+        r = summary["results"][name]
+        assert r["tokens_per_s"] > 0 and len(r["runs"]) == 2, name
+        assert r["tokens_per_s"] == pytest.approx(sorted(x["tokens_per_s"] for x in r["runs"])[0] / 2
+                                                  + sorted(x["tokens_per_s"] for x in r["runs"])[1] / 2)
+    assert summary["results"]["ours_topk:eager"]["experts_kernels"] == {"student": "eager", "teacher": "eager"}
+    assert summary["results"]["ours_topk"]["experts_kernels"] == {"student": "grouped_mm", "teacher": "grouped_mm"}
+    for key in ("ours_topk/ours_topk_ckpt_tokens_per_s", "ours_topk/bare_topk_tokens_per_s",
+                "scoring/ours_topk_s_per_token", "ours_topk:eager/ours_topk_tokens_per_s"):
+        assert summary["ratios"][key] > 0 and len(summary["ratio_runs"][key]) == 2, key
+    kernels = summary["experts_kernels"]
+    assert set(kernels["kernels"]) == {"grouped_mm", "batched_mm", "eager"} and kernels["automatic"] == "grouped_mm"
+    assert all(k["max_abs_logit_diff_vs_eager"] < 1e-4 for k in kernels["kernels"].values())
+    assert "unknown configuration" in summary["skipped"]["nonsense"]
+    assert "| ours_topk_ckpt |" in (out / "speed.md").read_text()
+    # the same --out with another shape rebuilds its models instead of reusing them
+    again = speed.main(["--out", str(out), "--preset", "tiny", "--configs", "ours_topk"])
+    assert again["vocab_size"] == json.loads((out / "work" / "setup.json").read_text())["vocab_size"] < 1000
+
+
+def test_speed_cuda_without_a_gpu_fails_fast(tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present")
+    with pytest.raises(SystemExit, match="no CUDA device"):
+        speed.main(["--out", str(tmp_path / "s"), "--device", "cuda", "--configs", "ours_topk"])
+    assert not (tmp_path / "s").exists()  # nothing was built
