@@ -9,21 +9,25 @@ for Qwen/OLMoE). Shared experts and attention projections have one name in both 
 renamed, if at all, by transformers' own ``revert_weight_conversion`` (loading.py uses it), so no family table is
 kept here for those.
 
-Every pattern is anchored at the start of the key (``model.layers.<i>.``), so the layers of a multi-token-prediction
-head (``mtp.layers.0.``), a vision tower or any other stack are never taken for decoder layer ``i``.
+Every pattern is anchored at the start of the key (``model.layers.<i>.``, or where a multimodal wrapper's hub
+checkpoint keeps the decoder layers, ``model.language_model.layers.<i>.`` for Qwen3.5-MoE), so the layers of a
+multi-token-prediction head (``mtp.layers.0.``), a vision tower (``model.visual.blocks.0.``) or any other stack are
+never taken for decoder layer ``i``.
 
 Shapes: E experts, I expert width, W kept width, H hidden, G KV groups.
 """
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
 
 from torch import Tensor
 
-from lightning_slimmoe.families import get_family, head_dim
+from lightning_slimmoe.families import get_family, head_dim, language_config
 from lightning_slimmoe.slimming import KeepIndices, group_rows
+from lightning_slimmoe.storage import safetensors_header, weight_files
 
 FUSED_PROJECTIONS = ("gate_up_proj", "down_proj")  # in-memory names of the fused expert tensors
 _ROWS_OF = ("gate", "up")  # GLU roles whose neurons are rows; down's neurons are columns
@@ -53,7 +57,8 @@ class CheckpointLayout:
     def __init__(self, config):
         family = get_family(config)
         keys = family.checkpoint_keys
-        layer = rf"^{re.escape(keys.decoder_layers)}\.(?P<layer>\d+)\."
+        prefixes = "|".join(re.escape(p) for p in (keys.decoder_layers, keys.hub_decoder_layers) if p)
+        layer = rf"^(?:{prefixes})\.(?P<layer>\d+)\."
         self._roles = dict(zip(keys.expert_projections, ("gate", "up", "down")))
         self._per_expert = re.compile(
             layer + re.escape(keys.expert_block) + r"\.experts\.(?P<expert>\d+)\.(?P<proj>"
@@ -66,6 +71,7 @@ class CheckpointLayout:
                                      + r"\.(?P<proj>q_proj|k_proj|v_proj|o_proj)\.(?P<kind>weight|bias)$")
         self._expert_indexed = [(re.compile(layer + r"mlp\." + re.escape(name) + "$"), dim)
                                 for name, dim in family.expert_indexed_tensors()]
+        config = language_config(config)
         self.heads_per_group = int(config.num_attention_heads) // int(config.num_key_value_heads)
         self.head_dim = head_dim(config)
         self.q_rows_per_head = family.q_rows_per_head
@@ -115,3 +121,22 @@ class CheckpointLayout:
                 return None if m["kind"] == "bias" else (1, rows)
             return 0, rows
         return None
+
+
+def sharded_read_problem(source: str, config) -> str | None:
+    """Why the sharded (FSDP2) loader cannot read ``source`` (a local HF dir) into the model ``config`` describes, from
+    the safetensors headers alone (no tensor is read), or None. The loader finds each in-memory tensor under its own
+    name (``model.layers.<i>.``) or save_pretrained's renaming of it; a multimodal wrapper's hub checkpoint keeps the
+    decoder layers under another prefix (Qwen3.5-MoE: ``model.language_model.layers.<i>.``, experts fused) that it
+    does not map yet, so such a source is refused before any weight is read instead of failing mid-load."""
+    hub_prefix = get_family(config).checkpoint_keys.hub_decoder_layers
+    if not hub_prefix or not os.path.isdir(source):
+        return None
+    for path in weight_files(source):
+        header, _ = safetensors_header(path)
+        key = next((k for k in header or () if k.startswith(hub_prefix + ".")), None)
+        if key is not None:
+            return (f"{source} keeps its decoder layers under {hub_prefix}. (e.g. {key!r}), the multimodal hub layout, "
+                    "which the sharded loader does not read yet; train it single-process or with FSDPStrategy "
+                    "(both load it with stock from_pretrained)")
+    return None

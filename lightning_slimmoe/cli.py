@@ -237,11 +237,16 @@ def plan(args: list[str]) -> dict:
         return result
     rows = [("stage", "expert_width", "heads q/kv", "head_dim", "total", "active", *[c.label for c in checks[:1]])]
     serves = ["-"] + ["yes" if c.ok else "no" for c in checks]
+    mla = "qk_head_dim" in result["teacher"]
     for k, (name, d) in enumerate([("teacher", result["teacher"])] + [(s["name"], s) for s in result["stages"]]):
+        # MLA: a head's q/k width (nope + rope) and v width; its config's head_dim is the rope part only
+        dim = f"{d['qk_head_dim']}/{d['v_head_dim']}" if "qk_head_dim" in d else str(d["head_dim"])
         rows.append((name, str(d["expert_width"]), f"{d['num_attention_heads']}/{d['num_key_value_heads']}",
-                     str(d["head_dim"]), f"{d['total_params']:,}", f"{d['active_params']:,}",
+                     dim, f"{d['total_params']:,}", f"{d['active_params']:,}",
                      *([serves[k]] if checks else [])))
     print(_table(rows))
+    if mla:
+        print("head_dim of MLA attention: q/k (nope + rope) / v per head")
     if checks:
         lines = [line for stage, check in zip(config.stages, checks) for line in format_serving(stage.name, check)]
         print(f"\nserving at tp={serving.tp} {serving.dtype} (vLLM / SGLang, {SERVING_DOC}):"

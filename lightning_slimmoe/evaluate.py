@@ -207,14 +207,16 @@ def run_lm_eval(model_dir: str, tasks: list[str] | str = (), ppl_file: str | Non
 def evaluate_dir(model_dir: str, ppl_file: str, seq_len: int = 512, batch_size: int = 8, device: str = "cpu",
                  max_windows: int | None = None, teacher_dir: str | None = None) -> dict:
     """Our perplexity (and optional teacher agreement) of a local HF dir on a text file."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
+
+    from lightning_slimmoe.sources import load_model  # from_pretrained, or a block-FP8 teacher dequantized
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device)
+    model = load_model(model_dir, torch.float32).to(device)
     text = Path(ppl_file).read_text(encoding="utf-8")
     result = perplexity(model, tokenizer, text, seq_len, batch_size, device, max_windows).to_dict()
     if teacher_dir:
-        teacher = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=torch.float32).to(device)
+        teacher = load_model(teacher_dir, torch.float32).to(device)
         result["teacher_agreement"] = teacher_agreement(model, teacher, tokenizer, text, seq_len, batch_size, device,
                                                         max_windows)
     return result

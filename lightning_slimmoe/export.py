@@ -17,6 +17,7 @@ from transformers import AutoModelForCausalLM
 
 from lightning_slimmoe import storage
 from lightning_slimmoe.distributed import local_rows
+from lightning_slimmoe.families import family_of_type, get_family
 from lightning_slimmoe.hf_dir import HFDirWriter, read_back_problem
 from lightning_slimmoe.models import persistent_tensors
 
@@ -136,6 +137,23 @@ def _fmt(n: float) -> str:
     return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.2f}M"
 
 
+def dropped_parts(teacher_config) -> dict:
+    """summary.json's record of what the teacher's hub checkpoint holds that the export leaves out: ``{"mtp":
+    "dropped"}`` for a family whose multi-token-prediction layers (``mtp.*``) transformers does not build, so they are
+    neither slimmed nor exported; nothing for the others (their summary keeps exactly its keys)."""
+    return {"mtp": "dropped"} if get_family(teacher_config).mtp_layers(teacher_config) else {}
+
+
+def _export_notes(summary: dict) -> str:
+    family = family_of_type(summary["stages"][-1].get("model_type", ""))
+    notes = [family.export_note] if family is not None and family.export_note else []
+    if summary.get("mtp") == "dropped":
+        notes.append("The teacher's multi-token-prediction (MTP) layers were not slimmed and are not part of this "
+                     "checkpoint (`summary.json`: `\"mtp\": \"dropped\"`): speculative decoding with MTP is "
+                     "not available for it.")
+    return "".join(f"\n{note}\n" for note in notes)
+
+
 def model_card(summary: dict) -> str:
     """README.md of ``final/``: where it came from, the stage table, how to load it."""
     teacher = summary["teacher"]
@@ -165,6 +183,6 @@ model = AutoModelForCausalLM.from_pretrained("path/to/final")
 tokenizer = AutoTokenizer.from_pretrained("path/to/final")
 ```
 The checkpoint is a stock `{summary['stages'][-1].get('model_type', '')}` model: no custom code is needed.
-
+{_export_notes(summary)}
 Run configuration: see `summary.json` beside this directory.
 """

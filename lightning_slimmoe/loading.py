@@ -19,6 +19,10 @@ keys and what a keep selects through :mod:`lightning_slimmoe.checkpoint_layout` 
 layouts), every other name through transformers' own ``revert_weight_conversion`` (the mapping
 ``save_pretrained`` applies, e.g. PhiMoE's router ``block_sparse_moe.gate`` -> ``mlp.router``).
 
+Quantized checkpoints: block-FP8 weights (``X.weight`` float8 + ``X.weight_scale_inv``; DeepSeek-V3, MiniMax-M2)
+are dequantized as they are read, before any keep is applied (:mod:`lightning_slimmoe.dequantize`): the model is
+built without the config's ``quantization_config`` and holds plain tensors; other formats are refused.
+
 Never ``torch.load``: only safetensors are read.
 """
 
@@ -38,10 +42,10 @@ from torch import Tensor, nn
 from transformers import AutoConfig
 
 from lightning_slimmoe.checkpoint_layout import CheckpointLayout
+from lightning_slimmoe.dequantize import checkpoint_fp8, checkpoint_headers, fp8_blocks, without_quantization
 from lightning_slimmoe.distributed import local_rows
 from lightning_slimmoe.models import init_non_persistent_buffers_, model_on_meta, persistent_tensors
 from lightning_slimmoe.slimming import KeepIndices, keep_target, kept_expert_count, slim_config, with_num_experts
-from lightning_slimmoe.storage import weight_files
 
 PENDING_ATTR = "slimmoe_pending_load"
 
@@ -77,6 +81,8 @@ def meta_model(source: str, dtype: torch.dtype, keep: KeepIndices | None = None,
     """
     source = local_model_dir(source)
     config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
+    fp8_blocks(config)  # a format that cannot be read fails here, before any weight
+    without_quantization(config)  # block FP8 is dequantized at read time: the model holds plain tensors
     kept_experts = dict(kept_experts or {})
     if kept_experts:
         config = with_num_experts(config, kept_expert_count(kept_experts))
@@ -103,11 +109,10 @@ class CheckpointReader:
         self.layout = CheckpointLayout(model.config)
         self._stack = contextlib.ExitStack()
         self._handles: dict[Path, object] = {}
-        self.file_of: dict[str, Path] = {}
-        for path in weight_files(self.source):
-            for name in self._handle(path).keys():
-                self.file_of[name] = path
-        self.release()
+        headers = checkpoint_headers(self.source)
+        self.file_of: dict[str, Path] = {name: entry.path for name, entry in headers.items()}
+        # float8 weight key -> its own weight_scale_inv key; such tensors are dequantized before any slicing
+        self.fp8, self.scale_of = checkpoint_fp8(self.source, headers)
         self.per_expert: dict[tuple[int, int, str], str] = {}  # (layer, expert, gate|up|down) -> key
         for name in self.file_of:
             if (e := self.layout.expert_key(name)) is not None:
@@ -135,15 +140,23 @@ class CheckpointReader:
     def _slice(self, key: str):
         return self._handle(self.file_of[key]).get_slice(key)
 
+    def _range(self, key: str, start: int, stop: int) -> Tensor:
+        """Rows ``[start, stop)`` of checkpoint tensor ``key``; a block-FP8 weight dequantized (float32) first."""
+        if key in self.scale_of:
+            return self.fp8.read_rows(key, self._slice(key), self._slice(self.scale_of[key]), start, stop)
+        return self._slice(key)[start:stop]
+
     def _rows(self, key: str, rows: slice | Tensor) -> Tensor:
         """Rows of checkpoint tensor ``key``: a range, or sorted ids (read as their covering range)."""
-        sl = self._slice(key)
         if isinstance(rows, slice):
-            return sl[rows]
+            start, stop, step = rows.indices(self._slice(key).get_shape()[0])
+            if step != 1:
+                raise ValueError(f"{key}: rows {rows} (only contiguous ranges are read)")
+            return self._range(key, start, max(start, stop))
         if rows.numel() == 0:
-            return sl[0:0]
+            return self._range(key, 0, 0)
         lo, hi = int(rows.min()), int(rows.max()) + 1
-        return sl[lo:hi].index_select(0, rows.to(torch.long) - lo)
+        return self._range(key, lo, hi).index_select(0, rows.to(torch.long) - lo)
 
     def checkpoint_key(self, name: str, like: Tensor) -> str:
         """The checkpoint tensor holding model tensor ``name`` (not for fused experts)."""

@@ -133,6 +133,8 @@ class Pipeline:
 
         summary = {"teacher": teacher_summary, "stages": [r.summary for r in results],
                    "final_dir": str(run_dir.final_dir)}
+        from lightning_slimmoe.export import dropped_parts  # e.g. {"mtp": "dropped"}: hub MTP layers not exported
+        summary.update(dropped_parts(plan.teacher_config))
         if cache is not None:
             summary["teacher_cache"] = {**cache.info(), "build_s": round(sum(r.cache_build_s for r in results), 3)}
         if eval_trainer.global_rank == 0:

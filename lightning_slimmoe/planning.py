@@ -17,12 +17,13 @@ import torch
 from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 
 from lightning_slimmoe.config import ConfigError, RunConfig, StageConfig
-from lightning_slimmoe.families import get_family
+from lightning_slimmoe.checkpoint_layout import sharded_read_problem
+from lightning_slimmoe.families import get_family, language_config
 from lightning_slimmoe.importance import ImportanceScores
 from lightning_slimmoe.params import count_config_params
 from lightning_slimmoe.serving import enforce_serving
 from lightning_slimmoe.slimming import check_expert_count, resolve_target, slim_config, widths_of, with_num_experts
-from lightning_slimmoe.sources import load_config
+from lightning_slimmoe.sources import load_config, quantization_of
 
 
 @dataclass(frozen=True)
@@ -95,9 +96,11 @@ def plan_shapes(config: RunConfig) -> Shapes:
             raise ConfigError(f"stages[{pretrain[0]}].pretrain: a pretrain stage only makes sense without `teacher:`")
         teacher_config = (load_config("teacher_config", config.teacher_config) if config.teacher_config
                           else load_config("teacher", config.teacher, config.trust_remote_code))
+    # A multimodal wrapper (Qwen3.5-MoE) is planned as the text-only causal LM that is slimmed and exported.
+    teacher_config = language_config(teacher_config)
     model = teacher_config
     if config.student_init:
-        model = load_config("student_init", config.student_init, config.trust_remote_code)
+        model = language_config(load_config("student_init", config.student_init, config.trust_remote_code))
         if model.vocab_size != teacher_config.vocab_size:
             raise ConfigError(f"student_init vocab_size={model.vocab_size} != teacher vocab_size="
                               f"{teacher_config.vocab_size}: KD needs the same vocabulary")
@@ -153,6 +156,10 @@ def plan_run(config: RunConfig, shapes: Shapes, datamodule, trainer) -> RunPlan:
     sharded = isinstance(trainer.strategy, ModelParallelStrategy)
     fsdp1 = isinstance(trainer.strategy, FSDPStrategy)  # shards too, but loads whole models first
     teacher_config = shapes.teacher_config
+    for field in ("teacher", "student_init") if sharded else ():
+        source = getattr(config, field)
+        if source and (problem := sharded_read_problem(source, teacher_config)):
+            raise ConfigError(f"trainer.strategy=ModelParallelStrategy with {field}: {problem}")
     if fsdp1 and getattr(teacher_config, "tie_word_embeddings", False):
         raise ConfigError(f"trainer.strategy=FSDPStrategy: the teacher ({teacher_config.model_type}) ties its input "
                           "and output embeddings, one parameter that FSDP1's per-module units cannot split; use "
@@ -163,6 +170,10 @@ def plan_run(config: RunConfig, shapes: Shapes, datamodule, trainer) -> RunPlan:
             check_teacher_8bit(sharded or fsdp1, trainer.precision)
         except ValueError as err:
             raise ConfigError(str(err)) from err
+        if config.teacher is not None and quantization_of("teacher", config.teacher, None, config.trust_remote_code):
+            # bitsandbytes would quantize the float8 weights as they are, without their block scales
+            raise ConfigError(f"teacher_8bit: true with teacher={config.teacher!r}: its weights are block FP8, which "
+                              "is dequantized on load but not re-quantized to 8-bit; use teacher_8bit: false")
     world, accumulate = trainer.world_size, trainer.accumulate_grad_batches
     hp = datamodule.hparams
     samples_per_step = hp.batch_size * accumulate * world
@@ -179,10 +190,20 @@ def plan_run(config: RunConfig, shapes: Shapes, datamodule, trainer) -> RunPlan:
                    batch_size=hp.batch_size, seq_len=hp.seq_len, data_seed=hp.seed)
 
 
+def mla_head_dims(config) -> dict[str, int]:
+    """An MLA config's per-head widths, ``{"qk_head_dim": nope + rope, "v_head_dim": v}`` (empty for other
+    attention): its ``head_dim`` is the rope part only (glm4_moe_lite aliases it to ``qk_rope_head_dim``)."""
+    nope, rope, v = (getattr(config, k, None) for k in ("qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"))
+    if nope is None or rope is None or v is None:
+        return {}
+    return {"qk_head_dim": int(nope) + int(rope), "v_head_dim": int(v)}
+
+
 def plan_summary(shapes: Shapes, stages: list[StageConfig]) -> dict:
     """What ``plan`` prints: shapes and parameter counts per stage."""
     def describe(config):
         counts = count_config_params(config)
-        return {**widths_of(config), "total_params": counts.total, "active_params": counts.active}
+        return {**widths_of(config), **mla_head_dims(config), "total_params": counts.total,
+                "active_params": counts.active}
     return {"teacher": describe(shapes.teacher_config),
             "stages": [{"name": s.name, **describe(c)} for s, c in zip(stages, shapes.configs)]}

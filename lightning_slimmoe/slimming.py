@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from lightning_slimmoe.families import MoEFamily, get_family, head_dim
+from lightning_slimmoe.families import MoEFamily, get_family, head_dim, language_config
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -114,7 +114,8 @@ def resolve_target(
     Every bad value fails here, before any weight is loaded, naming the field, the value and the rule.
     """
     family = get_family(config)
-    reference = reference_config if reference_config is not None else config
+    config = language_config(config)
+    reference = language_config(reference_config) if reference_config is not None else config
     if round_to is not None and (isinstance(round_to, bool) or not isinstance(round_to, int) or round_to <= 0):
         raise ValueError(f"round_to={round_to!r}: must be a positive int (e.g. 64) or null")
     width = _resolve_width("expert_width", expert_width, family.expert_width(config),
@@ -158,6 +159,7 @@ def _with_field(config, name: str, value):
 def widths_of(config) -> dict:
     """The widths slimming changes, as ``meta.json``, ``summary.json`` and ``plan`` report them."""
     family = get_family(config)
+    config = language_config(config)
     return {
         "expert_width": family.expert_width(config),
         "shared_expert_width": family.shared_expert_width(config),
@@ -172,9 +174,11 @@ def slim_config(config, target: SlimTarget):
     """A copy of ``config`` describing the model after slimming to ``target`` (no weights touched).
 
     ``head_dim`` is written explicitly: after group pruning ``num_heads * head_dim != hidden_size``
-    (the SlimMoE authors had to add ``head_dim`` support to vLLM for exactly this).
+    (the SlimMoE authors had to add ``head_dim`` support to vLLM for exactly this). A multimodal wrapper's config
+    gives its slimmed ``text_config``: the text-only causal LM is what is slimmed and exported.
     """
     family = get_family(config)
+    config = language_config(config)
     new = copy.deepcopy(config)
     setattr(new, family.width_field, target.expert_width)
     if family.shared_expert_width_field and target.shared_expert_width is not None:
@@ -300,6 +304,7 @@ def slice_attention_groups_(attn: nn.Module, keep_G: Tensor, heads_per_group: in
 def keep_target(keep: KeepIndices, config) -> SlimTarget:
     """The uniform widths ``keep`` gives a model of ``config`` (what ``slim_model_`` writes into the config)."""
     family = get_family(config)
+    config = language_config(config)
     widths = {int(k.shape[1]) for k in keep.experts.values()}
     groups = {int(k.numel()) for k in keep.groups.values()}
     shared = {int(k.numel()) for k in keep.shared.values()}
@@ -362,7 +367,7 @@ def check_expert_count(config, num_experts: int) -> None:
     """Expert removal must leave at least ``top_k`` experts and, with group-limited routing, a count that divides
     into its ``n_group`` groups."""
     family = get_family(config)
-    top_k = int(config.num_experts_per_tok)
+    top_k = int(language_config(config).num_experts_per_tok)
     if num_experts < top_k:
         raise ValueError(f"num_experts={num_experts}: must be >= num_experts_per_tok={top_k}")
     groups = family.expert_groups(config)
@@ -376,8 +381,9 @@ def check_expert_count(config, num_experts: int) -> None:
 
 
 def with_num_experts(config, num_experts: int):
-    """A copy of ``config`` with ``num_experts`` routed experts per layer (no weights touched)."""
-    new = copy.deepcopy(config)
+    """A copy of ``config`` (a wrapper's: of its ``text_config``) with ``num_experts`` routed experts per layer (no
+    weights touched)."""
+    new = copy.deepcopy(language_config(config))
     setattr(new, get_family(config).num_experts_field, num_experts)
     return new
 

@@ -1,8 +1,10 @@
 """Where models and tokenizers come from: a hub id, a local HF dir, a config-only JSON or a shipped recipe file.
 
 Each check here runs before any weight is read, so a bad source fails in seconds naming the field: a path that is
-not a model dir, a model that ships code, an unsupported family, pickled weights, tokenizers that differ.
-:func:`load_model` then reads the weights, whole or (sharded runs) on the meta device with the load pending.
+not a model dir, a model that ships code, an unsupported family, a quantization format that is not read, FP8
+weights without their scales, pickled weights, tokenizers that differ.
+:func:`load_model` then reads the weights, whole or (sharded runs) on the meta device with the load pending; a
+block-FP8 checkpoint is dequantized as it is read (dequantize.py), so the model holds plain tensors either way.
 """
 
 from __future__ import annotations
@@ -17,8 +19,10 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from lightning_slimmoe.config import ConfigError
+from lightning_slimmoe.dequantize import (Fp8Blocks, UnsupportedQuantizationError, checkpoint_fp8, fp8_blocks,
+                                          without_quantization)
 from lightning_slimmoe.families import get_family
-from lightning_slimmoe.loading import meta_model
+from lightning_slimmoe.loading import materialize_, meta_model
 from lightning_slimmoe.storage import model_weights_problem
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -68,17 +72,21 @@ def load_config(field: str, source: str, trust_remote_code: bool = False):
                 "YAML only if you trust the source.") from err
         raise
     get_family(config)  # unsupported / dense model_type fails here
-    quantization = getattr(config, "quantization_config", None)
-    if quantization:
-        method = quantization.get("quant_method") if isinstance(quantization, dict) else getattr(
-            quantization, "quant_method", type(quantization).__name__)
-        raise ConfigError(
-            f"{field}={source!r} holds quantized weights (quantization_config.quant_method={method!r}); this "
-            "project does not dequantize hub weights yet (FP8 block scales must be applied before rows can be sliced), "
-            "so a quantized teacher is refused before any weight is read. Convert it to bf16 once (e.g. "
-            "DeepSeek's fp8_cast_bf16.py, or from_pretrained with dequantization and save_pretrained) and pass that "
-            "directory")
-    return config
+    quantization_of(field, source, config)
+    # Block FP8 is dequantized on load: every shape planned from here on, and every config written from it (stage
+    # dirs, exports), describes the dequantized model.
+    return without_quantization(config)
+
+
+def quantization_of(field: str, source: str, config=None, trust_remote_code: bool = False) -> Fp8Blocks | None:
+    """How the weights of ``source`` are quantized: None (plain) or block FP8 (dequantized on load); any other
+    format is refused naming it and the field, before any weight is read."""
+    if config is None:
+        config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
+    try:
+        return fp8_blocks(config)
+    except UnsupportedQuantizationError as err:
+        raise ConfigError(f"{field}={source!r} holds quantized weights that are not read: {err}") from err
 
 
 def check_weight_files(field: str, source: str | None) -> None:
@@ -99,6 +107,10 @@ def check_weight_files(field: str, source: str | None) -> None:
     problem = model_weights_problem(source)
     if problem is not None:
         raise ConfigError(f"{field}={source!r}: damaged weights: {problem}")
+    try:  # every float8 weight has its own weight_scale_inv of the right grid (headers only)
+        checkpoint_fp8(source)
+    except UnsupportedQuantizationError as err:
+        raise ConfigError(f"{field}={source!r}: {err}") from err
 
 
 def load_model(source: str, dtype: torch.dtype, trust_remote_code: bool = False, sharded: bool = False):
@@ -107,6 +119,12 @@ def load_model(source: str, dtype: torch.dtype, trust_remote_code: bool = False,
     tensor (loading.py), so no rank ever holds the whole model (docs/design.md §4)."""
     if sharded:
         return meta_model(source, dtype, trust_remote_code=trust_remote_code)
+    if quantization_of("model", source, trust_remote_code=trust_remote_code) is not None:
+        # Block FP8: read whole through the checkpoint reader a sharded rank uses, which dequantizes each tensor
+        # (transformers' own FP8 dequantization gets edge blocks wrong, dequantize.py), in the training dtype.
+        model = meta_model(source, dtype, trust_remote_code=trust_remote_code)
+        materialize_(model, "cpu")
+        return model.eval()
     return AutoModelForCausalLM.from_pretrained(source, dtype=dtype, trust_remote_code=trust_remote_code,
                                                 use_safetensors=True)
 

@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # Tiny random configs and models of every supported family (LitGPT style)
 # ---------------------------------------------------------------------------------------------------
 FAMILIES = ["phimoe", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "glm4_moe", "deepseek_v2", "deepseek_v3",
-            "ernie4_5_moe", "minimax_m2", "qwen3_next"]
+            "ernie4_5_moe", "minimax_m2", "qwen3_next", "qwen3_5_moe", "glm4_moe_lite"]
 VOCAB = 96
 
 _COMMON = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -64,15 +64,26 @@ _PER_FAMILY = {
                        intermediate_size=40, layer_types=["linear_attention", "full_attention"],
                        linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=8,
                        linear_value_head_dim=8),
+    # Qwen3-Next's stack (layer 0 GatedDeltaNet, layer 1 gated full attention); the causal LM's config type is
+    # qwen3_5_moe_text (_CONFIG_TYPE), the multimodal wrapper's is tested in tests/test_qwen3_5_moe.py
+    "qwen3_5_moe": dict(moe_intermediate_size=24, num_experts=4, shared_expert_intermediate_size=20,
+                        layer_types=["linear_attention", "full_attention"], linear_num_key_heads=2,
+                        linear_num_value_heads=4, linear_key_head_dim=8, linear_value_head_dim=8),
+    # GLM-4.7-Flash: MLA (v_head_dim != qk head dim), DeepSeek-style shared expert, score-correction bias, group
+    # routing over 2 groups of 2; mlp_layer_types defaults to one dense layer, then sparse ones
+    "glm4_moe_lite": dict(moe_intermediate_size=24, n_routed_experts=4, n_shared_experts=1, intermediate_size=40,
+                          num_hidden_layers=3, n_group=2, topk_group=2, q_lora_rank=16, kv_lora_rank=8,
+                          qk_rope_head_dim=4, qk_nope_head_dim=4, v_head_dim=12, num_key_value_heads=4),
 }
-_MLA = ("deepseek_v2", "deepseek_v3")  # head_dim is derived from the rope dims there
+_CONFIG_TYPE = {"qwen3_5_moe": "qwen3_5_moe_text"}  # the family's causal LM config, where its hub config wraps it
+_MLA = ("deepseek_v2", "deepseek_v3", "glm4_moe_lite")  # head_dim is derived from (glm4_moe_lite: aliases) the rope dim
 
 
 def tiny_config(model_type: str, **overrides):
     kwargs = {**_COMMON, **_PER_FAMILY[model_type], **overrides}
     if model_type == "olmoe" or model_type in _MLA:
         kwargs.pop("head_dim")  # OLMoE sizes q/k norms from hidden_size: keep heads * head_dim == hidden
-    return AutoConfig.for_model(model_type, **kwargs)
+    return AutoConfig.for_model(_CONFIG_TYPE.get(model_type, model_type), **kwargs)
 
 
 def tiny_model(model_type: str, seed: int = 0, **overrides):
@@ -139,6 +150,8 @@ PIPELINE_FAMILY_OVERRIDES = {  # widths that stay grouped_mm-aligned after two h
     "deepseek_v3": dict(moe_intermediate_size=32), "ernie4_5_moe": dict(moe_intermediate_size=32),
     "minimax_m2": dict(intermediate_size=32),
     "qwen3_next": dict(moe_intermediate_size=32, shared_expert_intermediate_size=32),
+    "qwen3_5_moe": dict(moe_intermediate_size=32, shared_expert_intermediate_size=32),
+    "glm4_moe_lite": dict(moe_intermediate_size=32),
 }
 
 

@@ -9,6 +9,12 @@ small frozen record and the scorer, slicer and checkpoint reader are written onc
 
 Adding a family: one file in this package that calls :func:`register` with a :class:`MoEFamily`, plus
 a tiny config in ``tests/helpers.py``.
+
+Multimodal wrappers (Qwen3.5-MoE: a ``qwen3_5_moe`` config holding the language model's ``qwen3_5_moe_text`` config
+under ``text_config``, beside a vision tower) are registered under the wrapper's ``model_type`` with the text
+config's type in ``text_model_type``: :func:`get_family` accepts either config, and :func:`language_config` gives the
+config every field of the adapter is read from. The model slimmed is always the text-only causal LM, which is also
+what ``AutoModelForCausalLM`` builds from the wrapper config.
 """
 
 from __future__ import annotations
@@ -32,6 +38,9 @@ class CheckpointKeys:
     (``mlp.experts.gate_up_proj`` / ``down_proj``); per-expert keys are the legacy ones, fused at load."""
 
     decoder_layers: str = "model.layers"  # prefix of the decoder layers, anchored at the key's start
+    # Where a multimodal wrapper's hub checkpoint keeps the same decoder layers (Qwen3.5-MoE:
+    # model.language_model.layers); its vision tower (model.visual.) and MTP layers (mtp.) match neither prefix.
+    hub_decoder_layers: str | None = None
     expert_block: str = "mlp"  # module holding the per-expert keys: mlp | block_sparse_moe
     expert_projections: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")  # gate, up, down
     shared_expert: str | None = None  # module of the always-on shared expert (Qwen2-MoE: mlp.shared_expert)
@@ -58,6 +67,12 @@ class MoEFamily:
     attention_prunable: bool = True
     attention_not_prunable_reason: str = ""
     checkpoint_keys: CheckpointKeys = CheckpointKeys()
+    # A multimodal wrapper config (`model_type`) keeps the causal LM's config, of this type, under `text_config`.
+    text_model_type: str | None = None
+    # Config field counting the multi-token-prediction layers a hub checkpoint holds (keys under `mtp.`) that
+    # transformers does not build: they are neither slimmed nor exported, and summary.json says so.
+    mtp_layers_field: str | None = None
+    export_note: str = ""  # what the exported model is, where the teacher's hub checkpoint holds more (model card)
 
     # --- where things live -------------------------------------------------------------------
     def decoder_layers(self, model: nn.Module) -> nn.ModuleList:
@@ -98,12 +113,13 @@ class MoEFamily:
 
     # --- config fields ---------------------------------------------------------------------------
     def expert_width(self, config) -> int:
-        return int(getattr(config, self.width_field))
+        return int(getattr(language_config(config), self.width_field))
 
     def num_experts(self, config) -> int:
-        return int(getattr(config, self.num_experts_field))
+        return int(getattr(language_config(config), self.num_experts_field))
 
     def shared_expert_width(self, config) -> int | None:
+        config = language_config(config)
         if self.shared_expert_width_field:
             return int(getattr(config, self.shared_expert_width_field))
         if self.shared_expert_count_field and getattr(config, self.shared_expert_count_field, None):
@@ -112,17 +128,25 @@ class MoEFamily:
 
     def expert_groups(self, config) -> int:
         """Groups of group-limited routing (1: none)."""
+        config = language_config(config)
         return int(getattr(config, self.expert_group_field, None) or 1) if self.expert_group_field else 1
+
+    def mtp_layers(self, config) -> int:
+        """Multi-token-prediction layers of the hub checkpoint that the exported model leaves out (0: none)."""
+        return int(getattr(language_config(config), self.mtp_layers_field, None) or 0) if self.mtp_layers_field else 0
 
 
 # Mixtral / PhiMoE hub layout: block_sparse_moe.experts.{e}.w1 (gate) / w3 (up) / w2 (down).
 PER_EXPERT_W123 = CheckpointKeys(expert_block="block_sparse_moe", expert_projections=("w1", "w3", "w2"))
 
 _REGISTRY: dict[str, MoEFamily] = {}
+_BY_TEXT_TYPE: dict[str, MoEFamily] = {}  # a wrapper family's text config type -> the family
 
 
 def register(family: MoEFamily) -> MoEFamily:
     _REGISTRY[family.model_type] = family
+    if family.text_model_type:
+        _BY_TEXT_TYPE[family.text_model_type] = family
     return family
 
 
@@ -134,12 +158,27 @@ def get_family(config_or_model) -> MoEFamily:
     """The adapter for a model or its config; an unsupported ``model_type`` fails at once."""
     config = getattr(config_or_model, "config", config_or_model)
     model_type = getattr(config, "model_type", None)
-    if model_type not in _REGISTRY:
+    family = _REGISTRY.get(model_type) or _BY_TEXT_TYPE.get(model_type)
+    if family is None:
         raise UnsupportedModelError(
             f"model_type={model_type!r} is not supported: lightning_slimmoe slims Mixture-of-Experts models of the "
             f"families {supported_model_types()} (dense models have no experts to slim)."
         )
-    return _REGISTRY[model_type]
+    return family
+
+
+def language_config(config):
+    """The config the adapter's fields live in: a multimodal wrapper's ``text_config`` (the config of the causal LM
+    that is slimmed and exported), else ``config`` itself."""
+    family = _REGISTRY.get(getattr(config, "model_type", None))
+    if family is not None and family.text_model_type and getattr(config, "text_config", None) is not None:
+        return config.text_config
+    return config
+
+
+def family_of_type(model_type: str) -> MoEFamily | None:
+    """The adapter registered for ``model_type`` (a wrapper's or its text config's), None if there is none."""
+    return _REGISTRY.get(model_type) or _BY_TEXT_TYPE.get(model_type)
 
 
 def head_dim(config) -> int:

@@ -12,18 +12,19 @@ routed experts and DeepSeek shared experts; attention is MLA, which has no GQA g
 
 from lightning_slimmoe.families import CheckpointKeys, MoEFamily, register
 
-_MLA = ("multi-head latent attention (MLA) shares one compressed key/value latent across all heads, so it has "
-        "no GQA groups to remove; slim expert widths only")
+# Why attention groups are refused for every MLA family (DeepSeek-V2 / V3, GLM-4.7-Flash)
+MLA_NOT_PRUNABLE = ("multi-head latent attention (MLA) shares one compressed key/value latent across all heads, so it "
+                    "has no GQA groups to remove; slim expert widths only")
 
 DEEPSEEK_V2 = register(MoEFamily(
     model_type="deepseek_v2", width_field="moe_intermediate_size", num_experts_field="n_routed_experts",
     router_attr="gate", shared_expert_attr="shared_experts", shared_expert_count_field="n_shared_experts",
-    expert_group_field="n_group", attention_prunable=False, attention_not_prunable_reason=_MLA,
+    expert_group_field="n_group", attention_prunable=False, attention_not_prunable_reason=MLA_NOT_PRUNABLE,
     checkpoint_keys=CheckpointKeys(shared_expert="mlp.shared_experts")))
 
 DEEPSEEK_V3 = register(MoEFamily(
     model_type="deepseek_v3", width_field="moe_intermediate_size", num_experts_field="n_routed_experts",
     router_attr="gate", shared_expert_attr="shared_experts", shared_expert_count_field="n_shared_experts",
     expert_indexed=(("gate.e_score_correction_bias", 0),), expert_group_field="n_group", min_experts_per_group=2,
-    attention_prunable=False, attention_not_prunable_reason=_MLA,
+    attention_prunable=False, attention_not_prunable_reason=MLA_NOT_PRUNABLE,
     checkpoint_keys=CheckpointKeys(shared_expert="mlp.shared_experts")))
