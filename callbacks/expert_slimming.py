@@ -88,8 +88,9 @@ class ExpertSlimming(Callback):
             # gradient FSDP2 averages over ranks is that batch's gradient, and |θ ⊙ g| stays per batch), and
             # each rank scores the rows it holds; structure_scores all-reduces the tables (docs/design.md §5).
             scores = compute_scores(student, calibration, self.stage.criterion, teacher=pl_module.teacher,
-                                    kd=self.stage.kd, seed=self.seed, progress=progress)
-        elif self.stage.criterion == "kd_taylor" and trainer.world_size > 1:
+                                    kd=self.stage.kd, seed=self.seed, progress=progress,
+                                    fisher_draws=self.stage.fisher_draws)
+        elif self.stage.criterion in ("kd_taylor", "kd_fisher") and trainer.world_size > 1:
             # Each rank scores its share of the calibration batches; the fp64 sums are all-reduced so every
             # rank keeps exactly the neurons a single process would.
             world, rank = trainer.world_size, trainer.global_rank
@@ -97,8 +98,10 @@ class ExpertSlimming(Callback):
             mine = [calibration[i] if i < len(calibration) else calibration[0]
                     for i in range(rank, slots * world, world)]
             counted = [i < len(calibration) for i in range(rank, slots * world, world)]
-            scores = compute_scores(student, mine, "kd_taylor", teacher=pl_module.teacher, kd=self.stage.kd,
-                                    progress=progress, counted=counted)
+            # kd_fisher's draws are seeded per sequence from its tokens: the same as a single process's.
+            scores = compute_scores(student, mine, self.stage.criterion, teacher=pl_module.teacher, kd=self.stage.kd,
+                                    seed=self.seed, progress=progress, counted=counted,
+                                    fisher_draws=self.stage.fisher_draws)
             all_reduce_scores_([scores.experts, scores.shared, scores.groups])
             scores.num_tokens = sum(int(b["input_ids"].numel()) for b in calibration)
         else:  # activation means, magnitude and random are computed whole on every rank

@@ -63,7 +63,10 @@ class StageConfig:
     round_to: Optional[int] = None  # round fractional widths down to a multiple (e.g. 64)
     remove_experts_to: Optional[int] = None  # baseline: drop whole experts (REAP saliency) down to this many
     # --- how it is chosen (SlimMoE §2) --------------------------------------------------------------
-    criterion: Literal["kd_taylor", "activation", "magnitude", "random"] = "kd_taylor"
+    criterion: Literal["kd_taylor", "kd_fisher", "activation", "magnitude", "random"] = "kd_taylor"
+    # kd_fisher: Gaussian sketches of the Fisher per calibration sequence (each one student forward + backward; the
+    # second-order term's noise falls as 1/sqrt(sequences x draws), importance.py)
+    fisher_draws: int = 1
     calibration_tokens: int = 2_000_000
     calibration_batch_size: int = 8  # sequences per scoring batch (fixed, so scores do not depend on devices)
     scores_file: Optional[str] = None  # reuse scores saved by an earlier run instead of calibrating
@@ -83,6 +86,8 @@ class StageConfig:
         _check(self.max_tokens > 0, f"stages[{self.name}].max_tokens", self.max_tokens, "must be > 0")
         _check(self.calibration_tokens > 0, f"stages[{self.name}].calibration_tokens", self.calibration_tokens,
                "must be > 0")
+        _check(not isinstance(self.fisher_draws, bool) and isinstance(self.fisher_draws, int) and self.fisher_draws >= 1,
+               f"stages[{self.name}].fisher_draws", self.fisher_draws, "must be an integer >= 1")
         _check(self.max_nonfinite_skips >= 0, f"stages[{self.name}].max_nonfinite_skips", self.max_nonfinite_skips,
                "must be >= 0")
         if self.pretrain is not None:
@@ -170,8 +175,10 @@ class RunConfig:
     """cached teacher values: `float32` (the live teacher's losses) or `bfloat16` (half the values' size)"""
     serving: ServingConfig = field(default_factory=ServingConfig)
     """serving check of the final stage: `tp` (tensor-parallel size; null = no check), `dtype` (`bf16`, or `fp8` block-quantized 128x128), `strict` (an error instead of a warning)"""
+    lr_schedule: Literal["stage", "run"] = "stage"
+    """`stage`: every stage warms up and decays over its own steps; `run`: one warm-up at the start of the first KD stage and one cosine decay across all KD stages (each stage's `optimizer.lr` scales the shared curve; a `pretrain` stage keeps its own); `warmup_ratio` / `min_lr_ratio` are read from the first KD stage"""
     experts_implementation: Optional[Literal["grouped_mm", "batched_mm", "eager"]] = None
-    """transformers' fused-experts kernel of teacher and student; null = the fastest measured on the device (`grouped_mm` on CPU and on CUDA compute capability >= 8.0, else `eager`), logged once per run (`docs/results.md` "Speed")"""
+    """transformers' fused-experts kernel of teacher and student; null = transformers' `grouped_mm` on CPU (`eager` measured faster there but is not bitwise-equal to it) and on CUDA compute capability >= 8.0, else `eager`, logged once per run (`docs/results.md` "Speed")"""
 
     @classmethod
     def from_parsed(cls, values) -> "RunConfig":

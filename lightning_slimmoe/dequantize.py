@@ -20,8 +20,19 @@ Why not transformers' own ``FineGrainedFP8Config(dequantize=True)`` (the default
 multiple of 128 (a 200-row weight with 2 scale rows is taken as 100-row blocks, silently; DeepSeek-V3's
 576-row ``kv_a_proj_with_mqa`` with 5 scale rows fails), and it would not read a rank's rows alone.
 
-Formats the project cannot read (bitsandbytes, GPTQ, AWQ, MXFP4, compressed-tensors, ..., and an FP8 config that
-is not 2-D block-scaled) are refused by :func:`fp8_blocks` with the method named, before any weight is read.
+gpt-oss ships its routed experts in MXFP4 (``quantization_config: {"quant_method": "mxfp4", ...}``): each fused
+``<layer>.mlp.experts.gate_up_proj`` / ``down_proj`` is stored as ``<name>_blocks`` (uint8 ``[E, out, in/32, 16]``,
+two FP4 e2m1 values per byte, low nibble first) and ``<name>_scales`` (uint8 ``[E, out, in/32]``, one power-of-two
+exponent per 32 values, bias 127); everything else (attention, router, expert biases, embeddings) is bf16. The
+32-value blocks run along each projection's input: along the hidden size for gate_up_proj, whose neurons are its
+output rows, but along the neurons for down_proj, so no neuron can be sliced out of a packed down_proj: the reader
+(loading.py) dequantizes whole experts, one at a time, with transformers' own ``convert_moe_packed_tensors`` (its FP4
+table and its ``[E, in, out]`` result, which is the in-memory layout), then slices. MXFP4 is read for gpt-oss only,
+the one family transformers' MXFP4 layout (``integrations/mxfp4.py``) describes; :func:`hub_quantization` refuses it
+elsewhere.
+
+Formats the project cannot read (bitsandbytes, GPTQ, AWQ, compressed-tensors, ..., MXFP4 outside gpt-oss, and an
+FP8 config that is not 2-D block-scaled) are refused with the method named, before any weight is read.
 
 Shapes: R rows, C columns of a weight; E experts of a fused 3-D weight; br x bc the scale block.
 """
@@ -42,6 +53,12 @@ from lightning_slimmoe.storage import safetensors_header, weight_files
 SCALE_SUFFIX = "_scale_inv"  # X.weight -> X.weight_scale_inv (transformers' and the hub's naming)
 FP8_DTYPES = ("F8_E4M3", "F8_E5M2")  # safetensors names of the float8 weight dtypes
 _READABLE = "fp8"  # the only quant_method read (block-scaled, dequantized on load)
+
+
+MXFP4_METHOD = "mxfp4"
+MXFP4_MODEL_TYPES = ("gpt_oss",)  # the families whose experts transformers' MXFP4 layout describes
+MXFP4_BLOCKS, MXFP4_SCALES = "_blocks", "_scales"  # X.gate_up_proj -> X.gate_up_proj_blocks / _scales
+MXFP4_BLOCK = 32  # FP4 values per scale, along the projection's input
 
 
 class UnsupportedQuantizationError(ValueError):
@@ -138,13 +155,44 @@ def fp8_blocks(config_or_quantization) -> Fp8Blocks | None:
     return Fp8Blocks(int(block[0]), int(block[1]))
 
 
+@dataclass(frozen=True)
+class Mxfp4Experts:
+    """gpt-oss's MXFP4 experts: read through :func:`checkpoint_mxfp4` and :func:`dequantize_mxfp4_expert`."""
+
+    block: int = MXFP4_BLOCK
+
+
+def _is_mxfp4(quantization) -> bool:
+    return bool(quantization) and quantization_method(quantization).lower() == MXFP4_METHOD
+
+
+def _model_type(config) -> str | None:
+    text = getattr(config, "text_config", None)  # a multimodal wrapper's language model
+    return getattr(config, "model_type", None) if text is None else getattr(text, "model_type", None)
+
+
+def hub_quantization(config) -> Fp8Blocks | Mxfp4Experts | None:
+    """How the hub checkpoint of ``config`` is quantized and read: None for plain weights, :class:`Fp8Blocks` for 2-D
+    block FP8, :class:`Mxfp4Experts` for gpt-oss's MXFP4 experts; any other format (MXFP4 of another family
+    included) raises :class:`UnsupportedQuantizationError` naming it."""
+    quantization = getattr(config, "quantization_config", None)
+    if _is_mxfp4(quantization) and _model_type(config) in MXFP4_MODEL_TYPES:
+        return Mxfp4Experts()
+    return fp8_blocks(config)
+
+
 def source_fp8_blocks(model_dir: str | Path) -> Fp8Blocks | None:
     """:func:`fp8_blocks` of the ``config.json`` in ``model_dir`` (read as JSON: no config class involved); None
-    for a directory without one (a tensors-only dir, as an export is before its config is written)."""
+    for a directory without one (a tensors-only dir, as an export is before its config is written), and for
+    gpt-oss's MXFP4, which holds no FP8 (:func:`checkpoint_mxfp4` pairs its tensors)."""
     path = Path(model_dir) / "config.json"
     if not path.is_file():
         return None
-    return fp8_blocks(json.loads(path.read_text()).get("quantization_config") or {})
+    config = json.loads(path.read_text())
+    quantization = config.get("quantization_config") or {}
+    if _is_mxfp4(quantization) and config.get("model_type") in MXFP4_MODEL_TYPES:
+        return None
+    return fp8_blocks(quantization)
 
 
 def without_quantization(config):
@@ -218,3 +266,52 @@ def checkpoint_fp8(model_dir: str | Path, headers: Mapping[str, HeaderEntry] | N
     pairs = scale_pairs({k: e.dtype for k, e in headers.items()}, {k: e.shape for k, e in headers.items()}, blocks,
                         where=str(model_dir))
     return blocks, pairs
+
+
+def checkpoint_mxfp4(model_dir: str | Path, headers: Mapping[str, HeaderEntry] | None = None
+                     ) -> dict[str, tuple[str, str]]:
+    """``{fused expert name: (blocks key, scales key)}`` of the MXFP4-packed tensors of the checkpoint in
+    ``model_dir`` (uint8 ``<name>_blocks [E, out, in/32, 16]`` with ``<name>_scales [E, out, in/32]``), from the
+    headers alone; {} for a checkpoint without any. Raises :class:`UnsupportedQuantizationError` for blocks without
+    their scales (or the reverse), shapes that do not pair up, or packed tensors whose config.json declares no
+    gpt-oss MXFP4."""
+    headers = checkpoint_headers(model_dir) if headers is None else headers
+    pairs: dict[str, tuple[str, str]] = {}
+    for key, entry in headers.items():
+        if not key.endswith(MXFP4_BLOCKS) or entry.dtype != "U8":
+            continue
+        name = key[: -len(MXFP4_BLOCKS)]
+        scales = name + MXFP4_SCALES
+        if scales not in headers:
+            raise UnsupportedQuantizationError(
+                f"{model_dir}: {key} is MXFP4-packed but its {scales} is missing from the checkpoint: without its "
+                "scales it cannot be dequantized (an incomplete download or conversion?)")
+        want = (*entry.shape[:-1],)
+        if len(entry.shape) != 4 or entry.shape[-1] != MXFP4_BLOCK // 2 or headers[scales].shape != want:
+            raise UnsupportedQuantizationError(
+                f"{model_dir}: {key} {list(entry.shape)} with {scales} {list(headers[scales].shape)}: MXFP4 experts "
+                f"are [E, out, in/{MXFP4_BLOCK}, {MXFP4_BLOCK // 2}] bytes with [E, out, in/{MXFP4_BLOCK}] scales")
+        pairs[name] = (key, scales)
+    orphans = [k for k, e in headers.items() if k.endswith(MXFP4_SCALES) and e.dtype == "U8"
+               and k[: -len(MXFP4_SCALES)] not in pairs]
+    if orphans:
+        raise UnsupportedQuantizationError(f"{model_dir}: {orphans[0]} has no {MXFP4_BLOCKS} tensor beside it")
+    if pairs:
+        config_path = Path(model_dir) / "config.json"
+        config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+        if not (_is_mxfp4(config.get("quantization_config")) and config.get("model_type") in MXFP4_MODEL_TYPES):
+            raise UnsupportedQuantizationError(
+                f"{model_dir}: {next(iter(pairs))}{MXFP4_BLOCKS} is MXFP4-packed but config.json declares no "
+                f"quant_method='mxfp4' of a {'/'.join(MXFP4_MODEL_TYPES)} model: its layout is unknown")
+    return pairs
+
+
+def dequantize_mxfp4_expert(blocks, scales, expert: int) -> Tensor:
+    """Expert ``expert`` of an MXFP4-packed fused tensor (safetensors slices or tensors ``[E, out, in/32, 16]`` /
+    ``[E, out, in/32]``), dequantized to float32 ``[in, out]``, the in-memory layout of gpt-oss's experts
+    (gate_up_proj ``[H, 2I]``, down_proj ``[I, H]``). transformers' own conversion does it (its FP4 table, nibble
+    order and exponent bias), so the values are those ``from_pretrained`` dequantizes to (in float32, which holds an
+    FP4 value times its power-of-two scale exactly for every normal exponent)."""
+    from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+
+    return convert_moe_packed_tensors(blocks[expert:expert + 1], scales[expert:expert + 1], dtype=torch.float32)[0]

@@ -139,7 +139,8 @@ def _fmt(n: float) -> str:
 
 def dropped_parts(teacher_config) -> dict:
     """summary.json's record of what the teacher's hub checkpoint holds that the export leaves out: ``{"mtp":
-    "dropped"}`` for a family whose multi-token-prediction layers (``mtp.*``) transformers does not build, so they are
+    "dropped"}`` for a teacher whose config counts multi-token-prediction layers (``mtp.*``, or DeepSeek-V3 / GLM's
+    ``model.layers.<num_hidden_layers>``) that transformers does not build, so they are
     neither slimmed nor exported; nothing for the others (their summary keeps exactly its keys)."""
     return {"mtp": "dropped"} if get_family(teacher_config).mtp_layers(teacher_config) else {}
 

@@ -4,6 +4,12 @@
   top-k KD loss against the teacher, summed over all weights of a structure (a neuron: its gate row,
   up row and down column; a GQA group: its q/k/v rows, biases and o_proj columns), accumulated over
   calibration batches (``|·|`` taken per batch, as in the PLATON/HomoDistil line).
+* ``kd_fisher`` — the estimated RISE of the stage's KD loss when a structure is removed, to second order:
+  ``−θ_S·∇L_KD + ½ θ_Sᵀ F θ_S`` with F the Fisher of the student's own output distribution (the Gauss–Newton
+  Hessian of the KD loss in the logits), estimated for every structure at once from one Gaussian-sketch
+  backward per calibration sequence. Unlike a first-order score it is informative while the student still
+  equals the teacher (every stage that starts from it), where the gradient of an exact divergence is zero
+  (docs/results.md "kd_fisher").
 * ``activation`` — Minitron-style: mean ``|act(gate x) * up x|`` per neuron over the tokens routed to the
   expert; mean L2 norm of each group's attention output (the o_proj input) per token.
 * ``magnitude`` — L2 norm of the structure's weights. ``random`` — seeded. Both are baselines.
@@ -16,6 +22,7 @@ without recalibrating; a file from another model or shape is refused.
 from __future__ import annotations
 
 import os
+import zlib
 from dataclasses import dataclass, field, replace
 from typing import Callable, Iterable
 
@@ -23,14 +30,16 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
+from torch.utils.checkpoint import checkpoint
 
-from lightning_slimmoe.distill import KDConfig, distill_loss, frozen_forward, teacher_topk
+from lightning_slimmoe.distill import IGNORE_INDEX, KDConfig, distill_loss, frozen_forward, teacher_topk
 from lightning_slimmoe.distributed import local_rows, reshard_head
 from lightning_slimmoe.families import MoEFamily, get_family, head_dim
-from lightning_slimmoe.slimming import expert_weights, shared_expert_weights
+from lightning_slimmoe.slimming import (check_expert_layout, expert_activations, expert_outputs, expert_weights,
+                                        routed_tokens, shared_expert_weights, split_gate_up)
 from lightning_slimmoe.storage import atomic_torch_save
 
-CRITERIA = ("kd_taylor", "activation", "magnitude", "random")
+CRITERIA = ("kd_taylor", "kd_fisher", "activation", "magnitude", "random")
 SCORES_FORMAT = "lightning_slimmoe.scores/1"
 
 
@@ -114,6 +123,8 @@ def _attention_tensors(attn: nn.Module) -> list[tuple[str, Tensor]]:
     for tag, lin in (("qb", attn.q_proj), ("kb", attn.k_proj), ("vb", attn.v_proj)):
         if lin.bias is not None:
             names.append((tag, lin.bias))
+    if getattr(attn, "sinks", None) is not None:  # gpt-oss: one attention sink per query head, pruned with it
+        names.append(("sinks", attn.sinks))
     return names
 
 
@@ -130,7 +141,7 @@ def _summed(p: Tensor, contrib: Callable[[Tensor], Tensor], dims: tuple[int, ...
     c = contrib(p)
     local, start, stop = local_rows(c)
     dims = tuple(d % c.dim() for d in dims)
-    local = local.float()
+    local = local if local.dtype == torch.float64 else local.float()  # fp64 contributions are summed in fp64
     reduced = local.sum(dims) if dims else local
     if not isinstance(c, DTensor) or 0 in dims:
         return reduced
@@ -162,11 +173,7 @@ def structure_scores(model: nn.Module, contrib: Callable[[Tensor], Tensor]):
     family = get_family(model)
     experts, shared, groups = {}, {}, {}
     for layer, block in family.moe_blocks(model):
-        # contrib on the fused parameter, then split, so grads line up with the view
-        gate_up_E2I = _summed(block.experts.gate_up_proj, contrib, (-1,))  # (E, 2I, H) -> (E, 2I): gate, then up
-        width = gate_up_E2I.shape[1] // 2
-        down_EI = _summed(block.experts.down_proj, contrib, (1,))  # (E, H, I) -> (E, I)
-        experts[layer] = gate_up_E2I[:, :width] + gate_up_E2I[:, width:] + down_EI  # (E, I)
+        experts[layer] = _expert_neuron_sums(block.experts, contrib)  # (E, I)
         mlp = family.shared_expert(block)
         if mlp is not None:
             g, u, d = shared_expert_weights(mlp)
@@ -176,6 +183,24 @@ def structure_scores(model: nn.Module, contrib: Callable[[Tensor], Tensor]):
         groups[layer] = _group_reduce(attn, contrib, num_groups)
     _all_reduce_shards_(model, (experts, shared, groups))
     return experts, shared, groups
+
+
+def _expert_neuron_sums(experts: nn.Module, contrib: Callable[[Tensor], Tensor]) -> Tensor:
+    """``(E, I)``: per expert neuron, ``contrib`` summed over its gate and up weights, its down weights and, in
+    gpt-oss's layout, its gate and up biases (``down_proj_bias`` belongs to the expert, not to a neuron)."""
+    layout = check_expert_layout(experts)
+    # contrib on the fused parameter, then split, so grads line up with the view
+    if layout.transposed:  # gate_up_proj [E, H, 2I] (gpt-oss: gate/up interleaved; Llama-4: concatenated)
+        gate_up_E2I = _summed(experts.gate_up_proj, contrib, (1,))
+        if layout.has_bias:
+            gate_up_E2I = gate_up_E2I + _summed(experts.gate_up_proj_bias, contrib, ())
+        down_EI = _summed(experts.down_proj, contrib, (2,))
+        gate_EI, up_EI = split_gate_up(layout, gate_up_E2I)
+        return gate_EI + up_EI + down_EI
+    gate_up_E2I = _summed(experts.gate_up_proj, contrib, (-1,))  # (E, 2I, H) -> (E, 2I): gate, then up
+    width = gate_up_E2I.shape[1] // 2
+    down_EI = _summed(experts.down_proj, contrib, (1,))  # (E, H, I) -> (E, I)
+    return gate_up_E2I[:, :width] + gate_up_E2I[:, width:] + down_EI
 
 
 def _all_reduce_shards_(model: nn.Module, tables: tuple[dict[int, Tensor], ...]) -> None:
@@ -201,6 +226,8 @@ def scored_parameters(model: nn.Module) -> list[nn.Parameter]:
     params = []
     for _, block in family.moe_blocks(model):
         params += [block.experts.gate_up_proj, block.experts.down_proj]
+        if check_expert_layout(block.experts).has_bias:  # gpt-oss: a neuron's gate/up biases are scored with it
+            params.append(block.experts.gate_up_proj_bias)
         mlp = family.shared_expert(block)
         if mlp is not None:
             params += [mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight]
@@ -237,6 +264,19 @@ class _EvalMode:
 # ---------------------------------------------------------------------------------------------------
 # Criteria
 # ---------------------------------------------------------------------------------------------------
+def _teacher_targets(teacher: nn.Module, batch: dict, kd: KDConfig) -> tuple[Tensor, Tensor]:
+    """The teacher's (N, k) top-k values and ids for one batch, as the stage's KD loss takes them."""
+    with frozen_forward(teacher):  # inference_mode; no_grad for a sharded or 8-bit teacher
+        t_hidden_NH = teacher.model(input_ids=batch["input_ids"]).last_hidden_state.flatten(0, 1)
+        t_vals_NK, t_ids_NK = teacher_topk(t_hidden_NH, teacher.get_output_embeddings(), kd.top_k, kd.chunk_tokens,
+                                           log_probs_at=kd.temperature if kd.tail_bucket else None)
+        del t_hidden_NH
+        reshard_head(teacher)  # a sharded teacher's gathered lm_head is freed at once (no backward frees it)
+    if t_vals_NK.is_inference():  # (N, k): ordinary tensors, which a checkpointed loss may save for backward
+        t_vals_NK, t_ids_NK = t_vals_NK.clone(), t_ids_NK.clone()
+    return t_vals_NK, t_ids_NK
+
+
 def _kd_taylor(student, teacher, batches, kd: KDConfig, progress, counted) -> tuple[dict, dict, dict]:
     if teacher is None:
         raise ValueError("criterion='kd_taylor' needs a teacher (the KD loss is taken against it)")
@@ -256,14 +296,7 @@ def _kd_taylor(student, teacher, batches, kd: KDConfig, progress, counted) -> tu
     try:
         for i, batch in enumerate(progress(batches)):
             batch = _to_device(batch, device)
-            with frozen_forward(teacher):  # inference_mode; no_grad for a sharded or 8-bit teacher
-                t_hidden_NH = teacher.model(input_ids=batch["input_ids"]).last_hidden_state.flatten(0, 1)
-                t_vals_NK, t_ids_NK = teacher_topk(t_hidden_NH, teacher.get_output_embeddings(), kd.top_k, kd.chunk_tokens,
-                                                   log_probs_at=kd.temperature if kd.tail_bucket else None)
-                del t_hidden_NH
-                reshard_head(teacher)  # a sharded teacher's gathered lm_head is freed at once (no backward frees it)
-            if t_vals_NK.is_inference():  # (N, k): ordinary tensors, which a checkpointed loss may save for backward
-                t_vals_NK, t_ids_NK = t_vals_NK.clone(), t_ids_NK.clone()
+            t_vals_NK, t_ids_NK = _teacher_targets(teacher, batch, kd)
             # The loss is distill_loss's fused path where the student's head is a plain nn.Linear: the head is frozen
             # here, so it computes only d(hidden) and no [V, H] gradient.
             s_hidden_NH = student.model(input_ids=batch["input_ids"]).last_hidden_state.flatten(0, 1)
@@ -274,6 +307,176 @@ def _kd_taylor(student, teacher, batches, kd: KDConfig, progress, counted) -> tu
             if counted is None or counted[i]:
                 _accumulate(experts, e), _accumulate(shared, s), _accumulate(groups, g)
             for p in scored:
+                p.grad = None
+    finally:
+        for p, flag in flags.items():
+            p.requires_grad_(flag)
+            p.grad = None
+    return experts, shared, groups
+
+
+# log1p(-Q) of the student's top-k mass Q at min(Q, 1 - 1e-7): the tail-bucket clamp of distill.py, finite when Q
+# rounds to 1.
+_REST_CLAMP = 1.0 - 1e-7
+
+
+def removal_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The weights whose zeroing removes each structure exactly: an expert neuron's ``down_proj`` column (routed
+    and shared experts), a GQA group's ``o_proj`` input columns.
+
+    Removing a GLU neuron (its gate row, up row and down column, SlimMoE §1) computes the same function as zeroing
+    its down column alone, and removing a GQA group the same as zeroing its o_proj columns (its heads reach the
+    residual stream only through them). The network is linear in those weights up to the next layer, so a
+    quadratic expansion along ``δθ = −θ_S`` over them is far closer to the true loss change than one along all of
+    the structure's weights, along which the neuron's output falls like ``(1 − α)³`` (gate × up × down) and the
+    second-order Taylor series of zeroing is badly off.
+    """
+    family = get_family(model)
+    params = []
+    for _, block in family.moe_blocks(model):
+        params.append(block.experts.down_proj)
+        mlp = family.shared_expert(block)
+        if mlp is not None:
+            params.append(shared_expert_weights(mlp)[2])
+    for _, attn in family.attention_modules(model):
+        params.append(attn.o_proj.weight)
+    return params
+
+
+def batch_seed(seed: int, input_ids: Tensor) -> int:
+    """A sampling seed from ``seed`` and a sequence's token ids alone: the same sequence draws the same noise on any
+    rank, in any position of the calibration list and in a single process, so sharded, data-parallel and
+    single-process scoring estimate with identical draws."""
+    data = input_ids.detach().to("cpu", torch.int64).contiguous().numpy().tobytes()
+    return zlib.crc32(data, zlib.crc32(str(int(seed)).encode())) & 0x7FFFFFFF
+
+
+def _fisher_sketch_chunk(hidden_cH: Tensor, ids_cK: Tensor | None, lm_head: nn.Module, temperature: float,
+                         chunk_seed: int) -> Tensor:
+    """A surrogate ``T · Σ_t Σ_b sg(√q_tb · ε_tb) · log q_tb`` over one chunk (ε ~ N(0, 1), ``sg`` = detached):
+    its gradient in the raw logits z_t is ``r_t = T·Σ_b √q_tb ε_tb ∇log q_tb``, whose covariance is the
+    student's Fisher ``Σ_b q_tb ∇log q_tb ∇log q_tbᵀ · T²`` — over the full vocabulary (b = every id:
+    ``diag(q) − qqᵀ``) or, when ``ids_cK`` is given (tail bucket), over the k+1 buckets (the teacher's top-k ids
+    and the rest), where ``q`` is the student's softmax at T.
+
+    A Gaussian sketch rather than a sampled label (``e_y − q``, y ~ q): both are unbiased, but here each token's
+    projection ``vᵀ r_t`` is exactly Gaussian, so a squared sum has relative variance 2 with no heavy tail from
+    rare labels. Deterministic in ``chunk_seed`` (a generator made here): under checkpointing the backward's
+    recompute draws the same ε.
+    """
+    logits_cV = lm_head(hidden_cH)
+    logits_cV = (logits_cV if logits_cV.dtype == torch.float64 else logits_cV.float()) / temperature  # (c, V)
+    log_q_cV = logits_cV - torch.logsumexp(logits_cV, dim=-1, keepdim=True)  # (c, V)
+    if ids_cK is not None:
+        log_q_cK = log_q_cV.gather(-1, ids_cK)  # (c, k)
+        log_rest_c = torch.log1p(-log_q_cK.exp().sum(-1).clamp(max=_REST_CLAMP))  # (c,)
+        log_q_cB = torch.cat([log_q_cK, log_rest_c.unsqueeze(-1)], dim=-1)  # (c, k+1) buckets
+    else:
+        log_q_cB = log_q_cV
+    gen = torch.Generator(device=log_q_cB.device).manual_seed(chunk_seed)
+    with torch.no_grad():
+        eps_cB = torch.randn(log_q_cB.shape, generator=gen, device=log_q_cB.device, dtype=log_q_cB.dtype)
+        coef_cB = eps_cB.mul_(log_q_cB.detach().mul(0.5).exp_())  # √q · ε
+    return temperature * (coef_cB * log_q_cB).sum()
+
+
+def _fisher_sketch(hidden_NH: Tensor, ids_NK: Tensor | None, lm_head: nn.Module, kd: KDConfig, seed: int) -> Tensor:
+    """:func:`_fisher_sketch_chunk` summed over ``kd.chunk_tokens`` chunks, each checkpointed so that only one
+    ``(chunk, V)`` logits tensor is alive at a time (as distill_loss's checkpointed path)."""
+    total = hidden_NH.new_zeros((), dtype=torch.float32 if hidden_NH.dtype != torch.float64 else torch.float64)
+    n = hidden_NH.shape[0]
+    for c, start in enumerate(range(0, n, kd.chunk_tokens)):
+        end = min(start + kd.chunk_tokens, n)
+        ids = ids_NK[start:end] if ids_NK is not None else None
+        chunk_seed = (seed * 1_000_003 + c) & 0x7FFFFFFFFFFFFFFF
+        total = total + checkpoint(_fisher_sketch_chunk, hidden_NH[start:end], ids, lm_head, kd.temperature,
+                                   chunk_seed, use_reentrant=False)
+    return total
+
+
+def _kd_fisher(student, teacher, batches, kd: KDConfig, progress, counted, seed: int,
+               draws: int = 1) -> tuple[dict, dict, dict]:
+    """Per structure S, summed over calibration batches b: ``−θ_S·∇L_b + ½ Σ_r mean_m (θ_S·∇ℓ̃_rm)² / N_b``.
+
+    Removing S is ``δθ = −θ_S`` (θ_S: its :func:`removal_parameters` entries); to second order the stage's KD loss
+    L_b (its own ``top_k``, ``temperature``, ``tail_bucket``; ``lm_weight`` 0; the mean over the batch's N_b counted
+    tokens) rises by ``−θ_S·∇L_b + ½ θ_Sᵀ H_b θ_S``. H_b is replaced by its Gauss–Newton part
+    ``Σ_t J_tᵀ F_t J_t / N_b`` (J_t = ∂z_t/∂θ, z_t the raw logits; what is dropped is ``Σ_t ∂L/∂z_t · ∂²z_t/∂θ²``,
+    zero at a stage's first prune, where student = teacher and an exact divergence has zero gradient in z), and
+    F_t is the student's Fisher in z: ``T²·∇²_z KL(p‖softmax(z/T)) = diag(q) − qqᵀ`` (q the student's softmax at
+    T) for ANY p, for the full KL and the renormalised top-k loss alike; for the tail bucket the Fisher of the k+1
+    buckets, its Hessian wherever p = q (the first prune). ℓ̃_rm is sequence r's :func:`_fisher_sketch` of draw m:
+    its gradient ``Σ_t J_tᵀ r_t`` has ``E[r_t r_tᵀ] = F_t`` independently over tokens, so
+    ``E[(θ_S·∇ℓ̃_r)²] = Σ_{t∈r} θ_Sᵀ J_tᵀ F_t J_t θ_S`` for EVERY S from one backward per sequence.
+    """
+    if teacher is None:
+        raise ValueError("criterion='kd_fisher' needs a teacher (the KD loss is taken against it)")
+    kd = replace(kd, lm_weight=0.0)
+    removal = removal_parameters(student)
+    removal_ids = {id(p) for p in removal}
+    flags = {p: p.requires_grad for p in student.parameters()}
+    for p in student.parameters():
+        p.requires_grad_(False)
+    for p in removal:
+        p.requires_grad_(True)
+        p.grad = None
+
+    def theta_dot_grad(p):  # θ ⊙ ∇ over the removal weights only (in fp64, see below); zero elsewhere
+        if id(p) not in removal_ids or p.grad is None:
+            return torch.zeros_like(p)
+        return p.double() * p.grad.double()
+
+    # The sums run in fp64: the score is a difference (−first order + second order) that can cancel to near 0,
+    # where the order of an fp32 sum (a sharded model's partial sums, docs/design.md §5) would show. It costs one
+    # fp64 copy of one removal weight at a time.
+    with torch.no_grad():
+        experts, shared, groups = structure_scores(student, lambda p: torch.zeros_like(p, dtype=torch.float64))
+    device = next(student.parameters()).device
+    try:
+        for i, batch in enumerate(progress(batches)):
+            batch = _to_device(batch, device)
+            t_vals_NK, t_ids_NK = _teacher_targets(teacher, batch, kd)
+            labels_N = batch["labels"].flatten()
+            # First order: the stage's KD loss (0 gradient at student == teacher for an exact divergence).
+            s_hidden_NH = student.model(input_ids=batch["input_ids"]).last_hidden_state.flatten(0, 1)
+            # fused=False: autograd through the head module, the path a sharded head takes, so sharded and
+            # single-process scores round alike (the score can cancel to near 0 against the second-order term).
+            out = distill_loss(s_hidden_NH, student.get_output_embeddings(), labels_N, t_vals_NK, t_ids_NK, kd,
+                               fused=False)
+            out.loss.backward()
+            del s_hidden_NH, out
+            with torch.no_grad():
+                first = structure_scores(student, theta_dot_grad)
+            for p in removal:
+                p.grad = None
+            # Second order: one backward per sequence and draw. Each squared sum is an unbiased estimate with relative
+            # variance 2 whatever its token count, so one backward per sequence instead of per batch gives B times
+            # as many for the same FLOPs.
+            input_ids_BT = batch["input_ids"]
+            labels_BT = batch["labels"]
+            t_ids_BTK = t_ids_NK.reshape(*input_ids_BT.shape, -1) if kd.tail_bucket else None
+            num_counted = int((labels_BT != IGNORE_INDEX).sum())
+            quad = tuple({k: torch.zeros_like(v) for k, v in f.items()} for f in first)
+            for draw in range(draws):
+                for row in range(input_ids_BT.shape[0]):
+                    ids_1T, mask_T = input_ids_BT[row:row + 1], labels_BT[row] != IGNORE_INDEX
+                    s_hidden_TH = student.model(input_ids=ids_1T).last_hidden_state[0]
+                    sketch = _fisher_sketch(s_hidden_TH[mask_T], t_ids_BTK[row][mask_T] if kd.tail_bucket else None,
+                                            student.get_output_embeddings(), kd, batch_seed(seed + 7919 * draw, ids_1T))
+                    sketch.backward()
+                    del s_hidden_TH, sketch
+                    with torch.no_grad():
+                        lin = structure_scores(student, theta_dot_grad)
+                    for q, s in zip(quad, lin):
+                        for k in q:
+                            q[k] += s[k] ** 2
+                    for p in removal:
+                        p.grad = None
+            scale = 0.5 / (draws * max(1, num_counted))
+            rise = tuple({k: -f[k] + scale * q[k] for k in f} for f, q in zip(first, quad))
+            if counted is None or counted[i]:
+                _accumulate(experts, rise[0]), _accumulate(shared, rise[1]), _accumulate(groups, rise[2])
+            for p in removal:
                 p.grad = None
     finally:
         for p, flag in flags.items():
@@ -294,18 +497,16 @@ def _activation(student, batches, progress) -> tuple[dict, dict, dict]:
 
     def expert_hook(layer):
         def hook(module, args, output):
-            x_NH, top_k_index_NK = args[0], args[1]
-            gate_EIH, up_EIH, _ = expert_weights(module)
+            gate_EIH, _, _ = expert_weights(module)
             num_experts, width, _ = gate_EIH.shape
-            s_EI = torch.zeros(num_experts, width, device=x_NH.device)
-            n_E = torch.zeros(num_experts, 1, device=x_NH.device)
-            for e in range(num_experts):  # calibration only: the training path stays on grouped_mm
-                routed = (top_k_index_NK == e).any(-1)
-                if routed.any():
-                    x = x_NH[routed]
-                    act_NI = module.act_fn(x @ gate_EIH[e].T) * (x @ up_EIH[e].T)
-                    s_EI[e] = act_NI.abs().float().sum(0)
-                    n_E[e] = routed.sum()
+            s_EI = torch.zeros(num_experts, width, device=args[0].device)
+            n_E = torch.zeros(num_experts, 1, device=args[0].device)
+            # calibration only: the training path keeps its experts kernel. A token routed to an expert twice (top-k
+            # slots never repeat an expert) would count once, as before.
+            for e, x, _ in routed_tokens(module, args):
+                act_NI = expert_activations(module, x, e)  # the family's own GLU (gpt-oss: clamped, biased)
+                s_EI[e] = act_NI.abs().float().sum(0)
+                n_E[e] = x.shape[0]
             add(("experts", layer), s_EI, n_E)
         return hook
 
@@ -355,14 +556,19 @@ def compute_scores(
     seed: int = 0,
     progress: Callable[[Iterable], Iterable] = lambda it: it,
     counted: list[bool] | None = None,
+    fisher_draws: int = 1,
 ) -> ImportanceScores:
     """Score every expert neuron, shared-expert neuron and GQA group of ``student``.
 
-    ``counted`` (kd_taylor): batches marked False are run but not added — a sharded teacher's forward is
+    ``seed`` seeds ``random`` and ``kd_fisher``'s Gaussian sketches (per sequence, from the seed and its tokens);
+    ``fisher_draws`` (kd_fisher): sketches per calibration sequence, each one student forward + backward.
+    ``counted`` (kd_taylor, kd_fisher): batches marked False are run but not added — a sharded teacher's forward is
     collective, so every rank must run as many batches as the others even when it has fewer to score.
     """
     if criterion not in CRITERIA:
         raise ValueError(f"criterion={criterion!r}: must be one of {list(CRITERIA)}")
+    if isinstance(fisher_draws, bool) or not isinstance(fisher_draws, int) or fisher_draws < 1:
+        raise ValueError(f"fisher_draws={fisher_draws!r}: must be an integer >= 1")
     family: MoEFamily = get_family(student)
     batches = list(batches)
     num_tokens = sum(int(b["input_ids"].numel()) for b in batches)
@@ -373,6 +579,12 @@ def compute_scores(
             # equals the teacher — every stage that starts from the teacher — so all scores would be 0.
             kd = replace(kd or KDConfig(), tail_bucket=False)
             experts, shared, groups = _kd_taylor(student, teacher, batches, kd, progress, counted)
+            if counted is not None:
+                num_tokens = sum(int(b["input_ids"].numel()) for b, c in zip(batches, counted) if c)
+        elif criterion == "kd_fisher":
+            # The stage's own KD loss (tail bucket included): its rise on removal is what the recovery must undo.
+            experts, shared, groups = _kd_fisher(student, teacher, batches, kd or KDConfig(), progress, counted, seed,
+                                                 fisher_draws)
             if counted is not None:
                 num_tokens = sum(int(b["input_ids"].numel()) for b, c in zip(batches, counted) if c)
         elif criterion == "activation":
@@ -406,18 +618,15 @@ def expert_saliency(model: nn.Module, batches: Iterable[dict], progress=lambda i
 
     def hook_for(layer):
         def hook(module, args, output):
-            x_NH, top_k_index_NK, top_k_weights_NK = args[0], args[1], args[2]
-            gate_EIH, up_EIH, down_EHI = expert_weights(module)
+            gate_EIH, _, _ = expert_weights(module)
             num_experts = gate_EIH.shape[0]
             s_E = torch.zeros(num_experts)
             n_E = torch.zeros(num_experts)
-            for e in range(num_experts):
-                token, slot = torch.where(top_k_index_NK == e)
-                if token.numel():
-                    x = x_NH[token]
-                    y_NH = (module.act_fn(x @ gate_EIH[e].T) * (x @ up_EIH[e].T)) @ down_EHI[e].T
-                    s_E[e] = (top_k_weights_NK[token, slot].float() * y_NH.float().norm(dim=-1)).sum().cpu()
-                    n_E[e] = token.numel()
+            # Llama-4 scales the expert's input by the routing weight: its weight here is 1 (routed_tokens)
+            for e, x, w_M in routed_tokens(module, args):
+                y_NH = expert_outputs(module, x, e)  # the family's own expert function, biases included
+                s_E[e] = (w_M.float() * y_NH.float().norm(dim=-1)).sum().cpu()
+                n_E[e] = x.shape[0]
             sums[layer] = sums.get(layer, 0) + s_E
             counts[layer] = counts.get(layer, 0) + n_E
         return hook

@@ -17,11 +17,15 @@ the unsliced student is never written to disk between scoring and training.
 Checkpoint layouts: experts are fused in memory and per expert in hub checkpoints; both are read, the expert
 keys and what a keep selects through :mod:`lightning_slimmoe.checkpoint_layout` (the family adapters' key
 layouts), every other name through transformers' own ``revert_weight_conversion`` (the mapping
-``save_pretrained`` applies, e.g. PhiMoE's router ``block_sparse_moe.gate`` -> ``mlp.router``).
+``save_pretrained`` applies, e.g. PhiMoE's router ``block_sparse_moe.gate`` -> ``mlp.router``). A multimodal
+wrapper's hub checkpoint (Qwen3.5-MoE: the language model under ``model.language_model.``) is read as published,
+each name mapped by ``CheckpointLayout.hub_key``; only tensors the model has are ever read, so an MTP layer
+(``mtp.*``, or ``model.layers.<num_hidden_layers>`` for DeepSeek-V3 / GLM) or a vision tower never is.
 
 Quantized checkpoints: block-FP8 weights (``X.weight`` float8 + ``X.weight_scale_inv``; DeepSeek-V3, MiniMax-M2)
-are dequantized as they are read, before any keep is applied (:mod:`lightning_slimmoe.dequantize`): the model is
-built without the config's ``quantization_config`` and holds plain tensors; other formats are refused.
+and gpt-oss's MXFP4 experts (``<experts>.gate_up_proj_blocks`` / ``_scales``) are dequantized as they are read,
+before any keep is applied (:mod:`lightning_slimmoe.dequantize`): the model is built without the config's
+``quantization_config`` and holds plain tensors; other formats are refused.
 
 Never ``torch.load``: only safetensors are read.
 """
@@ -42,10 +46,12 @@ from torch import Tensor, nn
 from transformers import AutoConfig
 
 from lightning_slimmoe.checkpoint_layout import CheckpointLayout
-from lightning_slimmoe.dequantize import checkpoint_fp8, checkpoint_headers, fp8_blocks, without_quantization
+from lightning_slimmoe.dequantize import (checkpoint_fp8, checkpoint_headers, checkpoint_mxfp4, dequantize_mxfp4_expert,
+                                          hub_quantization, without_quantization)
 from lightning_slimmoe.distributed import local_rows
 from lightning_slimmoe.models import init_non_persistent_buffers_, model_on_meta, persistent_tensors
-from lightning_slimmoe.slimming import KeepIndices, keep_target, kept_expert_count, slim_config, with_num_experts
+from lightning_slimmoe.slimming import (KeepIndices, check_expert_layout, fused_columns, keep_target,
+                                        kept_expert_count, slim_config, with_num_experts)
 
 PENDING_ATTR = "slimmoe_pending_load"
 
@@ -81,14 +87,17 @@ def meta_model(source: str, dtype: torch.dtype, keep: KeepIndices | None = None,
     """
     source = local_model_dir(source)
     config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
-    fp8_blocks(config)  # a format that cannot be read fails here, before any weight
-    without_quantization(config)  # block FP8 is dequantized at read time: the model holds plain tensors
+    hub_quantization(config)  # a format that cannot be read fails here, before any weight
+    without_quantization(config)  # block FP8 / MXFP4 is dequantized at read time: the model holds plain tensors
     kept_experts = dict(kept_experts or {})
     if kept_experts:
         config = with_num_experts(config, kept_expert_count(kept_experts))
     if keep is not None:
         config = slim_config(config, keep_target(keep, config))
     model = model_on_meta(config, dtype, trust_remote_code=trust_remote_code)
+    # from_pretrained names the model's config after its source; a multimodal wrapper's text_config, which the model
+    # is built from, has no name of its own, and the name is part of the teacher fingerprint
+    model.config._name_or_path = config._name_or_path
     setattr(model, PENDING_ATTR, PendingLoad(source=source, keep=keep, kept_experts=kept_experts))
     return model
 
@@ -113,6 +122,7 @@ class CheckpointReader:
         self.file_of: dict[str, Path] = {name: entry.path for name, entry in headers.items()}
         # float8 weight key -> its own weight_scale_inv key; such tensors are dequantized before any slicing
         self.fp8, self.scale_of = checkpoint_fp8(self.source, headers)
+        self.mxfp4 = checkpoint_mxfp4(self.source, headers)  # fused expert name -> its (blocks, scales) keys
         self.per_expert: dict[tuple[int, int, str], str] = {}  # (layer, expert, gate|up|down) -> key
         for name in self.file_of:
             if (e := self.layout.expert_key(name)) is not None:
@@ -158,17 +168,24 @@ class CheckpointReader:
         lo, hi = int(rows.min()), int(rows.max()) + 1
         return self._range(key, lo, hi).index_select(0, rows.to(torch.long) - lo)
 
+    def _stored_key(self, name: str) -> str | None:
+        """``name`` itself, or its key in a multimodal wrapper's hub layout, where the checkpoint holds it."""
+        for key in (name, self.layout.hub_key(name)):
+            if key is not None and key in self.file_of:
+                return key
+        return None
+
     def checkpoint_key(self, name: str, like: Tensor) -> str:
         """The checkpoint tensor holding model tensor ``name`` (not for fused experts)."""
-        if name in self.file_of:
-            return name
+        if (key := self._stored_key(name)) is not None:
+            return key
         from transformers.core_model_loading import revert_weight_conversion
 
         # save_pretrained's own renaming (e.g. PhiMoE mlp.router -> block_sparse_moe.gate), on a meta stand-in.
         candidates = list(revert_weight_conversion(self.model, {name: torch.empty(like.shape, device="meta")}))
         for candidate in candidates:
-            if candidate in self.file_of:
-                return candidate
+            if (key := self._stored_key(candidate)) is not None:
+                return key
         raise KeyError(f"{self.source}: no checkpoint tensor for model parameter {name!r} (looked for "
                        f"{sorted({name, *candidates})}); is this the checkpoint of a {self.model.config.model_type} "
                        "model with this config?")
@@ -178,7 +195,7 @@ class CheckpointReader:
         ``like``, the final model's global tensor); offsets are relative to ``start``."""
         if stop <= start:
             return
-        if (fused := self.layout.fused_key(name)) is not None:
+        if (fused := self.layout.fused_key(name) or self.layout.fused_bias_key(name)) is not None:
             yield from self._expert_blocks(name, fused.layer, fused.proj, like, start, stop)
             return
         key = self.checkpoint_key(name, like)
@@ -207,10 +224,13 @@ class CheckpointReader:
         e = int(ids.sort().values[e_new]) if ids is not None else e_new
         keep_EW = self.keep.experts.get(layer) if self.keep is not None else None  # (E, W), of the kept experts
         k_W = None if keep_EW is None else keep_EW[e_new].to(torch.long)
-        fused = name in self.file_of
+        if check_expert_layout(self.model.get_submodule(name.rpartition(".")[0])).transposed:
+            piece = self._transposed_expert_piece(name, proj, e, k_W)  # gpt-oss
+            return piece if rows is None else piece[:rows]
+        fused = self._stored_key(name)  # the fused checkpoint tensor (in-memory or wrapper hub key), if there is one
         if proj == "gate_up_proj":
             if fused:
-                w_2IH = self._rows(name, slice(e, e + 1))[0]  # (2I, H): gate rows then up rows
+                w_2IH = self._rows(fused, slice(e, e + 1))[0]  # (2I, H): gate rows then up rows
                 width = w_2IH.shape[0] // 2
                 gate_IH, up_IH = w_2IH[:width], w_2IH[width:]
                 if k_W is not None:
@@ -224,10 +244,30 @@ class CheckpointReader:
                 up_IH = self._rows(self._expert_key(layer, e, "up", name), wanted)
             piece = torch.cat([gate_IH, up_IH], dim=0)  # (2W, H)
         else:
-            w_HI = (self._rows(name, slice(e, e + 1))[0] if fused
+            w_HI = (self._rows(fused, slice(e, e + 1))[0] if fused
                     else self._rows(self._expert_key(layer, e, "down", name), slice(None) if rows is None else slice(0, rows)))
             piece = w_HI if k_W is None else w_HI.index_select(1, k_W)  # (H, W)
         return piece if rows is None else piece[:rows]
+
+    def _transposed_expert_piece(self, name: str, proj: str, e: int, k_W: Tensor | None) -> Tensor:
+        """Expert ``e`` of gpt-oss's layout, its kept neurons ``k_W`` only: ``(H, 2W)`` for gate_up_proj (gate/up
+        columns interleaved), ``(2W,)`` for gate_up_proj_bias, ``(W, H)`` for down_proj, ``(H,)`` for down_proj_bias
+        (per expert: nothing to select). An MXFP4 hub checkpoint's ``<name>_blocks`` / ``_scales`` are dequantized
+        first (dequantize.py), whole expert by whole expert: down_proj's 32-value blocks run along the neurons."""
+        if (key := self._stored_key(name)) is not None:
+            piece = self._rows(key, slice(e, e + 1))[0]
+        elif (pair := self.mxfp4.get(name)) is not None:
+            piece = dequantize_mxfp4_expert(self._slice(pair[0]), self._slice(pair[1]), e)
+        else:
+            raise KeyError(f"{self.source}: no checkpoint tensor for {name!r} (neither it nor its MXFP4 "
+                           f"{name}_blocks / _scales)")
+        if k_W is None or proj == "down_proj_bias":
+            return piece
+        if proj == "down_proj":
+            return piece.index_select(0, k_W)
+        layout = check_expert_layout(self.model.get_submodule(name.rpartition(".")[0]))
+        # gate_up_proj (H, 2I) or its bias (2I,): gpt-oss's interleaved pairs, Llama-4's gate then up columns
+        return piece.index_select(-1, fused_columns(layout, k_W[None], piece.shape[-1] // 2)[0])
 
     def first_values(self, name: str, like: Tensor, n: int = 16) -> Tensor:
         """The first ``n`` values of the flattened model tensor ``name``, reading only the rows they lie in."""

@@ -31,10 +31,12 @@ _LOGGED_KERNELS: set = set()  # (role, device type, kernel) already logged: the 
 
 def choose_experts_implementation(device: torch.device | str, requested: str | None = None) -> str:
     """transformers' fused-experts kernel for a model on ``device``: ``requested`` if given, else the one measured
-    fastest there (bench/speed.py ``experts_kernels``; docs/results.md "Speed"). CPU: ``grouped_mm`` (it equals
-    ``eager`` exactly and is as fast at the bench's shapes; ``batched_mm`` is ~40x slower). CUDA: ``grouped_mm``
-    on compute capability >= 8.0, where torch's grouped GEMM kernel runs, else ``eager`` (transformers' own
-    fallback; ``grouped_mm`` would take its slow per-group loop there)."""
+    fastest there that keeps results reproducible (bench/speed.py ``experts_kernels``; docs/results.md "Speed").
+    CPU: ``grouped_mm``, transformers' default: ``eager`` measured 1.07-1.73x faster at the ``cpu`` preset's shapes,
+    but its logits differ from ``grouped_mm``'s by ~1e-7 at other shapes, so with it a stock reload (``grouped_mm``)
+    and exact resume no longer match bit for bit; name ``eager`` in the YAML to take the speed. ``batched_mm`` is ~30x
+    slower. CUDA: ``grouped_mm`` on compute capability >= 8.0, where torch's grouped GEMM kernel runs, else ``eager``
+    (transformers' own fallback; ``grouped_mm`` would take its slow per-group loop there)."""
     if requested is not None:
         if requested not in EXPERTS_IMPLEMENTATIONS:
             raise ValueError(f"experts_implementation={requested!r}: must be one of {list(EXPERTS_IMPLEMENTATIONS)} "
@@ -82,8 +84,12 @@ def model_fingerprint(model: nn.Module) -> str:
 class StageModule(pl.LightningModule):
     def __init__(self, student: nn.Module, teacher: nn.Module | None = None, kd: KDConfig | None = None,
                  optimizer: OptimizerConfig | None = None, parallel: ParallelConfig | None = None,
-                 max_nonfinite_skips: int = 0, experts_implementation: str | None = None):
+                 max_nonfinite_skips: int = 0, experts_implementation: str | None = None, lr_window=None):
+        """``lr_window`` (a ``planning.LRWindow``: offset, total, warmup_ratio, min_lr_ratio): this stage's steps
+        are steps ``offset ..`` of one warm-up + cosine curve of ``total`` steps (``lr_schedule: run``); None = the
+        curve spans this stage's own ``max_steps`` with its optimizer's ratios."""
         super().__init__()
+        self.lr_window = lr_window
         choose_experts_implementation("cpu", experts_implementation)  # a bad name fails here, not at fit time
         self.experts_implementation = experts_implementation  # None = automatic per device (apply_experts_kernel)
         self.max_nonfinite_skips = max_nonfinite_skips
@@ -282,14 +288,23 @@ class StageModule(pl.LightningModule):
             fused = all(p.device.type == "cuda" for p in params)
             optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps,
                                           weight_decay=cfg.weight_decay, fused=fused or None)
-        total = max(1, int(self.trainer.max_steps))
-        warmup = int(cfg.warmup_ratio * total)
+        window = self.lr_window
+        if window is None:
+            offset, total = 0, max(1, int(self.trainer.max_steps))
+            warmup_ratio, min_lr_ratio = cfg.warmup_ratio, cfg.min_lr_ratio
+        else:  # one curve over the run: the step counter of this stage continues the earlier stages'
+            offset, total = int(window.offset), max(1, int(window.total))
+            warmup_ratio, min_lr_ratio = window.warmup_ratio, window.min_lr_ratio
+        warmup = int(warmup_ratio * total)
 
         def lr_lambda(step: int) -> float:
+            # LambdaLR's step is this stage's (restored from its checkpoint on resume): the curve is a pure
+            # function of it, the window and the ratios, so a resumed stage continues the same curve.
+            step += offset
             if step < warmup:
                 return (step + 1) / warmup
             progress = min(1.0, (step - warmup) / max(1, total - warmup))
-            return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+            return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
         # "name": LearningRateMonitor logs it as the `lr` tag of the run contract.

@@ -42,7 +42,7 @@ from lightning_slimmoe.distributed import gather_fsdp1_model, is_fsdp1_sharded, 
 from lightning_slimmoe.export import export_hf, export_sharded_hf, model_card
 from lightning_slimmoe.module import StageModule, model_fingerprint
 from lightning_slimmoe.params import count_params
-from lightning_slimmoe.planning import RunPlan, StagePlan, plan_run, plan_shapes
+from lightning_slimmoe.planning import RunPlan, StagePlan, lr_window, plan_run, plan_shapes
 from lightning_slimmoe.run_dir import RunDir, StageDir
 from lightning_slimmoe.slimming import widths_of
 from lightning_slimmoe.sources import (check_tokenizers_match, check_weight_files, load_config, load_model,
@@ -180,7 +180,8 @@ def run_stage(ctx: RunContext, stage_plan: StagePlan, stage_dir: StageDir, stude
                                progress_bar=StageProgressBar(stage.name, span.steps))
     module = StageModule(student, teacher, kd=stage.kd, optimizer=stage.optimizer, parallel=ctx.config.parallel,
                          max_nonfinite_skips=stage.max_nonfinite_skips,
-                         experts_implementation=ctx.config.experts_implementation)
+                         experts_implementation=ctx.config.experts_implementation,
+                         lr_window=lr_window(ctx.plan, stage_plan.index, ctx.config.lr_schedule))
     module.apply_experts_kernel(trainer.strategy.root_device)  # before scoring (ExpertSlimming.setup), logged once
     if cache_callback is not None:
         try:  # a complete cache of another teacher fails here, before scoring or any step

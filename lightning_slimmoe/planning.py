@@ -172,8 +172,9 @@ def plan_run(config: RunConfig, shapes: Shapes, datamodule, trainer) -> RunPlan:
             raise ConfigError(str(err)) from err
         if config.teacher is not None and quantization_of("teacher", config.teacher, None, config.trust_remote_code):
             # bitsandbytes would quantize the float8 weights as they are, without their block scales
-            raise ConfigError(f"teacher_8bit: true with teacher={config.teacher!r}: its weights are block FP8, which "
-                              "is dequantized on load but not re-quantized to 8-bit; use teacher_8bit: false")
+            raise ConfigError(f"teacher_8bit: true with teacher={config.teacher!r}: its weights are block FP8 or "
+                              "MXFP4, which is dequantized on load but not re-quantized to 8-bit; use "
+                              "teacher_8bit: false")
     world, accumulate = trainer.world_size, trainer.accumulate_grad_batches
     hp = datamodule.hparams
     samples_per_step = hp.batch_size * accumulate * world
@@ -188,6 +189,27 @@ def plan_run(config: RunConfig, shapes: Shapes, datamodule, trainer) -> RunPlan:
     return RunPlan(teacher_config=teacher_config, stages=tuple(stages), student_dtype=student_dtype,
                    teacher_dtype=teacher_dtype, sharded=sharded, world_size=world, accumulate=accumulate,
                    batch_size=hp.batch_size, seq_len=hp.seq_len, data_seed=hp.seed)
+
+
+@dataclass(frozen=True)
+class LRWindow:
+    """A KD stage's place on one learning-rate curve over the whole run (``lr_schedule: run``)."""
+
+    offset: int  # optimizer steps of the earlier KD stages
+    total: int  # optimizer steps of all KD stages
+    warmup_ratio: float  # of ``total``; the first KD stage's
+    min_lr_ratio: float  # the first KD stage's
+
+
+def lr_window(plan: RunPlan, index: int, schedule: str) -> LRWindow | None:
+    """Stage ``index``'s :class:`LRWindow` under ``lr_schedule: run``; None (its own warm-up and decay) under
+    ``stage`` and for a ``pretrain`` stage, which trains another model and keeps its own curve."""
+    if schedule == "stage" or not plan.stages[index].distils:
+        return None
+    kd = [s for s in plan.stages if s.distils]
+    first = kd[0].stage.optimizer
+    return LRWindow(offset=sum(s.span.steps for s in kd if s.index < index), total=sum(s.span.steps for s in kd),
+                    warmup_ratio=first.warmup_ratio, min_lr_ratio=first.min_lr_ratio)
 
 
 def mla_head_dims(config) -> dict[str, int]:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import hashlib
 from dataclasses import dataclass, field
+from typing import Iterator
 
 import torch
 from torch import Tensor, nn
@@ -24,25 +25,126 @@ from lightning_slimmoe.families import MoEFamily, get_family, head_dim, language
 # ---------------------------------------------------------------------------------------------------
 # Uniform view of expert weights (written once for every family)
 # ---------------------------------------------------------------------------------------------------
-def check_expert_layout(experts: nn.Module) -> None:
-    """Refuse a fused-experts module in another layout than ``gate_up_proj [E, 2I, H]`` (gate rows, then up rows),
-    ``down_proj [E, H, I]`` without biases: transformers marks each module with its layout (``is_transposed``,
-    ``is_concatenated``, ``has_bias``, ``has_gate``), and slicing one of those as if it were this one would cut
-    the wrong rows silently (docs/families-2026.md, gap 8)."""
-    layout = {k: getattr(experts, k) for k in ("is_transposed", "is_concatenated", "has_bias", "has_gate")
-              if hasattr(experts, k)}
-    if layout and layout != {"is_transposed": False, "is_concatenated": True, "has_bias": False, "has_gate": True}:
-        raise NotImplementedError(f"{type(experts).__name__}: fused experts in layout {layout} are not supported "
-                                  "(only gate_up_proj [E, 2I, H] with gate rows then up rows, down_proj [E, H, I], "
-                                  "no biases)")
+@dataclass(frozen=True)
+class ExpertLayout:
+    """How a fused-experts module stores its GLU, as transformers declares it on the module
+    (``@use_experts_implementation``: ``is_transposed``, ``is_concatenated``, ``has_bias``, ``has_gate``)."""
+
+    transposed: bool = False  # gate_up_proj [E, H, 2I], down_proj [E, I, H] (else [E, 2I, H], [E, H, I])
+    interleaved: bool = False  # gate/up columns alternate (gate ::2, up 1::2); else gate block then up block
+    has_bias: bool = False  # gate_up_proj_bias [E, 2I] (per neuron) and down_proj_bias [E, H] (per expert)
+    # Llama-4: the routing weight scales each expert's *input* (every token runs through every expert, unrouted ones
+    # with weight sigmoid(-inf) = 0), and the experts' forward takes only that scaled input ``(E * N, H)``.
+    input_scaled: bool = False
+
+
+def interleaved_columns(keep_EW: Tensor) -> Tensor:
+    """``(E, 2W)`` positions along an interleaved gate/up axis of the kept neurons: neuron i owns 2i (gate) and 2i+1
+    (up), so the kept pairs stay interleaved, in the kept order."""
+    return torch.stack([2 * keep_EW, 2 * keep_EW + 1], dim=-1).reshape(keep_EW.shape[0], -1)
+
+
+# The fused layouts that are sliced; any other declared layout is refused (docs/families-2026.md, gap 8).
+STD_LAYOUT = ExpertLayout()  # gate_up_proj [E, 2I, H] (gate rows, then up rows), down_proj [E, H, I], no biases
+GPT_OSS_LAYOUT = ExpertLayout(transposed=True, interleaved=True, has_bias=True)  # gpt-oss
+# Llama-4: gate_up_proj [E, H, 2I] (gate columns, then up columns: ``chunk(2, -1)``), down_proj [E, I, H], no biases
+LLAMA4_LAYOUT = ExpertLayout(transposed=True, input_scaled=True)
+_DECLARED = {STD_LAYOUT: {"is_transposed": False, "is_concatenated": True, "has_bias": False, "has_gate": True},
+             GPT_OSS_LAYOUT: {"is_transposed": True, "is_concatenated": False, "has_bias": True, "has_gate": True}}
+# Experts classes transformers leaves undecorated although their layout is not the default one: transformers 5.23's
+# Llama4TextExperts runs its own bmm forward over the transposed, concatenated layout and declares no markers, so
+# reading it as STD would cut the wrong rows silently.
+_UNDECLARED = {"Llama4TextExperts": LLAMA4_LAYOUT}
+
+
+def check_expert_layout(experts: nn.Module) -> ExpertLayout:
+    """The layout of a fused-experts module, read from the markers transformers sets on it: STD (``gate_up_proj
+    [E, 2I, H]`` gate rows then up rows, ``down_proj [E, H, I]``, no biases) or gpt-oss's (``gate_up_proj [E, H, 2I]``
+    with gate/up interleaved, ``down_proj [E, I, H]``, both with biases). Any other declared layout (Aria's
+    transposed but concatenated ``[E, H, 2I]``, a transposed layout without biases, ...) is refused: slicing it as
+    one of these would cut the wrong rows silently (docs/families-2026.md, gap 8). Llama-4's undecorated experts
+    (``gate_up_proj [E, H, 2I]`` gate columns then up columns, ``down_proj [E, I, H]``) are known by class."""
+    declared = {k: getattr(experts, k) for k in ("is_transposed", "is_concatenated", "has_bias", "has_gate")
+                if hasattr(experts, k)}
+    if not declared:
+        return _UNDECLARED.get(type(experts).__name__, STD_LAYOUT)  # an undecorated module: transformers' defaults
+    for layout, markers in _DECLARED.items():
+        if declared == markers:
+            return layout
+    raise NotImplementedError(f"{type(experts).__name__}: fused experts in layout {declared} are not supported "
+                              "(only gate_up_proj [E, 2I, H] with gate rows then up rows, down_proj [E, H, I], no "
+                              "biases; or gpt-oss's gate_up_proj [E, H, 2I] with gate/up interleaved, down_proj "
+                              "[E, I, H], with biases)")
 
 
 def expert_weights(experts: nn.Module) -> tuple[Tensor, Tensor, Tensor]:
-    """Views ``gate [E, I, H]``, ``up [E, I, H]``, ``down [E, H, I]`` into the fused parameters."""
-    check_expert_layout(experts)
+    """Views ``gate [E, I, H]``, ``up [E, I, H]``, ``down [E, H, I]`` into the fused parameters (any layout)."""
+    layout = check_expert_layout(experts)
+    if layout.transposed:
+        w_gate_up_EH2I = experts.gate_up_proj
+        w_gate_EHI, w_up_EHI = split_gate_up(layout, w_gate_up_EH2I)
+        return w_gate_EHI.transpose(1, 2), w_up_EHI.transpose(1, 2), experts.down_proj.transpose(1, 2)
     w_gate_up_E2IH = experts.gate_up_proj
     width = w_gate_up_E2IH.shape[1] // 2
     return w_gate_up_E2IH[:, :width], w_gate_up_E2IH[:, width:], experts.down_proj
+
+
+def split_gate_up(layout: ExpertLayout, t_X2I: Tensor) -> tuple[Tensor, Tensor]:
+    """``(gate, up)`` views of a tensor whose last axis is a transposed layout's fused gate/up axis ``2I``:
+    interleaved (gpt-oss: ``::2`` / ``1::2``) or concatenated (Llama-4: first half / second half)."""
+    if layout.interleaved:
+        return t_X2I[..., ::2], t_X2I[..., 1::2]
+    width = t_X2I.shape[-1] // 2
+    return t_X2I[..., :width], t_X2I[..., width:]
+
+
+def routed_tokens(experts: nn.Module, args: tuple) -> Iterator[tuple[int, Tensor, Tensor]]:
+    """``(expert, x_MH, weight_M)`` per expert from the experts module's forward arguments: the inputs of the tokens
+    routed to it and their routing weights. transformers' kernels take ``(x_NH, top_k_index_NK, top_k_weights_NK)``;
+    Llama-4's take only ``(E * N, H)`` inputs already scaled by the routing weight (zero where unrouted), so its
+    routed tokens are the non-zero rows, given as they are with weight 1 (the expert sees the scaled input)."""
+    if check_expert_layout(experts).input_scaled:
+        x_ENH = args[0].reshape(experts.gate_up_proj.shape[0], -1, args[0].shape[-1])
+        for e in range(x_ENH.shape[0]):
+            routed_N = x_ENH[e].abs().amax(-1) > 0
+            if routed_N.any():
+                yield e, x_ENH[e][routed_N], torch.ones(int(routed_N.sum()), device=x_ENH.device)
+        return
+    x_NH, top_k_index_NK, top_k_weights_NK = args[0], args[1], args[2]
+    for e in range(experts.gate_up_proj.shape[0]):
+        token, slot = torch.where(top_k_index_NK == e)
+        if token.numel():
+            yield e, x_NH[token], top_k_weights_NK[token, slot]
+
+
+def expert_biases(experts: nn.Module) -> tuple[Tensor, Tensor, Tensor] | None:
+    """Views ``gate [E, I]``, ``up [E, I]``, ``down [E, H]`` into the expert biases, None for a layout without."""
+    layout = check_expert_layout(experts)
+    if not layout.has_bias:
+        return None
+    b_gate_up_E2I = experts.gate_up_proj_bias
+    return b_gate_up_E2I[:, ::2], b_gate_up_E2I[:, 1::2], experts.down_proj_bias
+
+
+def expert_activations(experts: nn.Module, x_NH: Tensor, expert: int) -> Tensor:
+    """The GLU output ``(N, I)`` of one expert for tokens ``x_NH``: the input of its down projection. STD:
+    ``act(gate x) * (up x)``; gpt-oss: the module's own gate function (``_apply_gate``: the clamped
+    ``(up + 1) * gate * sigmoid(alpha * gate)``) on its interleaved projection, biases included. For calibration and
+    reference code only (the training path stays on transformers' kernels)."""
+    layout = check_expert_layout(experts)
+    if not layout.has_bias:  # STD and Llama-4: a plain GLU
+        w_gate_EIH, w_up_EIH, _ = expert_weights(experts)
+        return experts.act_fn(x_NH @ w_gate_EIH[expert].T) * (x_NH @ w_up_EIH[expert].T)
+    gate_up_N2I = x_NH @ experts.gate_up_proj[expert] + experts.gate_up_proj_bias[expert]
+    return experts._apply_gate(gate_up_N2I)
+
+
+def expert_outputs(experts: nn.Module, x_NH: Tensor, expert: int) -> Tensor:
+    """One expert's output ``(N, H)`` for tokens ``x_NH`` (down projection, and its bias where the layout has one)."""
+    layout = check_expert_layout(experts)
+    a_NI = expert_activations(experts, x_NH, expert)
+    y_NH = a_NI @ expert_weights(experts)[2][expert].T
+    return y_NH + experts.down_proj_bias[expert] if layout.has_bias else y_NH
 
 
 def shared_expert_weights(mlp: nn.Module) -> tuple[Tensor, Tensor, Tensor]:
@@ -124,11 +226,11 @@ def resolve_target(
     if family.shared_expert_width_field:
         shared = _resolve_width("shared_expert_width", shared_expert_width, family.shared_expert_width(config),
                                 family.shared_expert_width(reference), round_to)
-    elif family.shared_expert_count_field and shared_expert_width is not None:
+    elif family.shared_width_follows_routed() and shared_expert_width is not None:
         raise ValueError(f"shared_expert_width={shared_expert_width!r}: model_type {family.model_type!r} builds its "
-                         f"shared experts with width {family.width_field} x {family.shared_expert_count_field}, so "
+                         f"shared experts with width {family.tied_width_name()}, so "
                          "their width follows expert_width; leave shared_expert_width unset")
-    elif family.shared_expert_count_field:
+    elif family.shared_width_follows_routed():
         shared = family.shared_expert_width(_with_field(config, family.width_field, width))
     elif shared_expert_width is not None:
         raise ValueError(f"shared_expert_width={shared_expert_width!r}: model_type {family.model_type!r} "
@@ -247,17 +349,40 @@ def _new_param(like: nn.Parameter, data: Tensor) -> nn.Parameter:
 
 @torch.no_grad()
 def slice_experts_(experts: nn.Module, keep_EW: Tensor) -> None:
-    """Gather each expert's kept neurons: gate and up rows with the same ids, down columns likewise."""
+    """Gather each expert's kept neurons: gate and up rows with the same ids, down columns likewise (in gpt-oss's
+    transposed, interleaved layout: the neurons' gate/up column pairs and their biases, and down rows)."""
+    layout = check_expert_layout(experts)
     w_gate_EIH, w_up_EIH, w_down_EHI = expert_weights(experts)
     num_experts, _, hidden = w_gate_EIH.shape
     if keep_EW.shape[0] != num_experts:
         raise ValueError(f"keep indices for {keep_EW.shape[0]} experts, model has {num_experts}")
-    idx_EWH = keep_EW.to(w_gate_EIH.device)[:, :, None].expand(-1, -1, hidden)
-    idx_EHW = keep_EW.to(w_down_EHI.device)[:, None, :].expand(-1, hidden, -1)
-    w_gate_up_E2WH = torch.cat([w_gate_EIH.gather(1, idx_EWH), w_up_EIH.gather(1, idx_EWH)], dim=1)
-    experts.gate_up_proj = _new_param(experts.gate_up_proj, w_gate_up_E2WH)
-    experts.down_proj = _new_param(experts.down_proj, w_down_EHI.gather(2, idx_EHW))
+    if layout.transposed:  # gpt-oss (interleaved) and Llama-4 (gate columns, then up columns)
+        cols_E2W = fused_columns(layout, keep_EW.to(experts.gate_up_proj.device), w_gate_EIH.shape[1])
+        w_gate_up_EH2W = experts.gate_up_proj.gather(2, cols_E2W[:, None, :].expand(-1, hidden, -1))
+        rows_EWH = keep_EW.to(experts.down_proj.device)[:, :, None].expand(-1, -1, hidden)
+        experts.gate_up_proj = _new_param(experts.gate_up_proj, w_gate_up_EH2W)
+        experts.down_proj = _new_param(experts.down_proj, experts.down_proj.gather(1, rows_EWH))
+        if layout.has_bias:  # down_proj_bias [E, H] is per expert, not per neuron: it stays
+            bias = experts.gate_up_proj_bias
+            experts.gate_up_proj_bias = _new_param(bias, bias.gather(1, cols_E2W.to(bias.device)))
+    else:
+        idx_EWH = keep_EW.to(w_gate_EIH.device)[:, :, None].expand(-1, -1, hidden)
+        idx_EHW = keep_EW.to(w_down_EHI.device)[:, None, :].expand(-1, hidden, -1)
+        w_gate_up_E2WH = torch.cat([w_gate_EIH.gather(1, idx_EWH), w_up_EIH.gather(1, idx_EWH)], dim=1)
+        experts.gate_up_proj = _new_param(experts.gate_up_proj, w_gate_up_E2WH)
+        experts.down_proj = _new_param(experts.down_proj, w_down_EHI.gather(2, idx_EHW))
     experts.intermediate_dim = keep_EW.shape[1]
+    for attr in ("intermediate_size", "expert_dim"):  # gpt-oss / Llama-4 name the width so
+        if hasattr(experts, attr):
+            setattr(experts, attr, keep_EW.shape[1])
+
+
+def fused_columns(layout: ExpertLayout, keep_EW: Tensor, width: int) -> Tensor:
+    """``(E, 2W)`` positions along a transposed layout's fused gate/up axis (of ``2 * width``) of the kept neurons:
+    interleaved pairs (gpt-oss), or the kept gate columns then the same neurons' up columns (Llama-4)."""
+    if layout.interleaved:
+        return interleaved_columns(keep_EW)
+    return torch.cat([keep_EW, keep_EW + width], dim=-1)
 
 
 def _slice_linear_(linear: nn.Linear, index: Tensor, dim: int) -> None:
@@ -289,7 +414,8 @@ def slice_attention_groups_(attn: nn.Module, keep_G: Tensor, heads_per_group: in
                             q_rows_per_head: int = 1) -> None:
     """Keep whole GQA groups: q rows (+bias) of the group's query heads (``q_rows_per_head`` x ``dim`` rows per
     head: 2 where q_proj holds a query and an output gate per head), k/v rows (+bias) of its KV head, the matching
-    o_proj input columns. Per-head q/k norms (Qwen3) act on ``head_dim`` and stay."""
+    o_proj input columns, and the query heads' attention ``sinks`` (gpt-oss). Per-head q/k norms (Qwen3) act on
+    ``head_dim`` and stay."""
     q_rows = group_rows(keep_G, heads_per_group * dim * q_rows_per_head)
     o_cols = group_rows(keep_G, heads_per_group * dim)
     kv_rows = group_rows(keep_G, dim)
@@ -297,6 +423,10 @@ def slice_attention_groups_(attn: nn.Module, keep_G: Tensor, heads_per_group: in
     _slice_linear_(attn.k_proj, kv_rows, 0)
     _slice_linear_(attn.v_proj, kv_rows, 0)
     _slice_linear_(attn.o_proj, o_cols, 1)
+    sinks = getattr(attn, "sinks", None)
+    if sinks is not None:  # gpt-oss: one learned attention sink per query head goes with its head
+        heads = group_rows(keep_G.to(sinks.device), heads_per_group)
+        attn.sinks = _new_param(sinks, sinks.index_select(0, heads))
     attn.head_dim = dim
     attn.num_key_value_groups = heads_per_group
 
@@ -314,11 +444,11 @@ def keep_target(keep: KeepIndices, config) -> SlimTarget:
     width = widths.pop() if widths else family.expert_width(config)
     target = SlimTarget(expert_width=width, attention_groups=groups.pop() if groups else int(config.num_key_value_heads),
                         shared_expert_width=shared.pop() if shared else family.shared_expert_width(config))
-    if family.shared_expert_count_field and target.shared_expert_width is not None:
+    if family.shared_width_follows_routed() and target.shared_expert_width is not None:
         tied = family.shared_expert_width(_with_field(config, family.width_field, width))
         if target.shared_expert_width != tied:
             raise ValueError(f"{family.model_type}: shared experts keep {target.shared_expert_width} neurons, but their "
-                             f"width is tied to {family.width_field} x {family.shared_expert_count_field} = {tied}")
+                             f"width is tied to {family.tied_width_name()} = {tied}")
     return target
 
 
@@ -398,6 +528,10 @@ def remove_experts_(model: nn.Module, keep_experts: dict[int, Tensor]) -> nn.Mod
         experts = block.experts
         experts.gate_up_proj = _new_param(experts.gate_up_proj, experts.gate_up_proj[idx.to(experts.gate_up_proj.device)])
         experts.down_proj = _new_param(experts.down_proj, experts.down_proj[idx.to(experts.down_proj.device)])
+        if check_expert_layout(experts).has_bias:  # gpt-oss: both expert biases are indexed by expert
+            for attr in ("gate_up_proj_bias", "down_proj_bias"):
+                bias = getattr(experts, attr)
+                setattr(experts, attr, _new_param(bias, bias[idx.to(bias.device)]))
         for name, dim in family.expert_indexed_tensors():  # router weight / bias, score-correction biases
             owner_name, _, attr = name.rpartition(".")
             owner = block.get_submodule(owner_name) if owner_name else block

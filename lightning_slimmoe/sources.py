@@ -19,8 +19,8 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from lightning_slimmoe.config import ConfigError
-from lightning_slimmoe.dequantize import (Fp8Blocks, UnsupportedQuantizationError, checkpoint_fp8, fp8_blocks,
-                                          without_quantization)
+from lightning_slimmoe.dequantize import (Fp8Blocks, Mxfp4Experts, UnsupportedQuantizationError, checkpoint_fp8,
+                                          checkpoint_mxfp4, hub_quantization, without_quantization)
 from lightning_slimmoe.families import get_family
 from lightning_slimmoe.loading import materialize_, meta_model
 from lightning_slimmoe.storage import model_weights_problem
@@ -78,13 +78,14 @@ def load_config(field: str, source: str, trust_remote_code: bool = False):
     return without_quantization(config)
 
 
-def quantization_of(field: str, source: str, config=None, trust_remote_code: bool = False) -> Fp8Blocks | None:
-    """How the weights of ``source`` are quantized: None (plain) or block FP8 (dequantized on load); any other
-    format is refused naming it and the field, before any weight is read."""
+def quantization_of(field: str, source: str, config=None, trust_remote_code: bool = False
+                    ) -> Fp8Blocks | Mxfp4Experts | None:
+    """How the weights of ``source`` are quantized: None (plain), block FP8 or gpt-oss's MXFP4 experts (both
+    dequantized on load); any other format is refused naming it and the field, before any weight is read."""
     if config is None:
         config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
     try:
-        return fp8_blocks(config)
+        return hub_quantization(config)
     except UnsupportedQuantizationError as err:
         raise ConfigError(f"{field}={source!r} holds quantized weights that are not read: {err}") from err
 
@@ -107,8 +108,9 @@ def check_weight_files(field: str, source: str | None) -> None:
     problem = model_weights_problem(source)
     if problem is not None:
         raise ConfigError(f"{field}={source!r}: damaged weights: {problem}")
-    try:  # every float8 weight has its own weight_scale_inv of the right grid (headers only)
+    try:  # every float8 weight has its own weight_scale_inv of the right grid, MXFP4 blocks their scales (headers)
         checkpoint_fp8(source)
+        checkpoint_mxfp4(source)
     except UnsupportedQuantizationError as err:
         raise ConfigError(f"{field}={source!r}: {err}") from err
 
@@ -120,8 +122,8 @@ def load_model(source: str, dtype: torch.dtype, trust_remote_code: bool = False,
     if sharded:
         return meta_model(source, dtype, trust_remote_code=trust_remote_code)
     if quantization_of("model", source, trust_remote_code=trust_remote_code) is not None:
-        # Block FP8: read whole through the checkpoint reader a sharded rank uses, which dequantizes each tensor
-        # (transformers' own FP8 dequantization gets edge blocks wrong, dequantize.py), in the training dtype.
+        # Block FP8 / MXFP4: read whole through the checkpoint reader a sharded rank uses, which dequantizes each
+        # tensor (transformers' own FP8 dequantization gets edge blocks wrong, dequantize.py), in the training dtype.
         model = meta_model(source, dtype, trust_remote_code=trust_remote_code)
         materialize_(model, "cpu")
         return model.eval()

@@ -6,9 +6,11 @@ What is here:
   ``random_batch``, ``ATTN_PRUNABLE`` (the families whose GQA groups can be pruned) and ``random_keep``
   (random keep indices for slicing tests);
 * pipeline inputs and outputs: ``PIPELINE_FAMILY_OVERRIDES``, ``make_teacher_dir`` (a tiny HF teacher dir
-  with its tokenizer), ``tiny_recipe`` (a tiny 2-stage recipe YAML), ``read_summary`` (a run's summary.json);
+  with its tokenizer), ``write_hub_checkpoint`` / ``make_hub_teacher_dir`` (Qwen3.5-MoE in its multimodal hub
+  layout), ``tiny_recipe`` (a tiny 2-stage recipe YAML), ``read_summary`` (a run's summary.json);
 * running ``train.py`` in a child process, e.g. with 2 gloo ranks: ``ROOT``, ``MODEL_PARALLEL``, ``FSDP1``
-  (``--trainer.strategy`` values), ``train`` and ``scalars`` (a TensorBoard scalar series).
+  (``--trainer.strategy`` values), ``train``, ``train_torchrun`` and ``scalars`` (a TensorBoard scalar
+  series).
 
 Tests import these with ``from helpers import ...`` (``tests/`` is on ``sys.path`` under pytest's rootdir
 conftest; the torchrun workers put it there themselves). The library is imported lazily, inside the
@@ -32,7 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # Tiny random configs and models of every supported family (LitGPT style)
 # ---------------------------------------------------------------------------------------------------
 FAMILIES = ["phimoe", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "glm4_moe", "deepseek_v2", "deepseek_v3",
-            "ernie4_5_moe", "minimax_m2", "qwen3_next", "qwen3_5_moe", "glm4_moe_lite"]
+            "ernie4_5_moe", "minimax_m2", "qwen3_next", "qwen3_5_moe", "glm4_moe_lite", "gpt_oss", "llama4"]
 VOCAB = 96
 
 _COMMON = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -74,8 +76,19 @@ _PER_FAMILY = {
     "glm4_moe_lite": dict(moe_intermediate_size=24, n_routed_experts=4, n_shared_experts=1, intermediate_size=40,
                           num_hidden_layers=3, n_group=2, topk_group=2, q_lora_rank=16, kv_lora_rank=8,
                           qk_rope_head_dim=4, qk_nope_head_dim=4, v_head_dim=12, num_key_value_heads=4),
+    # gpt-oss: transposed, interleaved experts with biases, a clamped GLU, attention sinks, layer 0 sliding (a window
+    # shorter than random_batch's 8 tokens), layer 1 full; YaRN over 128 / 4 positions as the hub's 131072 / 4096
+    "gpt_oss": dict(intermediate_size=24, num_local_experts=4, sliding_window=4,
+                    rope_parameters={"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0,
+                                     "truncate": False, "original_max_position_embeddings": 4,
+                                     "rope_theta": 150000.0}),
+    # Llama-4 text: layer 0 dense (width intermediate_size_mlp), layer 1 MoE with a shared expert tied to the routed
+    # width; layer 1 is a NoPE layer, layer 0 a chunked-attention one (a chunk shorter than random_batch's 8 tokens)
+    # (top-2 here, where the hub's is top-1, so that expert removal has a floor to refuse)
+    "llama4": dict(intermediate_size=24, intermediate_size_mlp=40, num_local_experts=4, interleave_moe_layer_step=2,
+                   attention_chunk_size=4, use_qk_norm=True, no_rope_layers=[1, 0]),
 }
-_CONFIG_TYPE = {"qwen3_5_moe": "qwen3_5_moe_text"}  # the family's causal LM config, where its hub config wraps it
+_CONFIG_TYPE = {"qwen3_5_moe": "qwen3_5_moe_text", "llama4": "llama4_text"}  # the family's causal LM config, where its hub config wraps it
 _MLA = ("deepseek_v2", "deepseek_v3", "glm4_moe_lite")  # head_dim is derived from (glm4_moe_lite: aliases) the rope dim
 
 
@@ -131,8 +144,8 @@ def random_keep(model, width, groups, shared_width=None, seed=0):
                                            for _ in range(num_experts)])
         if shared_width is not None and family.shared_expert(block) is not None:
             cur_shared = family.shared_expert(block).gate_proj.out_features
-            if family.shared_expert_count_field:  # DeepSeek-style: the shared width follows the routed one
-                shared_width = width * int(getattr(model.config, family.shared_expert_count_field))
+            if family.shared_width_follows_routed():  # DeepSeek-style / Llama-4: the shared width follows the routed one
+                shared_width = family.shared_expert_width(model.config) // family.expert_width(model.config) * width
             keep.shared[layer] = torch.randperm(cur_shared, generator=gen)[:shared_width].sort().values
     for layer, _ in family.attention_modules(model):
         keep.groups[layer] = torch.randperm(model.config.num_key_value_heads, generator=gen)[:groups].sort().values
@@ -152,6 +165,8 @@ PIPELINE_FAMILY_OVERRIDES = {  # widths that stay grouped_mm-aligned after two h
     "qwen3_next": dict(moe_intermediate_size=32, shared_expert_intermediate_size=32),
     "qwen3_5_moe": dict(moe_intermediate_size=32, shared_expert_intermediate_size=32),
     "glm4_moe_lite": dict(moe_intermediate_size=32),
+    "gpt_oss": dict(intermediate_size=32),
+    "llama4": dict(intermediate_size=32),
 }
 
 
@@ -167,6 +182,51 @@ def make_teacher_dir(path, model_type: str, corpus: str, vocab_size: int = 320, 
         for p in model.parameters():
             p.mul_(0.25)  # a tamer random teacher: logits of O(1)
     model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+QWEN3_5_VISION = dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=32, patch_size=4,
+                      num_position_embeddings=16)  # a one-block vision tower for the Qwen3.5-MoE wrapper
+
+
+def write_hub_checkpoint(path: Path, vocab_size: int = VOCAB, scale: float = 0.2, seed: int = 0, **text):
+    """A tiny Qwen3.5-MoE hub directory as Qwen publishes it: the wrapper's own tensor names (which are the hub's:
+    fused experts, `model.language_model.` / `model.visual.` / `lm_head`), plus an `mtp.` layer shaped like decoder
+    layer 0 but holding other values, so that a reader taking `mtp.layers.0.` for layer 0 would give other logits.
+    Returns the wrapper model (``Qwen3_5MoeForConditionalGeneration``) whose weights were written."""
+    from safetensors.torch import save_file
+    from transformers.models.qwen3_5_moe import Qwen3_5MoeConfig, Qwen3_5MoeForConditionalGeneration
+
+    text_config = tiny_config("qwen3_5_moe", vocab_size=vocab_size, mtp_num_hidden_layers=1, **text)
+    config = Qwen3_5MoeConfig(text_config=text_config.to_dict(), vision_config=QWEN3_5_VISION)
+    torch.manual_seed(seed)
+    model = Qwen3_5MoeForConditionalGeneration(config).eval()
+    tensors = {}
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.normal_(0.0, scale)
+            tensors[name] = p.detach().clone().contiguous()
+    prefix = "model.language_model.layers.0."
+    tensors.update({"mtp." + k.removeprefix("model.language_model."): torch.randn_like(v)
+                    for k, v in tensors.items() if k.startswith(prefix)})
+    hidden = text_config.hidden_size
+    tensors["mtp.fc.weight"] = torch.randn(hidden, 2 * hidden)
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
+    config.architectures = ["Qwen3_5MoeForConditionalGeneration"]
+    config.save_pretrained(path)
+    return model
+
+
+def make_hub_teacher_dir(path, corpus: str, vocab_size: int = 320) -> str:
+    """A tiny Qwen3.5-MoE teacher in its multimodal hub layout (:func:`write_hub_checkpoint`), with a tokenizer and
+    the pipeline widths (``PIPELINE_FAMILY_OVERRIDES``), as `teacher:` takes a downloaded hub snapshot."""
+    from lightning_slimmoe.data import TextDataModule
+
+    tokenizer = TextDataModule(files=[corpus]).train_tokenizer(vocab_size, str(path))
+    write_hub_checkpoint(path, vocab_size=len(tokenizer), scale=0.05, **PIPELINE_FAMILY_OVERRIDES["qwen3_5_moe"])
     tokenizer.save_pretrained(path)
     return str(path)
 
@@ -219,4 +279,13 @@ def scalars(tb_dir: Path, tag: str) -> dict[int, float]:
 def train(recipe: str, out: Path, *extra: str) -> None:
     result = subprocess.run([sys.executable, "train.py", "--config", recipe, "--output_dir", str(out), *extra],
                             cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+
+
+def train_torchrun(recipe: str, out: Path, ranks: int, *extra: str) -> None:
+    """``train.py`` under torchrun with ``ranks`` processes (``--trainer.devices ranks``): the ranks start, and import,
+    side by side, where Lightning's own launcher starts rank 1 only once rank 0 has set up (twice the start-up)."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(ranks),
+               "train.py", "--config", recipe, "--output_dir", str(out), "--trainer.devices", str(ranks), *extra]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]

@@ -105,8 +105,8 @@ def test_quality_tiny_runs_every_method(tmp_path, corpus_file):
     out = tmp_path / "q"
     results = quality.main(["--train", corpus_file, "--test-fraction", "0.1", "--out", str(out), "--preset", "tiny"])
     methods = results["methods"]
-    expected = {"slimmoe", "oneshot", "criterion_kd_taylor", "criterion_activation", "criterion_magnitude",
-                "criterion_random", "expert_removal", "from_scratch"}
+    expected = {"slimmoe", "slimmoe_kd_fisher", "oneshot", "criterion_kd_taylor", "criterion_kd_fisher",
+                "criterion_activation", "criterion_magnitude", "criterion_random", "expert_removal", "from_scratch"}
     assert set(methods) == expected
     budget = methods["oneshot"]["tokens"]
     for name, row in methods.items():
@@ -118,6 +118,9 @@ def test_quality_tiny_runs_every_method(tmp_path, corpus_file):
     removal = methods["expert_removal"]
     assert removal["num_experts"] < 8 and removal["slim_total_params"] == methods["oneshot"]["total_params"]
     assert len(methods["slimmoe"]["stages"]) == 2 and len(methods["slimmoe"]["val_ppl_before_kd_stages"]) == 2
+    for name in ("criterion_kd_fisher", "slimmoe_kd_fisher"):  # the new criterion, as the pipeline parsed it
+        stages = json.loads((out / "runs" / name / "run.json").read_text())["stages"]
+        assert [s["criterion"] for s in stages] == ["kd_fisher"] * len(stages), name
     # the random init knows nothing: far worse than a pruned teacher before any KD
     assert methods["from_scratch"]["val_ppl_before_kd"] > methods["oneshot"]["val_ppl_before_kd"]
     assert json.loads((out / "quality.json").read_text())["methods"].keys() == methods.keys()
@@ -132,6 +135,45 @@ def test_quality_tiny_runs_every_method(tmp_path, corpus_file):
                           "--student-init", str(out / "runs" / "oneshot" / "final"), "--methods", "student_init"])
     row = again["methods"]["student_init"]
     assert row["tokens"] == budget and row["val_ppl_before_kd"] == pytest.approx(methods["oneshot"]["val_ppl"], rel=1e-4)
+
+
+def test_quality_paper_ratios_seeds_stdlib_split_and_run_schedule(tmp_path):
+    """--paper phi-tiny (3 stages to 6.25% width, half the KV groups), --seeds 0,1 (mean ± std, paired
+    slimmoe − oneshot per seed), --stdlib-split (the stdlib sources split by file), an early-stopped teacher
+    (capped), --lr-schedule run."""
+    out = tmp_path / "q"
+    results = quality.main(["--stdlib-split", "0.2", "--paper", "phi-tiny", "--seeds", "0,1", "--out", str(out),
+                            "--preset", "tiny", "--methods", "slimmoe,oneshot", "--lr-schedule",
+                            "run", "--teacher-patience", "1", "--teacher-max-tokens", str(8 * 128)])
+    c = results["config"]
+    assert c["seeds"] == [0, 1] and c["final_expert_width"] == 0.0625 and c["final_kv_heads"] == 1
+    assert [w for w, _ in c["slim_stages"]][-1] == 0.0625 and len(c["slim_stages"]) == 3
+    # the split is by file: no test file's text is in the training text
+    train, test = (Path(c[k]).read_text() for k in ("train", "test"))
+    assert train and test and test[:2000] not in train
+    teacher = results["teacher"]
+    assert 0 < teacher["top8_mass"] < 1 and teacher["pretrain_tokens_trained"] <= 8 * 128
+    for name in ("slimmoe", "oneshot"):
+        row = results["methods"][name]
+        assert row["seeds"] == [0, 1] and len(row["val_ppl_seeds"]) == 2
+        assert row["val_ppl"] == pytest.approx(sum(row["val_ppl_seeds"]) / 2) and row["val_ppl_std"] >= 0
+        assert (out / "runs" / name).is_dir() and (out / "runs" / f"{name}-seed1").is_dir()
+    assert len(results["methods"]["slimmoe"]["stages"]) == 3
+    assert results["methods"]["slimmoe"]["stages"][-1]["num_key_value_heads"] == 1
+    paired = results["paired"]["slimmoe - oneshot"]
+    per_seed = [results["methods"]["slimmoe"]["val_ppl_seeds"][i] - results["methods"]["oneshot"]["val_ppl_seeds"][i]
+                for i in range(2)]
+    assert paired["val_ppl_diff_seeds"] == pytest.approx(per_seed)
+    # one LR curve over slimmoe's three stages: each stage ends lower on it (a per-stage curve ends every stage at
+    # the same min_lr), the last at the curve's end; read from each stage's last checkpoint
+    ends = []
+    for k, stage in enumerate(results["methods"]["slimmoe"]["stages"]):
+        ckpt = torch.load(out / "runs" / "slimmoe" / f"stage_{k}_{stage['name']}" / "checkpoints" / "last.ckpt",
+                          map_location="cpu", weights_only=False)
+        ends.append(ckpt["lr_schedulers"][0]["_last_lr"][0])
+    assert ends[0] > ends[1] > ends[2] == pytest.approx(1e-3 * 0.1), ends
+    md = (out / "quality.md").read_text()
+    assert "| slimmoe - oneshot |" in md and "±" in md and "top-8 probability mass" in md
 
 
 def test_quality_tail_bucket_flag_reaches_every_kd_stage(tmp_path, corpus_file):

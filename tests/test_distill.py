@@ -764,7 +764,7 @@ def test_experts_kernel_choice_is_applied_and_logged_once(caplog):
     assert student.config._experts_implementation == teacher.config._experts_implementation == "eager"
     logged = [r.getMessage() for r in caplog.records if "experts kernel" in r.getMessage()]
     assert len(logged) == 2 and all("eager (experts_implementation)" in m for m in logged), logged
-    auto = StageModule(student, teacher)  # automatic: grouped_mm on CPU, equal to eager exactly
+    auto = StageModule(student, teacher)  # automatic: grouped_mm on CPU (transformers' default)
     assert auto.apply_experts_kernel("cpu") == {"student": "grouped_mm", "teacher": "grouped_mm"}
 
 

@@ -8,25 +8,32 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from helpers import FSDP1, MODEL_PARALLEL, make_teacher_dir, random_batch, scalars, tiny_recipe, train
+from helpers import FSDP1, MODEL_PARALLEL, make_teacher_dir, random_batch, scalars, tiny_recipe, train_torchrun
 
 # A tiny grad_clip so that clipping acts on every step: the global gradient norm over every FSDP unit
-# (both FSDP flavours compute it over shards) must equal the single process's.
+# (both FSDP flavours compute it over shards) must equal the single process's. Validation and the checkpoint come once,
+# at each stage's end (the default, 4 per stage, is every step of a 6-step stage): the last checkpoint is what is
+# checked, and the per-step losses are logged either way.
 CLIPPED_STAGES = [
     {"name": "slim1", "expert_width": 16, "criterion": "kd_taylor", "calibration_tokens": 256,
-     "max_tokens": 6 * 4 * 32, "optimizer": {"lr": 1e-3, "grad_clip": 0.05}, "kd": {"top_k": 8}},
+     "max_tokens": 6 * 4 * 32, "val_every_n_steps": 6, "checkpoint_every_n_steps": 6,
+     "optimizer": {"lr": 1e-3, "grad_clip": 0.05}, "kd": {"top_k": 8}},
     {"name": "slim2", "expert_width": 8, "attention_groups": 1, "criterion": "kd_taylor",
-     "calibration_tokens": 256, "max_tokens": 4 * 4 * 32, "optimizer": {"lr": 1e-3, "grad_clip": 0.05}},
+     "calibration_tokens": 256, "max_tokens": 4 * 4 * 32, "val_every_n_steps": 4, "checkpoint_every_n_steps": 4,
+     "optimizer": {"lr": 1e-3, "grad_clip": 0.05}},
 ]
 
 
 @pytest.fixture(scope="module")
 def one_process(tmp_path_factory, corpus_file):
-    """The single-process run both distributed variants are compared with."""
+    """The single-process run both distributed variants are compared with: made in the test's own process (the run
+    takes seconds, a fresh interpreter's imports about ten)."""
+    from lightning_slimmoe.cli import main
+
     work = tmp_path_factory.mktemp("one_process")
     teacher = make_teacher_dir(work / "teacher", "qwen3_moe", corpus_file)
     recipe = tiny_recipe(work, teacher, corpus_file, stages=CLIPPED_STAGES)
-    train(recipe, work / "one", "--data.init_args.batch_size", "4")
+    main(["--config", recipe, "--output_dir", str(work / "one"), "--data.init_args.batch_size", "4"])
     return recipe, work / "one"
 
 
@@ -34,8 +41,9 @@ def one_process(tmp_path_factory, corpus_file):
 @pytest.mark.parametrize("strategy", [MODEL_PARALLEL, FSDP1], ids=["fsdp2", "fsdp1"])
 def test_two_gloo_ranks_match_one_process(tmp_path, one_process, strategy):
     recipe, one_dir = one_process
-    train(recipe, tmp_path / "two", "--data.init_args.batch_size", "2", "--trainer.devices", "2",
-          "--trainer.strategy", strategy)
+    # torchrun starts both ranks side by side (Lightning's own launcher, which the reliability tests' 2-rank runs use,
+    # starts rank 1 only after rank 0 has set up: twice the start-up)
+    train_torchrun(recipe, tmp_path / "two", 2, "--data.init_args.batch_size", "2", "--trainer.strategy", strategy)
     for stage in ("stage_0_slim1", "stage_1_slim2"):
         one = json.loads((one_dir / stage / "meta.json").read_text())
         two = json.loads((tmp_path / "two" / stage / "meta.json").read_text())

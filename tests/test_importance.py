@@ -8,7 +8,7 @@ import pickle
 import pytest
 import torch
 
-from helpers import random_batch, tiny_model
+from helpers import VOCAB, random_batch, tiny_model
 from lightning_slimmoe.distill import KDConfig
 from lightning_slimmoe.families import get_family
 from lightning_slimmoe.importance import ImportanceScores, compute_scores, expert_saliency
@@ -174,3 +174,92 @@ def test_kd_taylor_scores_the_papers_loss_even_with_tail_bucket():
     for layer, values in plain.experts.items():
         assert torch.equal(values, tail.experts[layer]) and torch.equal(plain.groups[layer], tail.groups[layer])
         assert values.abs().max() > 0 and plain.groups[layer].abs().max() > 0
+
+
+def _spearman(a, b) -> float:
+    rank_a, rank_b = (x.flatten().argsort().argsort().double() for x in (a, b))
+    return torch.corrcoef(torch.stack([rank_a, rank_b]))[0, 1].item()
+
+
+def _naive_kd(s_logits, t_logits, top_k, tail_bucket):
+    """Mean KD loss (T = 1) written out plainly: full KL when top_k = V, else the tail-bucket KL over the teacher's
+    top-k ids plus one rest bucket."""
+    log_p, log_q = t_logits.log_softmax(-1), s_logits.log_softmax(-1)
+    if not tail_bucket:
+        return (log_p.exp() * (log_p - log_q)).sum(-1).mean()
+    ids = t_logits.topk(top_k, dim=-1).indices
+    p, q = log_p.exp().gather(-1, ids), log_q.exp().gather(-1, ids)
+    p = torch.cat([p, 1 - p.sum(-1, keepdim=True)], -1)
+    q = torch.cat([q, 1 - q.sum(-1, keepdim=True)], -1)
+    return (p * (p.log() - q.log())).sum(-1).mean()
+
+
+@pytest.mark.parametrize("top_k,tail_bucket", [(VOCAB, False), (5, True)])
+def test_kd_fisher_ranks_by_the_measured_kd_rise_at_student_equal_teacher(top_k, tail_bucket):
+    """At a stage's first prune (student = teacher) an exact divergence has zero gradient, so what removing a
+    structure costs is second order. Brute force: zero each expert neuron (its down column: the same function as
+    removing its gate/up rows too), shared-expert neuron and GQA group (its o_proj columns) in turn and measure the
+    KD loss rise on the calibration batches (fp64). kd_fisher's ranking must follow it closely — within each expert
+    and each layer, the rankings select_keep uses — and clearly better than kd_taylor's first-order |θ·g|."""
+    teacher, student = (tiny_model("qwen2_moe", seed=2, num_attention_heads=16, num_key_value_heads=8).double()
+                        for _ in range(2))
+    for model in (teacher, student):
+        model.set_experts_implementation("eager")  # fp64: grouped_mm takes fp32/bf16 only
+    batches = [random_batch(batch_size=4, seq_len=16, seed=s) for s in range(4)]
+    kd = KDConfig(top_k=top_k, tail_bucket=tail_bucket)
+    ids = torch.cat([b["input_ids"] for b in batches])
+    family = get_family(student)
+    measured = {"experts": {}, "shared": {}, "groups": {}}  # kind -> layer -> rise per structure
+    with torch.no_grad():
+        t_logits = teacher(input_ids=ids).logits.flatten(0, 1)
+
+        def rise_without(weight, index):
+            saved = weight[index].clone()
+            weight[index] = 0
+            value = _naive_kd(student(input_ids=ids).logits.flatten(0, 1), t_logits, top_k, tail_bucket).item()
+            weight[index] = saved
+            return value
+
+        for layer, block in family.moe_blocks(student):
+            down = block.experts.down_proj  # (E, H, I)
+            measured["experts"][layer] = torch.tensor([[rise_without(down, (e, slice(None), j))
+                                                        for j in range(down.shape[2])] for e in range(down.shape[0])])
+            shared_down = block.shared_expert.down_proj.weight  # (H, I_shared)
+            measured["shared"][layer] = torch.tensor([rise_without(shared_down, (slice(None), j))
+                                                      for j in range(shared_down.shape[1])])
+        num_groups = student.config.num_key_value_heads
+        for layer, attn in family.attention_modules(student):
+            o = attn.o_proj.weight  # (H, G * R * D)
+            width = o.shape[1] // num_groups
+            measured["groups"][layer] = torch.tensor([rise_without(o, (slice(None), slice(g * width, (g + 1) * width)))
+                                                      for g in range(num_groups)])
+    fisher = compute_scores(student, batches, "kd_fisher", teacher=teacher, kd=kd, seed=0, fisher_draws=8)
+    taylor = compute_scores(student, batches, "kd_taylor", teacher=teacher, kd=kd)
+
+    def rho(scores, kind):  # mean Spearman over the rankings select_keep makes: per expert, per layer
+        rows = [pair for layer, truth in measured[kind].items()
+                for pair in zip(truth.reshape(-1, truth.shape[-1]), getattr(scores, kind)[layer].reshape(-1, truth.shape[-1]))]
+        return sum(_spearman(a, b) for a, b in rows) / len(rows)
+
+    result = {kind: (rho(fisher, kind), rho(taylor, kind)) for kind in measured}
+    assert all((t > 0).all() for table in measured.values() for t in table.values())  # removal costs at the optimum
+    for kind, (rho_fisher, rho_taylor) in result.items():
+        assert rho_fisher > 0.85, result
+        assert rho_fisher > rho_taylor + 0.05, result
+    # Seeded: the same draws again; another seed, other draws.
+    one, again, other = (compute_scores(student, batches[:1], "kd_fisher", teacher=teacher, kd=kd, seed=seed)
+                         for seed in (0, 0, 1))
+    assert torch.equal(one.experts[0], again.experts[0]) and not torch.equal(one.experts[0], other.experts[0])
+    assert all(p.requires_grad and p.grad is None for p in student.parameters())
+
+
+def test_kd_fisher_needs_a_teacher_and_whole_draws():
+    from lightning_slimmoe.config import StageConfig
+
+    model = tiny_model("mixtral")
+    with pytest.raises(ValueError, match="criterion='kd_fisher' needs a teacher"):
+        compute_scores(model, [random_batch()], "kd_fisher")
+    with pytest.raises(ValueError, match="fisher_draws=0"):
+        compute_scores(model, [random_batch()], "kd_fisher", teacher=model, fisher_draws=0)
+    with pytest.raises(ValueError, match=r"stages\[s\]\.fisher_draws"):
+        StageConfig(name="s", criterion="kd_fisher", fisher_draws=0)

@@ -207,3 +207,48 @@ def _weight_keys(directory: Path) -> set[str]:
         with safe_open(str(file), framework="pt") as f:
             keys.update(f.keys())
     return keys
+
+
+@pytest.mark.parametrize("family_name", ["deepseek_v3", "glm4_moe", "glm4_moe_lite"])
+def test_mtp_layer_past_the_decoder_is_never_read(family_name, tmp_path):
+    """DeepSeek-V3 / GLM hub checkpoints keep their MTP layer at model.layers.<num_hidden_layers>, under the decoder's
+    own prefix. A checkpoint holding one (a copy of the last decoder layer's keys, other values, plus the MTP-only
+    tensors) loads the decoder weights alone, single process and sharded reader alike, with and without a keep."""
+    from safetensors import safe_open
+
+    from lightning_slimmoe.checkpoint_layout import CheckpointLayout, sharded_read_problem
+    from lightning_slimmoe.export import dropped_parts
+    from lightning_slimmoe.sources import check_weight_files
+
+    model = tiny_model(family_name, num_nextn_predict_layers=1)
+    model.save_pretrained(tmp_path)
+    n = model.config.num_hidden_layers
+    with safe_open(str(tmp_path / "model.safetensors"), "pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    last = f"model.layers.{n - 1}."
+    mtp = {f"model.layers.{n}." + k.removeprefix(last): torch.randn_like(v) * 3
+           for k, v in tensors.items() if k.startswith(last)}
+    hidden = model.config.hidden_size
+    mtp.update({f"model.layers.{n}.eh_proj.weight": torch.randn(hidden, 2 * hidden),
+                f"model.layers.{n}.enorm.weight": torch.randn(hidden),
+                f"model.layers.{n}.shared_head.head.weight": torch.randn_like(tensors["lm_head.weight"])})
+    assert any(".experts.0." in k for k in mtp)  # per-expert keys: what an unbounded layer pattern would index
+    save_file({**tensors, **mtp}, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+
+    check_weight_files("teacher", str(tmp_path))
+    assert sharded_read_problem(str(tmp_path), model.config) is None
+    layout = CheckpointLayout(model.config)
+    for key in mtp:  # layer n is no decoder layer: no expert, fused, router or attention key of the model
+        assert layout.decoder_layer(key) is None and layout.expert_key(key) is None and layout.fused_key(key) is None
+        assert layout.expert_indexed(key) is None
+    assert dropped_parts(model.config) == {"mtp": "dropped"}
+
+    ids = random_batch()["input_ids"]
+    reference = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert_same_model(reference, model)  # stock from_pretrained drops layer n
+    assert_same_model(loaded(tmp_path), reference)
+    keep = random_keep(model, width=8, groups=model.config.num_key_value_heads, shared_width=8, seed=1)
+    got, want = loaded(tmp_path, keep=keep), slim_model_(AutoModelForCausalLM.from_pretrained(tmp_path).eval(), keep)
+    assert_same_model(got, want)
+    with torch.no_grad():
+        assert torch.equal(got(input_ids=ids).logits, want(input_ids=ids).logits)

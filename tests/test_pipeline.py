@@ -157,3 +157,72 @@ def test_adamw8bit_stage_runs(tmp_path, phimoe_teacher, corpus_file):
     states = ckpt["optimizer_states"][0]["state"]
     assert any(t.dtype == torch.uint8 for t in tensors(states))  # 8-bit moments, saved for resume
     assert read_summary(tmp_path / "run")["stages"][0]["expert_width"] == 16
+
+
+def test_lr_schedule_run_is_one_curve_and_resumes_exactly(tmp_path, phimoe_teacher, corpus_file, monkeypatch):
+    """`lr_schedule: run`: the LR the optimizer had at every step of a 2-stage run is ONE warm-up + cosine curve
+    over both stages' steps (stage 2 does not warm up again), also when stage 2 is interrupted and resumed;
+    `lr_schedule: stage` (the default) keeps each stage's own curve."""
+    import math
+
+    from lightning.pytorch import Callback
+
+    import lightning_slimmoe.cli as cli
+
+    class RecordLR(Callback):
+        def __init__(self):
+            self.lrs = {}
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            key = (pl_module.student.config.intermediate_size, trainer.global_step)
+            self.lrs[key] = trainer.optimizers[0].param_groups[0]["lr"]
+
+    class Preempted(RuntimeError):
+        pass
+
+    class Interrupt(Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if pl_module.student.config.intermediate_size == 8 and trainer.global_step == 3:
+                raise Preempted("node lost")  # after the step-2 checkpoint of stage 2
+
+    optimizer = {"lr": 1e-3, "warmup_ratio": 0.3, "min_lr_ratio": 0.1}
+    stages = [
+        {"name": "slim1", "expert_width": 16, "calibration_tokens": 256, "max_tokens": 4 * 4 * 32,
+         "criterion": "magnitude", "optimizer": optimizer},
+        {"name": "slim2", "expert_width": 8, "calibration_tokens": 256, "max_tokens": 6 * 4 * 32,
+         "criterion": "magnitude", "optimizer": optimizer, "checkpoint_every_n_steps": 2},
+    ]
+    original = cli.SlimMoECLI.make_trainer
+
+    def run(subdir, extra, schedule, resume=False):
+        recipe = tiny_recipe(tmp_path / subdir, phimoe_teacher, corpus_file, stages=stages, lr_schedule=schedule)
+
+        def make_trainer(self, extra_callbacks=(), **kw):
+            return original(self, extra_callbacks=[*extra_callbacks, *extra], **kw)
+        monkeypatch.setattr(cli.SlimMoECLI, "make_trainer", make_trainer)
+        return main(["--config", recipe] + (["--resume", "true"] if resume else []))
+
+    def curve(step, total):  # the documented warm-up + cosine, written out
+        warmup = int(0.3 * total)
+        if step < warmup:
+            return 1e-3 * (step + 1) / warmup
+        return 1e-3 * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / (total - warmup)))))
+
+    for sub in ("a", "b", "c"):
+        (tmp_path / sub).mkdir()
+    whole = RecordLR()
+    run("a", [whole], "run")
+    steps = [(16, s) for s in range(4)] + [(8, s) for s in range(6)]
+    assert sorted(whole.lrs, key=steps.index) == steps
+    for g, key in enumerate(steps):  # one curve over the 10 KD steps: warm-up steps 0-2 only, then one decay
+        assert whole.lrs[key] == pytest.approx(curve(g, 10), rel=1e-12), (key, whole.lrs[key])
+    first, second = RecordLR(), RecordLR()
+    with pytest.raises(Preempted):
+        run("b", [first, Interrupt()], "run")
+    run("b", [second], "run", resume=True)
+    assert {k for k in second.lrs if k[0] == 8} >= {(8, s) for s in range(3, 6)}
+    assert {**first.lrs, **second.lrs} == whole.lrs  # the resumed stage continued the same curve exactly
+    per_stage = RecordLR()
+    run("c", [per_stage], "stage")
+    for key, lr in per_stage.lrs.items():
+        assert lr == pytest.approx(curve(key[1], 4 if key[0] == 16 else 6), rel=1e-12), (key, lr)

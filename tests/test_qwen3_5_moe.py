@@ -12,44 +12,14 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM
-from transformers.models.qwen3_5_moe import Qwen3_5MoeConfig, Qwen3_5MoeForConditionalGeneration
 
-from helpers import random_batch, random_keep, read_summary, tiny_config, tiny_recipe
+from helpers import make_hub_teacher_dir, random_batch, random_keep, read_summary, tiny_recipe, write_hub_checkpoint
 from lightning_slimmoe.checkpoint_layout import CheckpointLayout, sharded_read_problem
 from lightning_slimmoe.cli import SlimMoECLI, main
 from lightning_slimmoe.config import ConfigError
 from lightning_slimmoe.families import get_family, language_config
 from lightning_slimmoe.planning import plan_shapes
 from lightning_slimmoe.slimming import expert_weights, slim_model_
-
-VISION = dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=32, patch_size=4,
-              num_position_embeddings=16)
-
-
-def write_hub_checkpoint(path: Path, vocab_size: int = 96, scale: float = 0.2, seed: int = 0, **text) -> torch.nn.Module:
-    """A tiny Qwen3.5-MoE hub directory as Qwen publishes it: the wrapper's own tensor names (which are the hub's:
-    fused experts, `model.language_model.` / `model.visual.` / `lm_head`), plus an `mtp.` layer shaped like decoder
-    layer 0 but holding other values, so that a reader taking `mtp.layers.0.` for layer 0 would give other logits."""
-    text_config = tiny_config("qwen3_5_moe", vocab_size=vocab_size, mtp_num_hidden_layers=1, **text)
-    config = Qwen3_5MoeConfig(text_config=text_config.to_dict(), vision_config=VISION)
-    torch.manual_seed(seed)
-    model = Qwen3_5MoeForConditionalGeneration(config).eval()
-    tensors = {}
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.normal_(0.0, scale)
-            tensors[name] = p.detach().clone().contiguous()
-    prefix = "model.language_model.layers.0."
-    tensors.update({"mtp." + k.removeprefix("model.language_model."): torch.randn_like(v)
-                    for k, v in tensors.items() if k.startswith(prefix)})
-    hidden = text_config.hidden_size
-    tensors["mtp.fc.weight"] = torch.randn(hidden, 2 * hidden)
-    path.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
-    config.architectures = ["Qwen3_5MoeForConditionalGeneration"]
-    config.save_pretrained(path)
-    return model
-
 
 def logits(model, ids):
     with torch.no_grad():
@@ -122,13 +92,7 @@ def test_hub_layout_slices_exactly_and_reloads_with_stock_transformers(hub, tmp_
 
 
 def test_two_stages_from_a_multimodal_hub_teacher(tmp_path, corpus_file):
-    from lightning_slimmoe.data import TextDataModule
-
-    teacher = tmp_path / "teacher"
-    tokenizer = TextDataModule(files=[corpus_file]).train_tokenizer(320, str(teacher))
-    write_hub_checkpoint(teacher, vocab_size=len(tokenizer), scale=0.05, moe_intermediate_size=32,
-                         shared_expert_intermediate_size=32)
-    tokenizer.save_pretrained(teacher)
+    teacher = make_hub_teacher_dir(tmp_path / "teacher", corpus_file)
     stages = [{"name": "a", "expert_width": 16, "shared_expert_width": 16, "calibration_tokens": 128, "max_tokens": 256},
               {"name": "b", "expert_width": 8, "attention_groups": 1, "calibration_tokens": 128, "max_tokens": 256}]
     main(["--config", tiny_recipe(tmp_path, str(teacher), corpus_file, stages=stages)])
@@ -142,14 +106,43 @@ def test_two_stages_from_a_multimodal_hub_teacher(tmp_path, corpus_file):
     assert "vision tower" in card and '"mtp": "dropped"' in card
 
 
-def test_bad_targets_and_sharded_hub_reads_fail_before_weights(hub, tmp_path, corpus_file):
+def test_sharded_reader_reads_the_hub_layout_as_from_pretrained_does(hub):
+    """The FSDP2 path (meta model, then each tensor read from the checkpoint) on the hub layout itself: the same
+    weights and logits as stock from_pretrained (+ slim_model_ with a keep), and the same teacher fingerprint."""
+    from lightning_slimmoe.loading import materialize_, meta_model, pending_fingerprint
+    from lightning_slimmoe.module import model_fingerprint
+
+    path, _ = hub
+    ids = random_batch()["input_ids"]
+    reference = AutoModelForCausalLM.from_pretrained(path).eval()
+    assert pending_fingerprint(meta_model(str(path), torch.float32)) == model_fingerprint(reference)
+    keep = random_keep(reference, width=8, groups=1, shared_width=12, seed=2)
+    for kept in (None, keep):
+        model = meta_model(str(path), torch.float32, keep=kept)
+        assert materialize_(model, "cpu")
+        want = reference if kept is None else slim_model_(AutoModelForCausalLM.from_pretrained(path).eval(), kept)
+        got, expected = model.eval().state_dict(), want.state_dict()
+        assert got.keys() == expected.keys()
+        assert all(torch.equal(got[k], expected[k]) for k in got), [k for k in got
+                                                                    if not torch.equal(got[k], expected[k])]
+        assert torch.equal(logits(model, ids), logits(want, ids))
+
+
+def test_bad_targets_and_unreadable_sharded_layouts_fail_before_weights(hub, tmp_path, corpus_file):
     path, wrapper = hub
     stages = [{"name": "a", "expert_width": 16}, {"name": "b", "expert_width": 8, "attention_groups": 3}]
     cli = SlimMoECLI(args=["--config", tiny_recipe(tmp_path, str(path), corpus_file, stages=stages)])
     with pytest.raises(ConfigError, match=r"attention_groups=3: exceeds the current 2 KV groups"):
         plan_shapes(cli.run_config)
-    problem = sharded_read_problem(str(path), wrapper.config)
-    assert "model.language_model.layers." in problem and "FSDPStrategy" in problem
-    model = AutoModelForCausalLM.from_pretrained(path)  # the text-only layout a sharded run writes is read by it
+    assert sharded_read_problem(str(path), wrapper.config) is None  # the hub layout is read by the sharded loader
+    model = AutoModelForCausalLM.from_pretrained(path)  # and so is the text-only layout a sharded run writes
     AutoModelForCausalLM.from_config(model.config).save_pretrained(tmp_path / "text")
     assert sharded_read_problem(str(tmp_path / "text"), model.config) is None
+    # A layout the loader does not map (an older wrapper's language_model.model.layers.*) is refused by name.
+    other = tmp_path / "other"
+    other.mkdir()
+    with safe_open(str(path / "model.safetensors"), "pt") as f:
+        tensors = {k.replace("model.language_model.", "language_model.model."): f.get_tensor(k) for k in f.keys()}
+    save_file(tensors, str(other / "model.safetensors"), metadata={"format": "pt"})
+    problem = sharded_read_problem(str(other), wrapper.config)
+    assert "model.language_model.layers.<i>." in problem and "FSDPStrategy" in problem

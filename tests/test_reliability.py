@@ -82,20 +82,26 @@ class Run:
         return Path(self.out).read_text(errors="replace")[-6000:] if Path(self.out).exists() else ""
 
 
-def start(workdir: Path, recipe: str, *args: str, fault: dict | None = None, tag: str = "run") -> Run:
+def start(workdir: Path, recipe: str, *args: str, fault: dict | None = None, tag: str = "run",
+          torchrun: int = 0) -> Run:
+    """The driver in a child process (its own session: a fault kills the whole group); with ``torchrun`` ranks,
+    under torchrun, which starts the ranks side by side (Lightning's launcher starts rank 1 after rank 0 set up)."""
     n = len(list(workdir.glob(f"{tag}*.jsonl")))
     log_path = workdir / f"{tag}{n}.jsonl"
     out = workdir / f"{tag}{n}.out"
     env = {**os.environ, "RELIABILITY_DRIVER": json.dumps({"log": str(log_path), "fault": fault}),
            "PYTHONUNBUFFERED": "1"}
     with open(out, "w") as sink:
-        proc = subprocess.Popen([sys.executable, str(DRIVER), "--config", recipe, *args], cwd=ROOT, env=env,
+        launcher = (["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(torchrun)]
+                    if torchrun else [])
+        proc = subprocess.Popen([sys.executable, *launcher, str(DRIVER), "--config", recipe, *args], cwd=ROOT, env=env,
                                 stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)
     return Run(proc, log_path, str(out))
 
 
-def run(workdir: Path, recipe: str, *args: str, fault: dict | None = None, expect_rc: int | None = 0) -> Run:
-    r = start(workdir, recipe, *args, fault=fault)
+def run(workdir: Path, recipe: str, *args: str, fault: dict | None = None, expect_rc: int | None = 0,
+        torchrun: int = 0) -> Run:
+    r = start(workdir, recipe, *args, fault=fault, torchrun=torchrun)
     rc = r.wait()
     if expect_rc is not None:
         assert rc == expect_rc, f"exit status {rc}, expected {expect_rc}\n{r.output()}"
@@ -442,7 +448,8 @@ def assert_two_ranks_match(baseline2, expected_stream, run_dir: Path, sequences:
 
 
 def two_rank_baseline(work: Path, teacher: str, corpus: str, ranks: tuple) -> dict:
-    """An uninterrupted 2-rank run: its per-rank step records, final weights and stage metadata."""
+    """An uninterrupted 2-rank run: its per-rank step records, final weights and stage metadata (Lightning's own
+    launcher, as the faulted and resumed runs it is compared with)."""
     recipe = recipe_in(work, teacher, corpus)
     r = run(work, recipe, *ranks)
     records = by_rank(r.events("step"))

@@ -12,7 +12,8 @@ from helpers import ATTN_PRUNABLE, FAMILIES, random_batch, random_keep, tiny_con
 from lightning_slimmoe.families import UnsupportedModelError, get_family, supported_model_types
 from lightning_slimmoe.importance import ImportanceScores, compute_scores
 from lightning_slimmoe.slimming import (
-    KeepIndices, SlimTarget, expert_weights, remove_experts_, resolve_target, select_keep, slim_config, slim_model_,
+    KeepIndices, SlimTarget, check_expert_layout, expert_biases, expert_weights, remove_experts_, resolve_target,
+    select_keep, slim_config, slim_model_,
 )
 
 
@@ -46,6 +47,17 @@ def _reference_forward(model, keep: KeepIndices, heads_per_group: int, dim: int)
 
     def make_forward(experts, keep_EW):
         gate_EIH, up_EIH, down_EHI = (w.detach().clone() for w in expert_weights(experts))
+        biases = expert_biases(experts)  # gpt-oss: gate [E, I], up [E, I], down [E, H]
+        if biases is not None:
+            b_gate_EI, b_up_EI, b_down_EH = (b.detach().clone() for b in biases)
+
+        def glu(e, kept, x):
+            if biases is None:
+                return experts.act_fn(gate_EIH[e][kept] @ x) * (up_EIH[e][kept] @ x)
+            # gpt-oss's expert function written out: gate clamped above, up clamped both ways, (up + 1) * swish_alpha
+            gate = (gate_EIH[e][kept] @ x + b_gate_EI[e][kept]).clamp(max=experts.limit)
+            up = (up_EIH[e][kept] @ x + b_up_EI[e][kept]).clamp(-experts.limit, experts.limit)
+            return (up + 1) * gate * torch.sigmoid(experts.alpha * gate)
 
         def forward(hidden_NH, top_k_index_NK, top_k_weights_NK):
             out = torch.zeros_like(hidden_NH)
@@ -54,10 +66,23 @@ def _reference_forward(model, keep: KeepIndices, heads_per_group: int, dim: int)
                     e = int(top_k_index_NK[n, slot])
                     kept = keep_EW[e]
                     x = hidden_NH[n]
-                    h = experts.act_fn(gate_EIH[e][kept] @ x) * (up_EIH[e][kept] @ x)
-                    out[n] += top_k_weights_NK[n, slot] * (down_EHI[e][:, kept] @ h)
+                    y = down_EHI[e][:, kept] @ glu(e, kept, x)
+                    if biases is not None:
+                        y = y + b_down_EH[e]
+                    out[n] += top_k_weights_NK[n, slot] * y
             return out
-        return forward
+
+        def forward_input_scaled(routed_in_MH):
+            # Llama-4: rows e * N + n hold token n scaled by its routing weight for expert e (0 where unrouted);
+            # every row goes through its own expert and the caller sums the experts' rows per token
+            x_ENH = routed_in_MH.view(gate_EIH.shape[0], -1, routed_in_MH.shape[-1])
+            out_ENH = torch.zeros_like(x_ENH)
+            for e in range(x_ENH.shape[0]):
+                kept = keep_EW[e]
+                for n in range(x_ENH.shape[1]):
+                    out_ENH[e, n] = down_EHI[e][:, kept] @ glu(e, kept, x_ENH[e, n])
+            return out_ENH.reshape(routed_in_MH.shape)
+        return forward_input_scaled if check_expert_layout(experts).input_scaled else forward
 
     for layer, block in family.moe_blocks(model):
         block.experts.forward = make_forward(block.experts, keep.experts[layer])

@@ -1,8 +1,9 @@
 """Family adapters: where the experts, router and attention of each HF MoE family live, in memory and on disk.
 
-transformers 5.x stores every supported family's experts the same way in memory — fused 3-D parameters
-``mlp.experts.gate_up_proj [E, 2I, H]`` (gate rows, then up rows) and ``mlp.experts.down_proj
-[E, H, I]`` — and names its router ``mlp.gate`` or ``mlp.router``. What differs between families is a
+transformers 5.x stores every supported family's experts as fused 3-D parameters — ``mlp.experts.gate_up_proj
+[E, 2I, H]`` (gate rows, then up rows) and ``mlp.experts.down_proj [E, H, I]``, except gpt-oss's transposed,
+interleaved, biased layout, which the slicer reads from the module's own markers (``slimming.check_expert_layout``)
+— and names its router ``mlp.gate`` or ``mlp.router``. What differs between families is a
 handful of config field names, whether the model has a shared expert or pruneable attention, and how its
 checkpoints key the experts (:class:`CheckpointKeys`, read by ``checkpoint_layout.py``), so an adapter is a
 small frozen record and the scorer, slicer and checkpoint reader are written once against it.
@@ -40,6 +41,8 @@ class CheckpointKeys:
     decoder_layers: str = "model.layers"  # prefix of the decoder layers, anchored at the key's start
     # Where a multimodal wrapper's hub checkpoint keeps the same decoder layers (Qwen3.5-MoE:
     # model.language_model.layers); its vision tower (model.visual.) and MTP layers (mtp.) match neither prefix.
+    # The language model's other tensors sit beside its layers there (model.language_model.embed_tokens / .norm),
+    # lm_head stays at the top: checkpoint_layout.CheckpointLayout.hub_key maps every in-memory name accordingly.
     hub_decoder_layers: str | None = None
     expert_block: str = "mlp"  # module holding the per-expert keys: mlp | block_sparse_moe
     expert_projections: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")  # gate, up, down
@@ -58,6 +61,10 @@ class MoEFamily:
     # DeepSeek / GLM / ERNIE build the shared experts with width `<width_field> * <this field>`: their width is
     # tied to the routed width in the config, so it follows every expert-width target (docs/families-2026.md).
     shared_expert_count_field: str | None = None
+    # Llama-4 builds its one shared expert with the routed width itself (`intermediate_size`): tied like the above,
+    # with a count of 1 that no config field holds.
+    shared_expert_tied: bool = False
+    moe_block_attr: str = "mlp"  # decoder-layer attribute of the MoE block: mlp | feed_forward | block_sparse_moe
     # Tensors of the MoE block (dotted, relative to it) indexed by expert along the given dim, besides the router's
     # weight and bias: router score-correction biases. Expert removal slices them with the router.
     expert_indexed: tuple[tuple[str, int], ...] = ()
@@ -69,8 +76,9 @@ class MoEFamily:
     checkpoint_keys: CheckpointKeys = CheckpointKeys()
     # A multimodal wrapper config (`model_type`) keeps the causal LM's config, of this type, under `text_config`.
     text_model_type: str | None = None
-    # Config field counting the multi-token-prediction layers a hub checkpoint holds (keys under `mtp.`) that
-    # transformers does not build: they are neither slimmed nor exported, and summary.json says so.
+    # Config field counting the multi-token-prediction layers a hub checkpoint holds (Qwen3.5: keys under `mtp.`;
+    # DeepSeek-V3 / GLM: `model.layers.<num_hidden_layers>`) that transformers does not build: they are neither
+    # read, slimmed nor exported, and summary.json says so. Qwen3-Next's hub config counts its `mtp.*` layer nowhere.
     mtp_layers_field: str | None = None
     export_note: str = ""  # what the exported model is, where the teacher's hub checkpoint holds more (model card)
 
@@ -86,8 +94,9 @@ class MoEFamily:
         have no experts and are left as they are (they are not part of the SlimMoE recipe).
         """
         for i, layer in enumerate(self.decoder_layers(model)):
-            if hasattr(layer.mlp, "experts"):
-                yield i, layer.mlp
+            block = getattr(layer, self.moe_block_attr, None)
+            if hasattr(block, "experts"):
+                yield i, block
 
     def attention_modules(self, model: nn.Module) -> Iterator[tuple[int, nn.Module]]:
         """(layer index, GQA attention) for every layer whose attention has whole KV groups to prune. Linear-
@@ -102,7 +111,16 @@ class MoEFamily:
         return getattr(block, self.router_attr)
 
     def has_shared_expert(self) -> bool:
-        return bool(self.shared_expert_width_field or self.shared_expert_count_field)
+        return bool(self.shared_expert_width_field or self.shared_expert_count_field or self.shared_expert_tied)
+
+    def shared_width_follows_routed(self) -> bool:
+        """Whether the config ties the shared experts' width to the routed width (no field of its own)."""
+        return bool(self.shared_expert_count_field or self.shared_expert_tied)
+
+    def tied_width_name(self) -> str:
+        """How the tied shared width is derived, for error messages."""
+        return (f"{self.width_field} x {self.shared_expert_count_field}" if self.shared_expert_count_field
+                else self.width_field)
 
     def shared_expert(self, block: nn.Module) -> nn.Module | None:
         return getattr(block, self.shared_expert_attr, None) if self.has_shared_expert() else None
@@ -124,6 +142,8 @@ class MoEFamily:
             return int(getattr(config, self.shared_expert_width_field))
         if self.shared_expert_count_field and getattr(config, self.shared_expert_count_field, None):
             return self.expert_width(config) * int(getattr(config, self.shared_expert_count_field))
+        if self.shared_expert_tied:
+            return self.expert_width(config)
         return None
 
     def expert_groups(self, config) -> int:

@@ -8,6 +8,10 @@ routed experts and DeepSeek shared experts; attention is MLA, which has no GQA g
 * V3 routes with a sigmoid and ``mlp.gate.e_score_correction_bias``; both use group-limited routing over
   ``n_group`` groups (expert removal keeps a count divisible by it). Leading dense layers
   (``first_k_dense_replace``) are left as they are.
+* V3 / R1 hub checkpoints hold ``num_nextn_predict_layers`` (1) multi-token-prediction layers at
+  ``model.layers.<num_hidden_layers>`` (``model.layers.61``, 11.5B): transformers does not build them and the
+  checkpoint layout never takes a layer past ``num_hidden_layers`` for a decoder layer, so they are neither read nor
+  exported (summary.json: ``"mtp": "dropped"``). V2 has none.
 """
 
 from lightning_slimmoe.families import CheckpointKeys, MoEFamily, register
@@ -27,4 +31,4 @@ DEEPSEEK_V3 = register(MoEFamily(
     router_attr="gate", shared_expert_attr="shared_experts", shared_expert_count_field="n_shared_experts",
     expert_indexed=(("gate.e_score_correction_bias", 0),), expert_group_field="n_group", min_experts_per_group=2,
     attention_prunable=False, attention_not_prunable_reason=MLA_NOT_PRUNABLE,
-    checkpoint_keys=CheckpointKeys(shared_expert="mlp.shared_experts")))
+    mtp_layers_field="num_nextn_predict_layers", checkpoint_keys=CheckpointKeys(shared_expert="mlp.shared_experts")))

@@ -14,7 +14,9 @@ leading dense layer.
 * Dense layers come from ``mlp_layer_types`` (transformers 5.23 derives it as one dense layer, then sparse ones;
   the hub config's ``first_k_dense_replace: 1`` says the same); they are left as they are.
 * Hub checkpoints key experts per expert (``mlp.experts.{e}.gate_proj/up_proj/down_proj``) and hold one MTP layer at
-  ``model.layers.<num_hidden_layers>``, which transformers does not build and the key patterns never read.
+  ``model.layers.<num_hidden_layers>`` (``num_nextn_predict_layers``: 1; transformers 5.23's config class has no
+  such field, the hub config.json's value is kept as an extra attribute), which transformers does not build and the
+  key patterns never read (summary.json: ``"mtp": "dropped"``).
 """
 
 from lightning_slimmoe.families import CheckpointKeys, MoEFamily, register
@@ -25,4 +27,4 @@ GLM4_MOE_LITE = register(MoEFamily(
     router_attr="gate", shared_expert_attr="shared_experts", shared_expert_count_field="n_shared_experts",
     expert_indexed=(("gate.e_score_correction_bias", 0),), expert_group_field="n_group", min_experts_per_group=2,
     attention_prunable=False, attention_not_prunable_reason=MLA_NOT_PRUNABLE,
-    checkpoint_keys=CheckpointKeys(shared_expert="mlp.shared_experts")))
+    mtp_layers_field="num_nextn_predict_layers", checkpoint_keys=CheckpointKeys(shared_expert="mlp.shared_experts")))
