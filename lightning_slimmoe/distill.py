@@ -141,7 +141,7 @@ def frozen_forward(model: nn.Module):
     bookkeeping, no version counters), or ``torch.no_grad()`` where inference mode is not safe: an FSDP-sharded
     model (FSDP writes its all-gathered parameters and frees them in place across calls) and a bitsandbytes 8-bit
     one (LLM.int8 keeps per-weight state it updates in place). Results of an inference-mode forward are
-    inference tensors: clone them before autograd saves them (``StageModule.teacher_targets`` does)."""
+    inference tensors: clone them before autograd saves them (``module.teacher_targets`` does)."""
     try:
         from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
         sharded = (FSDPModule, FullyShardedDataParallel)

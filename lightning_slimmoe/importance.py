@@ -32,9 +32,10 @@ from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
 from torch.utils.checkpoint import checkpoint
 
-from lightning_slimmoe.distill import IGNORE_INDEX, KDConfig, distill_loss, frozen_forward, teacher_topk
-from lightning_slimmoe.distributed import local_rows, reshard_head
+from lightning_slimmoe.distill import IGNORE_INDEX, KDConfig, distill_loss
+from lightning_slimmoe.distributed import local_rows
 from lightning_slimmoe.families import MoEFamily, get_family, head_dim
+from lightning_slimmoe.module import teacher_targets
 from lightning_slimmoe.slimming import (check_expert_layout, expert_activations, expert_outputs, expert_weights,
                                         routed_tokens, shared_expert_weights, split_gate_up)
 from lightning_slimmoe.storage import atomic_torch_save
@@ -264,17 +265,26 @@ class _EvalMode:
 # ---------------------------------------------------------------------------------------------------
 # Criteria
 # ---------------------------------------------------------------------------------------------------
-def _teacher_targets(teacher: nn.Module, batch: dict, kd: KDConfig) -> tuple[Tensor, Tensor]:
-    """The teacher's (N, k) top-k values and ids for one batch, as the stage's KD loss takes them."""
-    with frozen_forward(teacher):  # inference_mode; no_grad for a sharded or 8-bit teacher
-        t_hidden_NH = teacher.model(input_ids=batch["input_ids"]).last_hidden_state.flatten(0, 1)
-        t_vals_NK, t_ids_NK = teacher_topk(t_hidden_NH, teacher.get_output_embeddings(), kd.top_k, kd.chunk_tokens,
-                                           log_probs_at=kd.temperature if kd.tail_bucket else None)
-        del t_hidden_NH
-        reshard_head(teacher)  # a sharded teacher's gathered lm_head is freed at once (no backward frees it)
-    if t_vals_NK.is_inference():  # (N, k): ordinary tensors, which a checkpointed loss may save for backward
-        t_vals_NK, t_ids_NK = t_vals_NK.clone(), t_ids_NK.clone()
-    return t_vals_NK, t_ids_NK
+class _gradients_only_for:
+    """Within the block only ``params`` of ``student`` require gradients (the pruned structures: saves memory on
+    big models); on exit every parameter's ``requires_grad`` is restored and every gradient dropped."""
+
+    def __init__(self, student: nn.Module, params: Iterable[nn.Parameter]):
+        self.student, self.params = student, list(params)
+
+    def __enter__(self):
+        self.flags = {p: p.requires_grad for p in self.student.parameters()}
+        for p in self.student.parameters():
+            p.requires_grad_(False)
+        for p in self.params:
+            p.requires_grad_(True)
+            p.grad = None
+        return self
+
+    def __exit__(self, *exc):
+        for p, flag in self.flags.items():
+            p.requires_grad_(flag)
+            p.grad = None
 
 
 def _kd_taylor(student, teacher, batches, kd: KDConfig, progress, counted) -> tuple[dict, dict, dict]:
@@ -282,21 +292,15 @@ def _kd_taylor(student, teacher, batches, kd: KDConfig, progress, counted) -> tu
         raise ValueError("criterion='kd_taylor' needs a teacher (the KD loss is taken against it)")
     kd = replace(kd, lm_weight=0.0)
     scored = scored_parameters(student)
-    flags = {p: p.requires_grad for p in student.parameters()}
-    for p in student.parameters():
-        p.requires_grad_(False)  # only the pruned structures need gradients: saves memory on big models
-    for p in scored:
-        p.requires_grad_(True)
-        p.grad = None
     # Every structure starts at zero, so a rank with no calibration batch still holds (and all-reduces)
     # exactly the same tables as the others.
     with torch.no_grad():
         experts, shared, groups = structure_scores(student, torch.zeros_like)
     device = next(student.parameters()).device
-    try:
+    with _gradients_only_for(student, scored):
         for i, batch in enumerate(progress(batches)):
             batch = _to_device(batch, device)
-            t_vals_NK, t_ids_NK = _teacher_targets(teacher, batch, kd)
+            t_vals_NK, t_ids_NK = teacher_targets(teacher, batch["input_ids"], kd)
             # The loss is distill_loss's fused path where the student's head is a plain nn.Linear: the head is frozen
             # here, so it computes only d(hidden) and no [V, H] gradient.
             s_hidden_NH = student.model(input_ids=batch["input_ids"]).last_hidden_state.flatten(0, 1)
@@ -308,10 +312,6 @@ def _kd_taylor(student, teacher, batches, kd: KDConfig, progress, counted) -> tu
                 _accumulate(experts, e), _accumulate(shared, s), _accumulate(groups, g)
             for p in scored:
                 p.grad = None
-    finally:
-        for p, flag in flags.items():
-            p.requires_grad_(flag)
-            p.grad = None
     return experts, shared, groups
 
 
@@ -414,12 +414,6 @@ def _kd_fisher(student, teacher, batches, kd: KDConfig, progress, counted, seed:
     kd = replace(kd, lm_weight=0.0)
     removal = removal_parameters(student)
     removal_ids = {id(p) for p in removal}
-    flags = {p: p.requires_grad for p in student.parameters()}
-    for p in student.parameters():
-        p.requires_grad_(False)
-    for p in removal:
-        p.requires_grad_(True)
-        p.grad = None
 
     def theta_dot_grad(p):  # θ ⊙ ∇ over the removal weights only (in fp64, see below); zero elsewhere
         if id(p) not in removal_ids or p.grad is None:
@@ -432,10 +426,10 @@ def _kd_fisher(student, teacher, batches, kd: KDConfig, progress, counted, seed:
     with torch.no_grad():
         experts, shared, groups = structure_scores(student, lambda p: torch.zeros_like(p, dtype=torch.float64))
     device = next(student.parameters()).device
-    try:
+    with _gradients_only_for(student, removal):
         for i, batch in enumerate(progress(batches)):
             batch = _to_device(batch, device)
-            t_vals_NK, t_ids_NK = _teacher_targets(teacher, batch, kd)
+            t_vals_NK, t_ids_NK = teacher_targets(teacher, batch["input_ids"], kd)
             labels_N = batch["labels"].flatten()
             # First order: the stage's KD loss (0 gradient at student == teacher for an exact divergence).
             s_hidden_NH = student.model(input_ids=batch["input_ids"]).last_hidden_state.flatten(0, 1)
@@ -478,10 +472,6 @@ def _kd_fisher(student, teacher, batches, kd: KDConfig, progress, counted, seed:
                 _accumulate(experts, rise[0]), _accumulate(shared, rise[1]), _accumulate(groups, rise[2])
             for p in removal:
                 p.grad = None
-    finally:
-        for p, flag in flags.items():
-            p.requires_grad_(flag)
-            p.grad = None
     return experts, shared, groups
 
 

@@ -69,6 +69,26 @@ def set_experts_implementation_(model: nn.Module | None, device: torch.device | 
     return kernel
 
 
+def teacher_targets(teacher: nn.Module, ids_BT: torch.Tensor, kd: KDConfig,
+                    top_k: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The frozen teacher's top-k (values, ids), (N, k) each with N = B*T: what the KD loss distils towards, what the
+    teacher cache stores and what the KD criteria score against (one function for all, so the cached and scored
+    numbers are the live ones)."""
+    with frozen_forward(teacher):  # inference_mode, or no_grad for a sharded / 8-bit teacher
+        t_hidden_NH = teacher.model(input_ids=ids_BT, use_cache=False).last_hidden_state.flatten(0, 1)
+        t_vals_NK, t_ids_NK = teacher_topk(t_hidden_NH, teacher.get_output_embeddings(), top_k or kd.top_k,
+                                           kd.chunk_tokens, log_probs_at=kd.temperature if kd.tail_bucket else None)
+        del t_hidden_NH
+        reshard_head(teacher)  # a sharded teacher's gathered lm_head is freed at once (no backward frees it)
+    if t_vals_NK.is_inference():  # ordinary tensors again: the checkpointed loss saves them for backward
+        t_vals_NK = t_vals_NK.clone()  # (N, k)
+        if t_ids_NK.dim() == 2 and t_ids_NK.stride(0) == 0:  # top_k = V: the expanded arange(V), not copied
+            t_ids_NK = torch.arange(t_ids_NK.shape[1], device=t_ids_NK.device).expand(t_ids_NK.shape)
+        else:
+            t_ids_NK = t_ids_NK.clone()  # (N, k)
+    return t_vals_NK, t_ids_NK
+
+
 def model_fingerprint(model: nn.Module) -> str:
     """Cheap identity of a model: its config and a sample of every tensor (not a full-weight hash).
 
@@ -183,22 +203,8 @@ class StageModule(pl.LightningModule):
                             t_vals_NK, t_ids_NK, self.kd)
 
     def teacher_targets(self, ids_BT: torch.Tensor, top_k: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """The frozen teacher's top-k (values, ids), (N, k) each with N = B*T: what the KD loss distils towards,
-        and what the teacher cache stores (one function for both, so the cached numbers are the live ones)."""
-        with frozen_forward(self.teacher):  # inference_mode, or no_grad for a sharded / 8-bit teacher
-            t_hidden_NH = self.teacher.model(input_ids=ids_BT, use_cache=False).last_hidden_state.flatten(0, 1)
-            t_vals_NK, t_ids_NK = teacher_topk(
-                t_hidden_NH, self.teacher.get_output_embeddings(), top_k or self.kd.top_k, self.kd.chunk_tokens,
-                log_probs_at=self.kd.temperature if self.kd.tail_bucket else None)
-            del t_hidden_NH
-            reshard_head(self.teacher)
-        if t_vals_NK.is_inference():  # ordinary tensors again: the checkpointed loss saves them for backward
-            t_vals_NK = t_vals_NK.clone()  # (N, k)
-            if t_ids_NK.dim() == 2 and t_ids_NK.stride(0) == 0:  # top_k = V: the expanded arange(V), not copied
-                t_ids_NK = torch.arange(t_ids_NK.shape[1], device=t_ids_NK.device).expand(t_ids_NK.shape)
-            else:
-                t_ids_NK = t_ids_NK.clone()  # (N, k)
-        return t_vals_NK, t_ids_NK
+        """The frozen teacher's top-k (values, ids) for this stage's KD loss (:func:`teacher_targets`)."""
+        return teacher_targets(self.teacher, ids_BT, self.kd, top_k)
 
     def training_step(self, batch, batch_idx):
         out = self.forward_loss(batch)
