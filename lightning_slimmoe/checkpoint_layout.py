@@ -20,7 +20,8 @@ checkpoints keep their multi-token-prediction layer at ``model.layers.<num_hidde
 prefix, and transformers builds no such layer.
 
 A multimodal wrapper's hub checkpoint keeps every tensor of its language model under another prefix
-(``model.language_model.``; ``lm_head`` stays at the top): :meth:`CheckpointLayout.hub_key` gives the key an
+(Qwen3.5-MoE: ``model.language_model.``, ``lm_head`` at the top; Llama-4: ``language_model.model.`` and
+``language_model.lm_head``): :meth:`CheckpointLayout.hub_key` gives the key an
 in-memory name has there, so the sharded reader reads that layout as it is published.
 
 Shapes: E experts, I expert width, W kept width, H hidden, G KV groups.
@@ -32,6 +33,7 @@ import os
 import re
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor
 
 from lightning_slimmoe.families import get_family, head_dim, language_config
@@ -73,6 +75,7 @@ class CheckpointLayout:
         # model.layers.<i>. -> model.language_model.layers.<i>.: the language model's prefix, in memory and on the hub
         self._hub_base = (tuple(p.rpartition(".")[0] + "." for p in (keys.decoder_layers, keys.hub_decoder_layers))
                           if keys.hub_decoder_layers else None)
+        self._hub_lm_head = ("lm_head.", keys.hub_lm_head + ".") if keys.hub_lm_head else None
         self._roles = dict(zip(keys.expert_projections, ("gate", "up", "down")))
         self._per_expert = re.compile(
             layer + re.escape(keys.expert_block) + r"\.experts\.(?P<expert>\d+)\.(?P<proj>"
@@ -81,7 +84,8 @@ class CheckpointLayout:
         self._fused = re.compile(layer + block + r"\.experts\.(?P<proj>" + "|".join(FUSED_PROJECTIONS) + r")$")
         self._fused_bias = re.compile(layer + block + r"\.experts\.(?P<proj>" + "|".join(FUSED_BIASES) + r")$")
         self._shared = (re.compile(layer + re.escape(keys.shared_expert)
-                                   + r"\.(?P<proj>gate_proj|up_proj|down_proj)\.(?P<kind>weight|bias)$")
+                                   + r"\.(?P<proj>gate_proj|up_proj|down_proj|input_linear|output_linear)"
+                                   r"\.(?P<kind>weight|bias)$")
                         if keys.shared_expert else None)
         self._attention = re.compile(layer + re.escape(keys.attention)
                                      + r"\.(?P<proj>q_proj|k_proj|v_proj|o_proj)\.(?P<kind>weight|bias)$")
@@ -108,10 +112,13 @@ class CheckpointLayout:
         """The key a multimodal wrapper's hub checkpoint gives the in-memory tensor ``name`` (Qwen3.5-MoE:
         ``model.layers.0.mlp.experts.down_proj`` -> ``model.language_model.layers.0.mlp.experts.down_proj``,
         ``model.embed_tokens.weight`` -> ``model.language_model.embed_tokens.weight``), None where the family has no
-        such layout or the tensor is outside the language model's prefix (``lm_head.weight``: the same key)."""
-        if self._hub_base is None or not name.startswith(self._hub_base[0]):
-            return None
-        return self._hub_base[1] + name.removeprefix(self._hub_base[0])
+        such layout or the tensor is outside the language model's prefix (``lm_head.weight``: the same key, except
+        where the family moves it too: Llama-4's ``language_model.lm_head.weight``, its ``model.`` being
+        ``language_model.model.``)."""
+        for base in (self._hub_base, self._hub_lm_head):
+            if base is not None and name.startswith(base[0]):
+                return base[1] + name.removeprefix(base[0])
+        return None
 
     def expert_key(self, key: str) -> ExpertKey | None:
         if m := self._match(self._per_expert, key):
@@ -139,19 +146,27 @@ class CheckpointLayout:
         return None
 
     # --- what a keep selects -------------------------------------------------------------------------
-    def plain_selection(self, name: str, keep: KeepIndices) -> tuple[int, Tensor] | None:
+    def plain_selection(self, name: str, keep: KeepIndices, stored_rows: int | None = None) -> tuple[int, Tensor] | None:
         """``(axis, index)`` that ``keep`` selects from the 1-D/2-D tensor called ``name`` (a per-expert key, a
         shared-expert projection or a q/k/v/o projection), or None when it is kept whole. The fused 3-D expert
-        tensors are not plain (each expert keeps its own rows): the reader gathers those expert by expert."""
+        tensors are not plain (each expert keeps its own rows): the reader gathers those expert by expert.
+        ``stored_rows``: dim 0 of the stored tensor, which Granite's fused shared ``input_linear [2I, H]`` needs (its
+        up rows lie ``I`` below their gate rows)."""
         if (e := self.expert_key(name)) is not None:
             if e.layer not in keep.experts:
                 return None
             return (0 if e.role in _ROWS_OF else 1), keep.experts[e.layer][e.expert]
         if self._shared is not None and (m := self._match(self._shared, name)):
             layer = int(m["layer"])
-            if layer not in keep.shared or (m["proj"] == "down_proj" and m["kind"] == "bias"):
+            down = m["proj"] in ("down_proj", "output_linear")
+            if layer not in keep.shared or (down and m["kind"] == "bias"):
                 return None  # down's bias is indexed by hidden, not by neuron
-            return (0 if m["proj"] != "down_proj" else 1), keep.shared[layer]
+            keep_W = keep.shared[layer]
+            if m["proj"] == "input_linear":  # Granite: gate rows [0, I), then up rows [I, 2I)
+                if stored_rows is None:
+                    raise ValueError(f"{name}: the fused shared gate/up projection needs its stored row count")
+                return 0, torch.cat([keep_W, keep_W + stored_rows // 2])
+            return (1 if down else 0), keep_W
         if (m := self._match(self._sinks, name)) and int(m["layer"]) in keep.groups:
             return 0, group_rows(keep.groups[int(m["layer"])], self.heads_per_group)  # the kept groups' query heads
         if m := self._match(self._attention, name):

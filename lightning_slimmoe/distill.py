@@ -48,7 +48,7 @@ from torch.utils.checkpoint import checkpoint
 
 IGNORE_INDEX = -100
 # log1p(-Q) of the student's top-k mass Q is taken at min(Q, 1 - 1e-7) (tail bucket): finite when Q rounds to 1.
-_REST_CLAMP = 1.0 - 1e-7
+REST_CLAMP = 1.0 - 1e-7
 
 __all__ = [
     "IGNORE_INDEX",
@@ -267,7 +267,7 @@ def _chunk_losses(
     if tail_bucket:
         # One extra bucket: the teacher's and the student's probability mass outside the top-k ids.
         p_rest = (1.0 - p.sum(-1)).clamp_min(0.0)  # (c,)
-        log_q_rest = torch.log1p(-log_q.exp().sum(-1).clamp(max=_REST_CLAMP))  # (c,)
+        log_q_rest = torch.log1p(-log_q.exp().sum(-1).clamp(max=REST_CLAMP))  # (c,)
         kd_per_token = kd_per_token + torch.special.xlogy(p_rest, p_rest) - p_rest * log_q_rest
     kd_sum = (temperature**2) * kd_per_token.sum()  # ()
 
@@ -425,7 +425,7 @@ def _fused_sums(hidden: Tensor, labels: Tensor, teacher_values: Tensor | None, t
                 p_rest = (1.0 - p.sum(-1)).clamp_min(0.0)  # (c,)
                 q = log_q.exp()  # (c, k)
                 q_mass = q.sum(-1)  # (c,)
-                q_clamped = q_mass.clamp(max=_REST_CLAMP)
+                q_clamped = q_mass.clamp(max=REST_CLAMP)
                 kd_tok = kd_tok + torch.special.xlogy(p_rest, p_rest) - p_rest * torch.log1p(-q_clamped)
             kd_c = (temperature**2) * kd_tok.sum()  # ()
             top1 = ids.gather(-1, tv.argmax(-1, keepdim=True)).squeeze(-1)  # (c,)
@@ -436,7 +436,7 @@ def _fused_sums(hidden: Tensor, labels: Tensor, teacher_values: Tensor | None, t
                 coef_soft = p.sum(-1)  # (c,) P
                 at_ids = p  # (c, k), subtracted at the teacher's ids
                 if tail_bucket:
-                    rest = torch.where(q_mass <= _REST_CLAMP, p_rest / (1.0 - q_clamped), torch.zeros_like(p_rest))
+                    rest = torch.where(q_mass <= REST_CLAMP, p_rest / (1.0 - q_clamped), torch.zeros_like(p_rest))
                     coef_soft = coef_soft - rest * q_mass
                     at_ids = p - rest.unsqueeze(-1) * q
                 kd_scale = w_kd * temperature

@@ -32,12 +32,13 @@ from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
 from torch.utils.checkpoint import checkpoint
 
-from lightning_slimmoe.distill import IGNORE_INDEX, KDConfig, distill_loss
+from lightning_slimmoe.distill import IGNORE_INDEX, REST_CLAMP, KDConfig, distill_loss
 from lightning_slimmoe.distributed import local_rows
 from lightning_slimmoe.families import MoEFamily, get_family, head_dim
 from lightning_slimmoe.module import teacher_targets
 from lightning_slimmoe.slimming import (check_expert_layout, expert_activations, expert_outputs, expert_weights,
-                                        routed_tokens, shared_expert_weights, split_gate_up)
+                                        routed_tokens, shared_expert_down, shared_expert_is_fused,
+                                        shared_expert_parameters, shared_expert_weights, split_gate_up)
 from lightning_slimmoe.storage import atomic_torch_save
 
 CRITERIA = ("kd_taylor", "kd_fisher", "activation", "magnitude", "random")
@@ -175,15 +176,23 @@ def structure_scores(model: nn.Module, contrib: Callable[[Tensor], Tensor]):
     experts, shared, groups = {}, {}, {}
     for layer, block in family.moe_blocks(model):
         experts[layer] = _expert_neuron_sums(block.experts, contrib)  # (E, I)
-        mlp = family.shared_expert(block)
-        if mlp is not None:
-            g, u, d = shared_expert_weights(mlp)
-            shared[layer] = _summed(g, contrib, (-1,)) + _summed(u, contrib, (-1,)) + _summed(d, contrib, (0,))  # (I_shared,)
+    for layer, mlp in family.shared_experts(model):
+        shared[layer] = _shared_neuron_sums(mlp, contrib)  # (I_shared,)
     num_groups = int(model.config.num_key_value_heads)
     for layer, attn in family.attention_modules(model):
         groups[layer] = _group_reduce(attn, contrib, num_groups)
     _all_reduce_shards_(model, (experts, shared, groups))
     return experts, shared, groups
+
+
+def _shared_neuron_sums(mlp: nn.Module, contrib: Callable[[Tensor], Tensor]) -> Tensor:
+    """``(I,)``: per shared-expert neuron, ``contrib`` summed over its gate, up and down weights."""
+    if shared_expert_is_fused(mlp):  # Granite: contrib on the fused parameter (its gradient), then split
+        gate_up_2I = _summed(mlp.input_linear.weight, contrib, (-1,))
+        width = gate_up_2I.shape[0] // 2
+        return gate_up_2I[:width] + gate_up_2I[width:] + _summed(mlp.output_linear.weight, contrib, (0,))
+    w_gate_IH, w_up_IH, w_down_HI = shared_expert_weights(mlp)
+    return _summed(w_gate_IH, contrib, (-1,)) + _summed(w_up_IH, contrib, (-1,)) + _summed(w_down_HI, contrib, (0,))
 
 
 def _expert_neuron_sums(experts: nn.Module, contrib: Callable[[Tensor], Tensor]) -> Tensor:
@@ -229,9 +238,8 @@ def scored_parameters(model: nn.Module) -> list[nn.Parameter]:
         params += [block.experts.gate_up_proj, block.experts.down_proj]
         if check_expert_layout(block.experts).has_bias:  # gpt-oss: a neuron's gate/up biases are scored with it
             params.append(block.experts.gate_up_proj_bias)
-        mlp = family.shared_expert(block)
-        if mlp is not None:
-            params += [mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight]
+    for _, mlp in family.shared_experts(model):
+        params += shared_expert_parameters(mlp)
     for _, attn in family.attention_modules(model):
         params += [p for _, p in _attention_tensors(attn)]
     return params
@@ -315,11 +323,6 @@ def _kd_taylor(student, teacher, batches, kd: KDConfig, progress, counted) -> tu
     return experts, shared, groups
 
 
-# log1p(-Q) of the student's top-k mass Q at min(Q, 1 - 1e-7): the tail-bucket clamp of distill.py, finite when Q
-# rounds to 1.
-_REST_CLAMP = 1.0 - 1e-7
-
-
 def removal_parameters(model: nn.Module) -> list[nn.Parameter]:
     """The weights whose zeroing removes each structure exactly: an expert neuron's ``down_proj`` column (routed
     and shared experts), a GQA group's ``o_proj`` input columns.
@@ -335,9 +338,8 @@ def removal_parameters(model: nn.Module) -> list[nn.Parameter]:
     params = []
     for _, block in family.moe_blocks(model):
         params.append(block.experts.down_proj)
-        mlp = family.shared_expert(block)
-        if mlp is not None:
-            params.append(shared_expert_weights(mlp)[2])
+    for _, mlp in family.shared_experts(model):
+        params.append(shared_expert_down(mlp).weight)
     for _, attn in family.attention_modules(model):
         params.append(attn.o_proj.weight)
     return params
@@ -369,7 +371,7 @@ def _fisher_sketch_chunk(hidden_cH: Tensor, ids_cK: Tensor | None, lm_head: nn.M
     log_q_cV = logits_cV - torch.logsumexp(logits_cV, dim=-1, keepdim=True)  # (c, V)
     if ids_cK is not None:
         log_q_cK = log_q_cV.gather(-1, ids_cK)  # (c, k)
-        log_rest_c = torch.log1p(-log_q_cK.exp().sum(-1).clamp(max=_REST_CLAMP))  # (c,)
+        log_rest_c = torch.log1p(-log_q_cK.exp().sum(-1).clamp(max=REST_CLAMP))  # (c,)
         log_q_cB = torch.cat([log_q_cK, log_rest_c.unsqueeze(-1)], dim=-1)  # (c, k+1) buckets
     else:
         log_q_cB = log_q_cV
@@ -516,9 +518,8 @@ def _activation(student, batches, progress) -> tuple[dict, dict, dict]:
     num_groups = int(student.config.num_key_value_heads)
     for layer, block in family.moe_blocks(student):
         hooks.append(block.experts.register_forward_hook(expert_hook(layer)))
-        mlp = family.shared_expert(block)
-        if mlp is not None:
-            hooks.append(mlp.down_proj.register_forward_pre_hook(shared_hook(layer)))
+    for layer, mlp in family.shared_experts(student):
+        hooks.append(shared_expert_down(mlp).register_forward_pre_hook(shared_hook(layer)))
     for layer, attn in family.attention_modules(student):
         hooks.append(attn.o_proj.register_forward_pre_hook(group_hook(layer, num_groups)))
     device = next(student.parameters()).device

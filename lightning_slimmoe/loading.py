@@ -123,6 +123,7 @@ class CheckpointReader:
         # float8 weight key -> its own weight_scale_inv key; such tensors are dequantized before any slicing
         self.fp8, self.scale_of = checkpoint_fp8(self.source, headers)
         self.mxfp4 = checkpoint_mxfp4(self.source, headers)  # fused expert name -> its (blocks, scales) keys
+        self._fused_keys: dict[str, str | None] = {}  # fused expert tensor name -> its checkpoint key, if fused there
         self.per_expert: dict[tuple[int, int, str], str] = {}  # (layer, expert, gate|up|down) -> key
         for name in self.file_of:
             if (e := self.layout.expert_key(name)) is not None:
@@ -175,6 +176,22 @@ class CheckpointReader:
                 return key
         return None
 
+    def _fused_key(self, name: str) -> str | None:
+        """The checkpoint tensor holding the fused expert tensor ``name`` whole, None where the checkpoint keeps it
+        per expert: the in-memory name, a wrapper's hub key, or one renamed whole by save_pretrained (Granite:
+        ``block_sparse_moe.input_linear.weight`` / ``output_linear.weight``). A reverse conversion that splits the
+        tensor into per-expert keys (Qwen, Mixtral) is not a fused key: those are read by :meth:`_expert_key`."""
+        if name not in self._fused_keys:
+            key = self._stored_key(name)
+            if key is None:
+                from transformers.core_model_loading import revert_weight_conversion
+
+                stand_in = torch.empty(self.model.get_parameter(name).shape, device="meta")
+                candidates = list(revert_weight_conversion(self.model, {name: stand_in}))
+                key = self._stored_key(candidates[0]) if len(candidates) == 1 else None
+            self._fused_keys[name] = key
+        return self._fused_keys[name]
+
     def checkpoint_key(self, name: str, like: Tensor) -> str:
         """The checkpoint tensor holding model tensor ``name`` (not for fused experts)."""
         if (key := self._stored_key(name)) is not None:
@@ -199,7 +216,8 @@ class CheckpointReader:
             yield from self._expert_blocks(name, fused.layer, fused.proj, like, start, stop)
             return
         key = self.checkpoint_key(name, like)
-        selection = None if self.keep is None else self.layout.plain_selection(name, self.keep)
+        selection = (None if self.keep is None else
+                     self.layout.plain_selection(name, self.keep, stored_rows=self._slice(key).get_shape()[0]))
         indexed = self.layout.expert_indexed(name)
         if selection is None and indexed is not None and indexed[0] in self.kept_experts:
             # expert removal: the router (and its score-correction bias) keeps the entries of the kept experts
@@ -227,7 +245,7 @@ class CheckpointReader:
         if check_expert_layout(self.model.get_submodule(name.rpartition(".")[0])).transposed:
             piece = self._transposed_expert_piece(name, proj, e, k_W)  # gpt-oss
             return piece if rows is None else piece[:rows]
-        fused = self._stored_key(name)  # the fused checkpoint tensor (in-memory or wrapper hub key), if there is one
+        fused = self._fused_key(name)
         if proj == "gate_up_proj":
             if fused:
                 w_2IH = self._rows(fused, slice(e, e + 1))[0]  # (2I, H): gate rows then up rows

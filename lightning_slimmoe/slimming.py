@@ -147,9 +147,32 @@ def expert_outputs(experts: nn.Module, x_NH: Tensor, expert: int) -> Tensor:
     return y_NH + experts.down_proj_bias[expert] if layout.has_bias else y_NH
 
 
+def shared_expert_is_fused(mlp: nn.Module) -> bool:
+    """Granite's shared MLP: one ``input_linear [2I, H]`` (gate rows, then up rows: ``chunk(2)`` in its forward) and
+    ``output_linear [H, I]``, where every other family has ``gate_proj`` / ``up_proj`` / ``down_proj``."""
+    return hasattr(mlp, "input_linear")
+
+
 def shared_expert_weights(mlp: nn.Module) -> tuple[Tensor, Tensor, Tensor]:
-    """The shared dense expert as ``gate [I, H]``, ``up [I, H]``, ``down [H, I]``."""
+    """The shared dense expert as ``gate [I, H]``, ``up [I, H]``, ``down [H, I]`` (views into Granite's fused
+    ``input_linear``: a gradient is on the parameter, not on them; see :func:`shared_expert_parameters`)."""
+    if shared_expert_is_fused(mlp):
+        w_gate_up_2IH = mlp.input_linear.weight
+        width = w_gate_up_2IH.shape[0] // 2
+        return w_gate_up_2IH[:width], w_gate_up_2IH[width:], mlp.output_linear.weight
     return mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight
+
+
+def shared_expert_parameters(mlp: nn.Module) -> list[nn.Parameter]:
+    """The shared expert's weight parameters, as stored: ``[gate, up, down]`` or Granite's ``[input, output]``."""
+    if shared_expert_is_fused(mlp):
+        return [mlp.input_linear.weight, mlp.output_linear.weight]
+    return [mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight]
+
+
+def shared_expert_down(mlp: nn.Module) -> nn.Linear:
+    """The shared expert's down projection (its input is the neurons' activations)."""
+    return mlp.output_linear if shared_expert_is_fused(mlp) else mlp.down_proj
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -223,7 +246,7 @@ def resolve_target(
     width = _resolve_width("expert_width", expert_width, family.expert_width(config),
                            family.expert_width(reference), round_to, EXPERT_WIDTH_ALIGNMENT)
     shared = None
-    if family.shared_expert_width_field:
+    if family.shared_expert_width_field and family.shared_expert_width(config) is not None:
         shared = _resolve_width("shared_expert_width", shared_expert_width, family.shared_expert_width(config),
                                 family.shared_expert_width(reference), round_to)
     elif family.shared_width_follows_routed() and shared_expert_width is not None:
@@ -285,6 +308,10 @@ def slim_config(config, target: SlimTarget):
     setattr(new, family.width_field, target.expert_width)
     if family.shared_expert_width_field and target.shared_expert_width is not None:
         setattr(new, family.shared_expert_width_field, target.shared_expert_width)
+    if family.mtp_layers_field and getattr(new, family.mtp_layers_field, None):
+        # The slimmed model has no multi-token-prediction layers (never read, slimmed nor exported): a config still
+        # counting them would send serving engines (vLLM's MTP speculative decoding) looking for weights it lacks.
+        setattr(new, family.mtp_layers_field, 0)
     if family.attention_prunable:  # others keep their attention fields as they are (an MLA config's `head_dim`
         dim = head_dim(config)      # can be an alias of its rope dim: writing it is not a no-op there)
         heads_per_group = config.num_attention_heads // config.num_key_value_heads
@@ -398,6 +425,12 @@ def _slice_linear_(linear: nn.Linear, index: Tensor, dim: int) -> None:
 
 @torch.no_grad()
 def slice_shared_expert_(mlp: nn.Module, keep_W: Tensor) -> None:
+    if shared_expert_is_fused(mlp):  # Granite: the kept gate rows and the same neurons' up rows, I rows below
+        width = mlp.input_linear.out_features // 2
+        _slice_linear_(mlp.input_linear, torch.cat([keep_W, keep_W + width]), 0)
+        _slice_linear_(mlp.output_linear, keep_W, 1)
+        mlp.hidden_size = keep_W.numel()  # GraniteMoeSharedMLP's name for its width
+        return
     _slice_linear_(mlp.gate_proj, keep_W, 0)
     _slice_linear_(mlp.up_proj, keep_W, 0)
     _slice_linear_(mlp.down_proj, keep_W, 1)
@@ -462,8 +495,8 @@ def slim_model_(model: nn.Module, keep: KeepIndices) -> nn.Module:
             slice_experts_(block.experts, keep.experts[layer])
             if hasattr(block, "ffn_dim"):
                 block.ffn_dim = block.experts.intermediate_dim
-        shared = family.shared_expert(block)
-        if shared is not None and layer in keep.shared:
+    for layer, shared in family.shared_experts(model):
+        if layer in keep.shared:
             slice_shared_expert_(shared, keep.shared[layer])
     dim = head_dim(config)
     heads_per_group = config.num_attention_heads // config.num_key_value_heads
@@ -475,8 +508,8 @@ def slim_model_(model: nn.Module, keep: KeepIndices) -> nn.Module:
             slice_attention_groups_(attn, keep.groups[layer], heads_per_group, dim, family.q_rows_per_head)
     new_config = slim_config(config, target)
     attention = ("num_attention_heads", "num_key_value_heads", "head_dim") if family.attention_prunable else ()
-    for key in (family.width_field, family.shared_expert_width_field, *attention):
-        if key:
+    for key in (family.width_field, family.shared_expert_width_field, family.mtp_layers_field, *attention):
+        if key and hasattr(new_config, key):
             setattr(config, key, getattr(new_config, key))
     return model
 

@@ -34,7 +34,8 @@ ROOT = Path(__file__).resolve().parents[1]
 # Tiny random configs and models of every supported family (LitGPT style)
 # ---------------------------------------------------------------------------------------------------
 FAMILIES = ["phimoe", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "glm4_moe", "deepseek_v2", "deepseek_v3",
-            "ernie4_5_moe", "minimax_m2", "qwen3_next", "qwen3_5_moe", "glm4_moe_lite", "gpt_oss", "llama4"]
+            "ernie4_5_moe", "minimax_m2", "qwen3_next", "qwen3_5_moe", "glm4_moe_lite", "gpt_oss", "llama4",
+            "granitemoe", "granitemoeshared", "granitemoehybrid"]
 VOCAB = 96
 
 _COMMON = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -87,6 +88,19 @@ _PER_FAMILY = {
     # (top-2 here, where the hub's is top-1, so that expert removal has a floor to refuse)
     "llama4": dict(intermediate_size=24, intermediate_size_mlp=40, num_local_experts=4, interleave_moe_layer_step=2,
                    attention_chunk_size=4, use_qk_norm=True, no_rope_layers=[1, 0]),
+    # Granite: the MoE block is block_sparse_moe; granitemoeshared / granitemoehybrid add the decoder layer's fused
+    # shared_mlp (input_linear [2I, H], output_linear); the multipliers are not 1 so that they are exercised
+    "granitemoe": dict(intermediate_size=24, num_local_experts=4, attention_bias=True, attention_multiplier=0.3,
+                       residual_multiplier=0.5, embedding_multiplier=2.0, logits_scaling=2.0),
+    "granitemoeshared": dict(intermediate_size=24, num_local_experts=4, shared_intermediate_size=20,
+                             attention_multiplier=0.3, residual_multiplier=0.5, embedding_multiplier=2.0,
+                             logits_scaling=2.0),
+    # Granite-4.0-H: layer 0 Mamba-2 (no attention), layer 1 GQA without positional embedding
+    "granitemoehybrid": dict(intermediate_size=24, num_local_experts=4, shared_intermediate_size=20,
+                             layer_types=["mamba", "attention"], position_embedding_type="nope", mamba_n_heads=4,
+                             mamba_d_head=16, mamba_d_state=8, mamba_n_groups=1, mamba_expand=2, mamba_chunk_size=8,
+                             attention_multiplier=0.3, residual_multiplier=0.5, embedding_multiplier=2.0,
+                             logits_scaling=2.0),
 }
 _CONFIG_TYPE = {"qwen3_5_moe": "qwen3_5_moe_text", "llama4": "llama4_text"}  # the family's causal LM config, where its hub config wraps it
 _MLA = ("deepseek_v2", "deepseek_v3", "glm4_moe_lite")  # head_dim is derived from (glm4_moe_lite: aliases) the rope dim
@@ -133,7 +147,7 @@ def __getattr__(name: str):
 def random_keep(model, width, groups, shared_width=None, seed=0):
     """Random (sorted) keep indices for every expert, shared expert and attention layer of ``model``."""
     from lightning_slimmoe.families import get_family
-    from lightning_slimmoe.slimming import KeepIndices, expert_weights
+    from lightning_slimmoe.slimming import KeepIndices, expert_weights, shared_expert_weights
 
     gen = torch.Generator().manual_seed(seed)
     family = get_family(model)
@@ -142,8 +156,10 @@ def random_keep(model, width, groups, shared_width=None, seed=0):
         num_experts, cur, _ = expert_weights(block.experts)[0].shape
         keep.experts[layer] = torch.stack([torch.randperm(cur, generator=gen)[:width].sort().values
                                            for _ in range(num_experts)])
-        if shared_width is not None and family.shared_expert(block) is not None:
-            cur_shared = family.shared_expert(block).gate_proj.out_features
+    shared_experts = dict(family.shared_experts(model))
+    for layer, mlp in shared_experts.items():
+        if shared_width is not None:
+            cur_shared = shared_expert_weights(mlp)[0].shape[0]
             if family.shared_width_follows_routed():  # DeepSeek-style / Llama-4: the shared width follows the routed one
                 shared_width = family.shared_expert_width(model.config) // family.expert_width(model.config) * width
             keep.shared[layer] = torch.randperm(cur_shared, generator=gen)[:shared_width].sort().values
@@ -167,6 +183,9 @@ PIPELINE_FAMILY_OVERRIDES = {  # widths that stay grouped_mm-aligned after two h
     "glm4_moe_lite": dict(moe_intermediate_size=32),
     "gpt_oss": dict(intermediate_size=32),
     "llama4": dict(intermediate_size=32),
+    "granitemoe": dict(intermediate_size=32),
+    "granitemoeshared": dict(intermediate_size=32, shared_intermediate_size=32),
+    "granitemoehybrid": dict(intermediate_size=32, shared_intermediate_size=32),
 }
 
 
@@ -220,13 +239,38 @@ def write_hub_checkpoint(path: Path, vocab_size: int = VOCAB, scale: float = 0.2
     return model
 
 
-def make_hub_teacher_dir(path, corpus: str, vocab_size: int = 320) -> str:
-    """A tiny Qwen3.5-MoE teacher in its multimodal hub layout (:func:`write_hub_checkpoint`), with a tokenizer and
-    the pipeline widths (``PIPELINE_FAMILY_OVERRIDES``), as `teacher:` takes a downloaded hub snapshot."""
+LLAMA4_VISION = dict(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32, image_size=16,
+                     patch_size=8, vision_output_dim=32, projector_input_dim=32, projector_output_dim=32,
+                     rope_theta=10000.0)  # a one-layer vision tower for the Llama-4 wrapper
+
+
+def write_llama4_hub_checkpoint(path: Path, vocab_size: int = VOCAB, scale: float = 0.2, seed: int = 0, **text):
+    """A tiny Llama-4 hub directory as Meta publishes it: the multimodal wrapper (``model_type: llama4``) saved by
+    ``Llama4ForConditionalGeneration``, its language model under ``language_model.model.`` and
+    ``language_model.lm_head``, beside ``vision_model.*`` (whose own ``vision_model.model.layers.<i>.`` must never
+    be read as a decoder layer) and ``multi_modal_projector.*``. Returns the wrapper model."""
+    from transformers import Llama4Config, Llama4ForConditionalGeneration
+
+    text_config = tiny_config("llama4", vocab_size=vocab_size, **text)
+    config = Llama4Config(text_config=text_config.to_dict(), vision_config=LLAMA4_VISION)
+    torch.manual_seed(seed)
+    model = Llama4ForConditionalGeneration(config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, scale)
+    model.save_pretrained(path)
+    return model
+
+
+def make_hub_teacher_dir(path, corpus: str, vocab_size: int = 320, family: str = "qwen3_5_moe") -> str:
+    """A tiny teacher in its multimodal hub layout (Qwen3.5-MoE: :func:`write_hub_checkpoint`; Llama-4:
+    :func:`write_llama4_hub_checkpoint`), with a tokenizer and the pipeline widths (``PIPELINE_FAMILY_OVERRIDES``),
+    as `teacher:` takes a downloaded hub snapshot."""
     from lightning_slimmoe.data import TextDataModule
 
+    writer = {"qwen3_5_moe": write_hub_checkpoint, "llama4": write_llama4_hub_checkpoint}[family]
     tokenizer = TextDataModule(files=[corpus]).train_tokenizer(vocab_size, str(path))
-    write_hub_checkpoint(path, vocab_size=len(tokenizer), scale=0.05, **PIPELINE_FAMILY_OVERRIDES["qwen3_5_moe"])
+    writer(path, vocab_size=len(tokenizer), scale=0.05, **PIPELINE_FAMILY_OVERRIDES[family])
     tokenizer.save_pretrained(path)
     return str(path)
 

@@ -2,8 +2,11 @@
 per-step losses and kept indices over a two-stage run. GLM-4.5, ERNIE-4.5, Qwen3-Next and Qwen3.5-MoE prune GQA
 groups in the second stage (Qwen3-Next's / Qwen3.5's only on the full-attention layer, their own-width shared expert
 slimmed with the routed ones); DeepSeek-V2 / V3 and GLM-4.7-Flash (MLA) and MiniMax-M2 (q/k norms over all heads)
-slim expert widths only. Qwen3.5-MoE's teacher is its multimodal hub layout (``model.language_model.*``, a vision
-tower, an ``mtp.*`` layer), which each rank reads as published.
+slim expert widths only. gpt-oss prunes groups with their attention sinks (its transposed, interleaved, biased
+experts sliced at read time), Llama-4 its shared expert with the routed width, Granite-4.0-H its fused shared MLP
+beside the MoE block, on a stack with a Mamba-2 layer. Qwen3.5-MoE's and Llama-4's teachers are in their multimodal hub layouts (``model.language_model.*``, a
+vision tower, an ``mtp.*`` layer; ``language_model.model.*`` / ``language_model.lm_head``, a vision tower), which
+each rank reads as published.
 
 Each run is as small as still tests that: two optimizer steps per stage, one calibration batch, one validation (and
 checkpoint) at the end of each stage, one validation batch. Most of a run's time is process start-up and imports: the
@@ -20,7 +23,8 @@ import pytest
 from helpers import MODEL_PARALLEL, make_hub_teacher_dir, make_teacher_dir, scalars, tiny_recipe, train_torchrun
 from lightning_slimmoe.cli import main
 
-OWN_WIDTH_SHARED = ("qwen3_next", "qwen3_5_moe")  # shared expert with its own width field: slimmed explicitly
+OWN_WIDTH_SHARED = ("qwen3_next", "qwen3_5_moe", "granitemoehybrid")  # shared expert with its own width field: slimmed explicitly
+HUB_LAYOUT = ("qwen3_5_moe", "llama4")  # teachers in their multimodal hub layout, read by each rank as published
 NO_GROUPS = ("deepseek_v2", "deepseek_v3", "glm4_moe_lite", "minimax_m2")  # MLA / all-head q/k norms
 STEPS = 2  # optimizer steps per stage
 BATCH, SEQ = 4, 32  # samples per step (one process; 2 per rank with 2 ranks) and tokens per sample
@@ -43,9 +47,10 @@ def _stages(family: str) -> list[dict]:
 @pytest.mark.slow
 @pytest.mark.distributed
 @pytest.mark.parametrize("family", ["glm4_moe", "qwen3_next", "deepseek_v3", "deepseek_v2", "ernie4_5_moe",
-                                    "minimax_m2", "qwen3_5_moe", "glm4_moe_lite"])
+                                    "minimax_m2", "qwen3_5_moe", "glm4_moe_lite", "gpt_oss", "llama4", "granitemoe",
+                                    "granitemoehybrid"])
 def test_two_gloo_ranks_match_one_process(tmp_path, corpus_file, family):
-    teacher = (make_hub_teacher_dir(tmp_path / "teacher", corpus_file) if family == "qwen3_5_moe"
+    teacher = (make_hub_teacher_dir(tmp_path / "teacher", corpus_file, family=family) if family in HUB_LAYOUT
                else make_teacher_dir(tmp_path / "teacher", family, corpus_file))
     recipe = tiny_recipe(tmp_path, teacher, corpus_file, stages=_stages(family))
     one_val_batch = ("--trainer.limit_val_batches", "1")

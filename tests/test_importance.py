@@ -50,11 +50,14 @@ def brute_force_kd_taylor(student, teacher, batches, top_k, temperature):
                 for j in range(width):
                     table[e, j] = gu[e, j, :].sum() + gu[e, width + j, :].sum() + dn[e, :, j].sum()
             experts_ref[layer] = experts_ref.get(layer, 0) + table
-            mlp = family.shared_expert(block)
-            if mlp is not None:
+        for layer, mlp in family.shared_experts(student):
+            if hasattr(mlp, "input_linear"):  # Granite: gate rows then up rows of one fused weight
+                gu, d = c(mlp.input_linear.weight), c(mlp.output_linear.weight)
+                g, u = gu[:gu.shape[0] // 2], gu[gu.shape[0] // 2:]
+            else:
                 g, u, d = c(mlp.gate_proj.weight), c(mlp.up_proj.weight), c(mlp.down_proj.weight)
-                shared_ref[layer] = shared_ref.get(layer, 0) + torch.stack(
-                    [g[j].sum() + u[j].sum() + d[:, j].sum() for j in range(g.shape[0])])
+            shared_ref[layer] = shared_ref.get(layer, 0) + torch.stack(
+                [g[j].sum() + u[j].sum() + d[:, j].sum() for j in range(g.shape[0])])
         for layer, attn in family.attention_modules(student):
             table = torch.zeros(groups, dtype=torch.float64)
             for grp in range(groups):

@@ -102,6 +102,7 @@ def test_two_stages_from_a_multimodal_hub_teacher(tmp_path, corpus_file):
     assert summary["stages"][-1]["num_key_value_heads"] == 1
     final = AutoModelForCausalLM.from_pretrained(summary["final_dir"])
     assert final.config.model_type == "qwen3_5_moe_text" and final.config.shared_expert_intermediate_size == 16
+    assert final.config.mtp_num_hidden_layers == 0  # the teacher's 1 MTP layer is not in the export: not counted
     card = (Path(summary["final_dir"]) / "README.md").read_text()
     assert "vision tower" in card and '"mtp": "dropped"' in card
 

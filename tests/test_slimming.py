@@ -13,7 +13,7 @@ from lightning_slimmoe.families import UnsupportedModelError, get_family, suppor
 from lightning_slimmoe.importance import ImportanceScores, compute_scores
 from lightning_slimmoe.slimming import (
     KeepIndices, SlimTarget, check_expert_layout, expert_biases, expert_weights, remove_experts_, resolve_target,
-    select_keep, slim_config, slim_model_,
+    select_keep, shared_expert_weights, slim_config, slim_model_,
 )
 
 
@@ -86,12 +86,13 @@ def _reference_forward(model, keep: KeepIndices, heads_per_group: int, dim: int)
 
     for layer, block in family.moe_blocks(model):
         block.experts.forward = make_forward(block.experts, keep.experts[layer])
-        shared = family.shared_expert(block)
-        if shared is not None and layer in keep.shared:
-            dropped = torch.ones(shared.gate_proj.out_features, dtype=torch.bool)
+    for layer, shared in family.shared_experts(model):
+        if layer in keep.shared:
+            w_down_HI = shared_expert_weights(shared)[2]
+            dropped = torch.ones(w_down_HI.shape[1], dtype=torch.bool)
             dropped[keep.shared[layer]] = False
             with torch.no_grad():
-                shared.down_proj.weight[:, dropped] = 0.0  # a dropped shared neuron contributes nothing
+                w_down_HI[:, dropped] = 0.0  # a dropped shared neuron contributes nothing
     with torch.no_grad():
         for layer, attn in family.attention_modules(model):
             dropped = torch.ones(model.config.num_key_value_heads, dtype=torch.bool)
@@ -140,6 +141,18 @@ def test_slim_config_matches_sliced_model(family_name):
     slim_model_(model, select_keep(scores, target))
     fresh = AutoModelForCausalLM.from_config(config)
     assert {k: v.shape for k, v in fresh.state_dict().items()} == {k: v.shape for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("model_json, field", [("deepseek-v3.json", "num_nextn_predict_layers"),
+                                               ("glm-4.5-air.json", "num_nextn_predict_layers"),
+                                               ("minimax-m2.json", "num_mtp_modules")])
+def test_slim_config_counts_no_mtp_layers(model_json, field):
+    """The slimmed (exported) model has none of the hub's multi-token-prediction layers, so its config counts none."""
+    config = AutoConfig.from_pretrained(f"conf/models/{model_json}")
+    assert getattr(config, field) >= 1
+    family = get_family(config)
+    slimmed = slim_config(config, resolve_target(config, expert_width=family.expert_width(config) // 2))
+    assert getattr(slimmed, field) == 0 and getattr(config, field) >= 1  # the teacher's config is left as it is
 
 
 def test_fraction_targets_and_rounding():
@@ -258,8 +271,8 @@ def test_tied_shared_expert_width_follows_the_routed_width(family_name, tmp_path
     count = int(getattr(model.config, family.shared_expert_count_field))
     assert target.shared_expert_width == 16 * count
     slim_model_(model, select_keep(compute_scores(model, [], "magnitude"), target))
-    for _, block in family.moe_blocks(model):
-        assert family.shared_expert(block).gate_proj.out_features == 16 * count
+    for _, mlp in family.shared_experts(model):
+        assert mlp.gate_proj.out_features == 16 * count
     model.save_pretrained(tmp_path)  # stock code rebuilds the shared experts from the routed width
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     batch = random_batch()

@@ -44,6 +44,9 @@ class CheckpointKeys:
     # The language model's other tensors sit beside its layers there (model.language_model.embed_tokens / .norm),
     # lm_head stays at the top: checkpoint_layout.CheckpointLayout.hub_key maps every in-memory name accordingly.
     hub_decoder_layers: str | None = None
+    # Where such a hub checkpoint keeps lm_head when not at the top (Llama-4: language_model.lm_head, its decoder
+    # layers under language_model.model.layers).
+    hub_lm_head: str | None = None
     expert_block: str = "mlp"  # module holding the per-expert keys: mlp | block_sparse_moe
     expert_projections: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")  # gate, up, down
     shared_expert: str | None = None  # module of the always-on shared expert (Qwen2-MoE: mlp.shared_expert)
@@ -57,7 +60,9 @@ class MoEFamily:
     num_experts_field: str  # config field holding the number of routed experts
     router_attr: str  # attribute of the sparse MoE block that holds the router
     shared_expert_width_field: str | None = None  # Qwen2-MoE: an always-on dense expert beside the routed ones
-    shared_expert_attr: str = "shared_expert"  # DeepSeek / GLM / ERNIE: `shared_experts`
+    shared_expert_attr: str = "shared_expert"  # DeepSeek / GLM / ERNIE: `shared_experts`; Granite: `shared_mlp`
+    # Granite keeps its shared MLP on the decoder layer, beside the MoE block (`layer.shared_mlp`), not inside it.
+    shared_expert_beside_block: bool = False
     # DeepSeek / GLM / ERNIE build the shared experts with width `<width_field> * <this field>`: their width is
     # tied to the routed width in the config, so it follows every expert-width target (docs/families-2026.md).
     shared_expert_count_field: str | None = None
@@ -122,8 +127,19 @@ class MoEFamily:
         return (f"{self.width_field} x {self.shared_expert_count_field}" if self.shared_expert_count_field
                 else self.width_field)
 
-    def shared_expert(self, block: nn.Module) -> nn.Module | None:
-        return getattr(block, self.shared_expert_attr, None) if self.has_shared_expert() else None
+    def shared_experts(self, model: nn.Module) -> Iterator[tuple[int, nn.Module]]:
+        """(layer index, shared expert) for every MoE layer that has one: an MLP of its own width beside the routed
+        experts, as separate ``gate_proj`` / ``up_proj`` / ``down_proj`` or Granite's fused ``input_linear`` /
+        ``output_linear`` (``slimming.shared_expert_weights`` reads both)."""
+        if not self.has_shared_expert():
+            return
+        for i, layer in enumerate(self.decoder_layers(model)):
+            block = getattr(layer, self.moe_block_attr, None)
+            if not hasattr(block, "experts"):
+                continue
+            mlp = getattr(layer if self.shared_expert_beside_block else block, self.shared_expert_attr, None)
+            if mlp is not None:
+                yield i, mlp
 
     def expert_indexed_tensors(self) -> tuple[tuple[str, int], ...]:
         """Every tensor of the MoE block indexed by expert, with its expert dim: the router's, then the rest."""
@@ -139,7 +155,7 @@ class MoEFamily:
     def shared_expert_width(self, config) -> int | None:
         config = language_config(config)
         if self.shared_expert_width_field:
-            return int(getattr(config, self.shared_expert_width_field))
+            return int(getattr(config, self.shared_expert_width_field) or 0) or None  # Granite: 0 = no shared MLP
         if self.shared_expert_count_field and getattr(config, self.shared_expert_count_field, None):
             return self.expert_width(config) * int(getattr(config, self.shared_expert_count_field))
         if self.shared_expert_tied:

@@ -14,9 +14,9 @@ model reloads with stock ``from_pretrained``. The experts are undecorated and fu
 
 The hub config is the multimodal wrapper (``model_type: llama4``, the language model under ``text_config``, of type
 ``llama4_text``) beside a vision tower; the slimmed and exported model is the text-only ``Llama4ForCausalLM``. Its
-hub checkpoint keeps the language model under ``language_model.`` (``lm_head`` too), a prefix the sharded loader does
-not map: it refuses that checkpoint by name (``checkpoint_layout.sharded_read_problem``), stock ``from_pretrained``
-reads it.
+hub checkpoint keeps the language model under ``language_model.`` (``language_model.model.layers.<i>.``, and
+``language_model.lm_head``), beside ``vision_model.*`` and ``multi_modal_projector.*``: the sharded loader reads that
+layout as published (``CheckpointLayout.hub_key``), and never a vision-tower tensor.
 """
 
 from lightning_slimmoe.families import CheckpointKeys, MoEFamily, register
@@ -25,6 +25,7 @@ LLAMA4 = register(MoEFamily(
     model_type="llama4", text_model_type="llama4_text", width_field="intermediate_size",
     num_experts_field="num_local_experts", router_attr="router", shared_expert_tied=True, moe_block_attr="feed_forward",
     checkpoint_keys=CheckpointKeys(expert_block="feed_forward", shared_expert="feed_forward.shared_expert",
-                                   attention="self_attn"),
+                                   attention="self_attn", hub_decoder_layers="language_model.model.layers",
+                                   hub_lm_head="language_model.lm_head"),
     export_note=("The export is the text-only causal LM (`Llama4ForCausalLM`, config `llama4_text`): a multimodal "
                  "teacher's vision tower (`vision_model.*`, `multi_modal_projector.*`) is not part of it.")))
