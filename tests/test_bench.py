@@ -280,3 +280,30 @@ def test_speed_cuda_without_a_gpu_fails_fast(tmp_path):
     with pytest.raises(SystemExit, match="no CUDA device"):
         speed.main(["--out", str(tmp_path / "s"), "--device", "cuda", "--configs", "ours_topk"])
     assert not (tmp_path / "s").exists()  # nothing was built
+
+
+def test_quality_claims_pairs_seeds_and_gives_verdicts(tmp_path, capsys):
+    from bench import quality_claims
+
+    def row(ppl, before):
+        return {"seeds": [0, 1, 2], "val_ppl_seeds": ppl, "val_ppl_before_kd_seeds": before}
+
+    config = {"final_expert_width": 0.0625, "final_kv_heads": 2, "slim_stages": [[0.25, 0.5], [0.0625, 0.5]],
+              "kd_lr": 3e-4, "lr_schedule": "run"}
+    methods = {"slimmoe": row([10.0, 12.0, 9.0], [5, 5, 5]), "oneshot": row([11.0, 11.0, 11.0], [20, 20, 20]),
+               "criterion_activation": row([12.0, 13.0, 14.0], [30, 31, 32])}
+    (tmp_path / "r").mkdir()
+    (tmp_path / "r" / "quality.json").write_text(json.dumps({"config": config, "methods": methods}))
+    text = quality_claims.main([str(tmp_path / "r"), "--out", str(tmp_path / "claims.md")])
+    lines = {line.split(" | ")[0].lstrip("| "): line for line in text.splitlines()[2:]}
+    assert set(lines) == {"multi-stage > one-shot (kd_taylor)", "kd_taylor > activation (one-shot)"}  # others: not run
+    multi = lines["multi-stage > one-shot (kd_taylor)"]
+    assert "-1.00, +1.00, -2.00" in multi and "-0.67 ± 1.53" in multi and "mixed (2/3)" in multi
+    assert "| - |" in multi  # no before-KD comparison against a multi-stage run's first prune
+    one_shot = lines["kd_taylor > activation (one-shot)"]
+    assert "holds (3/3)" in one_shot and "| -11.0 |" in one_shot
+    assert (tmp_path / "claims.md").read_text() == text
+    with pytest.raises(SystemExit):
+        quality_claims.main([str(tmp_path / "missing")])
+    assert "no quality.json" in capsys.readouterr().err
+

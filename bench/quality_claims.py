@@ -1,0 +1,96 @@
+"""SlimMoE's claims (arXiv 2506.18349 §6), read off ``bench/quality.py`` results: one table, a row per claim and
+result directory, each a paired difference of held-out perplexity per seed (the same teacher, data stream and
+calibration batches for both sides), its mean ± std, and how many seeds favour the claim.
+
+    python bench/quality_claims.py bench/out/quality-stdlib-phitiny bench/out/quality-wikitext-phitiny ... \
+        [--out claims.md]
+
+"before KD" is given for one-shot pairs only (a multi-stage run's is its first, milder prune). A claim "holds" in a directory when every seed favours it, "fails" when none does, "mixed" otherwise; a side that
+was not run there is left out. Nothing here trains or evaluates anything.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from pathlib import Path
+
+# (claim, better method, worse method): the claim is that `better` has the lower test perplexity
+CLAIMS = [
+    ("multi-stage > one-shot (kd_taylor)", "slimmoe", "oneshot"),
+    ("multi-stage > one-shot (kd_fisher)", "slimmoe_kd_fisher", "criterion_kd_fisher"),
+    ("kd_fisher > kd_taylor (multi-stage)", "slimmoe_kd_fisher", "slimmoe"),
+    ("kd_fisher > kd_taylor (one-shot)", "criterion_kd_fisher", "oneshot"),
+    ("kd_fisher > activation (one-shot)", "criterion_kd_fisher", "criterion_activation"),
+    ("kd_fisher > magnitude (one-shot)", "criterion_kd_fisher", "criterion_magnitude"),
+    ("kd_taylor > activation (one-shot)", "oneshot", "criterion_activation"),
+    ("kd_taylor > magnitude (one-shot)", "oneshot", "criterion_magnitude"),
+    ("any criterion > random (one-shot)", "criterion_magnitude", "criterion_random"),
+    ("slimming > expert removal", "oneshot", "expert_removal"),
+    ("pruned + KD > from scratch", "oneshot", "from_scratch"),
+]
+
+
+def paired(methods: dict, better: str, worse: str, key: str = "val_ppl_seeds") -> list[float] | None:
+    """Per-seed ``better - worse`` (negative favours the claim), None if either side is missing."""
+    if better not in methods or worse not in methods:
+        return None
+    a, b = methods[better], methods[worse]
+    if a.get("seeds") != b.get("seeds") or key not in a or key not in b:
+        return None
+    return [x - y for x, y in zip(a[key], b[key])]
+
+
+def verdict(diffs: list[float]) -> str:
+    wins = sum(d < 0 for d in diffs)
+    return ("holds" if wins == len(diffs) else "fails" if wins == 0 else "mixed") + f" ({wins}/{len(diffs)})"
+
+
+def label(result: dict, directory: Path) -> str:
+    c = result["config"]
+    groups = c["final_kv_heads"]
+    return (f"{directory.name}: width {c['final_expert_width']:g}, {groups} KV groups, "
+            f"{len(c['slim_stages'])} stages, lr {c['kd_lr']:g}, schedule {c['lr_schedule']}")
+
+
+def table(dirs: list[Path]) -> str:
+    lines = ["| claim | result | seeds | after KD: better − worse, per seed | mean ± std | before KD: mean | verdict |",
+             "|---|---|---|---|---:|---:|---|"]
+    for directory in dirs:
+        result = json.loads((directory / "quality.json").read_text())
+        methods = result["methods"]
+        for claim, better, worse in CLAIMS:
+            diffs = paired(methods, better, worse)
+            if diffs is None:
+                continue
+            # before KD compares like with like only between one-shot prunes (a multi-stage run's "before KD" is its
+            # first, milder prune)
+            one_shot = not any(m.startswith("slimmoe") for m in (better, worse))
+            before = paired(methods, better, worse, "val_ppl_before_kd_seeds") if one_shot else None
+            spread = statistics.stdev(diffs) if len(diffs) > 1 else 0.0
+            before_mean = f"{statistics.mean(before):+.1f}" if before else "-"
+            lines.append(f"| {claim} | {label(result, directory)} | {','.join(map(str, methods[better]['seeds']))} | "
+                         f"{', '.join(f'{d:+.2f}' for d in diffs)} | {statistics.mean(diffs):+.2f} ± {spread:.2f} | "
+                         f"{before_mean} | {verdict(diffs)} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> str:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("dirs", nargs="+", help="--out directories of bench/quality.py (each with quality.json)")
+    parser.add_argument("--out", help="also write the table here")
+    args = parser.parse_args(argv)
+    dirs = [Path(d) for d in args.dirs]
+    missing = [str(d) for d in dirs if not (d / "quality.json").is_file()]
+    if missing:
+        parser.error(f"no quality.json in {', '.join(missing)} (run bench/quality.py there first)")
+    text = table(dirs)
+    if args.out:
+        Path(args.out).write_text(text)
+    print(text)
+    return text
+
+
+if __name__ == "__main__":
+    main()
