@@ -219,14 +219,27 @@ def _has(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
 
 
-def test_speed_tiny_ours_floor_and_scoring(tmp_path):
-    summary = speed.main(["--out", str(tmp_path / "s"), "--preset", "tiny", "--configs", "ours_topk,floor,scoring"])
-    for name in ("ours_topk", "floor", "scoring"):
+def test_speed_tiny_every_loss_path_floor_scoring_and_kernels(tmp_path):
+    """The fused loss, the checkpointed one and the bare loop all run, beside the floor and scoring; a kernel suffix
+    and experts_kernels work (one round each: --repeats is tested below)."""
+    out = tmp_path / "s"
+    summary = speed.main(["--out", str(out), "--preset", "tiny", "--configs",
+                          "ours_topk,ours_topk_ckpt,bare_topk,floor,scoring,ours_topk:eager,experts_kernels"])
+    for name in ("ours_topk", "ours_topk_ckpt", "bare_topk", "floor", "scoring", "ours_topk:eager"):
         r = summary["results"][name]
-        assert r["tokens_per_s"] > 0 and r["peak_rss_mb"] > 100 and r["peak_rss_over_setup_mb"] >= 0
-    assert summary["ratios"]["ours_topk/floor_tokens_per_s"] > 0
+        assert r["tokens_per_s"] > 0 and r["peak_rss_mb"] > 100 and r["peak_rss_over_setup_mb"] >= 0, name
+    for key in ("ours_topk/floor_tokens_per_s", "ours_topk/ours_topk_ckpt_tokens_per_s",
+                "ours_topk/bare_topk_tokens_per_s", "scoring/ours_topk_s_per_token",
+                "ours_topk:eager/ours_topk_tokens_per_s"):
+        assert summary["ratios"][key] > 0, key
     assert "scoring/ours_topk_tokens_per_s" in summary["ratios"]
-    assert (tmp_path / "s" / "speed.md").read_text().count("| ours_topk |") == 1
+    assert summary["results"]["ours_topk:eager"]["experts_kernels"] == {"student": "eager", "teacher": "eager"}
+    assert summary["results"]["ours_topk"]["experts_kernels"] == {"student": "grouped_mm", "teacher": "grouped_mm"}
+    kernels = summary["experts_kernels"]
+    assert set(kernels["kernels"]) == {"grouped_mm", "batched_mm", "eager"} and kernels["automatic"] == "grouped_mm"
+    assert all(k["max_abs_logit_diff_vs_eager"] < 1e-4 for k in kernels["kernels"].values())
+    md = (out / "speed.md").read_text()
+    assert md.count("| ours_topk |") == 1 and "| ours_topk_ckpt |" in md
 
 
 def test_speed_tiny_trl_gkd(tmp_path):
@@ -241,12 +254,12 @@ def test_speed_tiny_trl_gkd(tmp_path):
         assert r["peak_rss_over_setup_mb"] >= 0 and r["load_before"] >= 0 and r["load_after"] >= 0
 
 
-def test_speed_vocab_override_repeats_and_loss_paths(tmp_path):
-    """--vocab changes the models' vocabulary and nothing else; --repeats gives medians and per-round ratios;
-    the fused loss, the checkpointed one and the bare loop all run; a kernel suffix and experts_kernels work."""
+def test_speed_vocab_override_and_repeats(tmp_path):
+    """--vocab changes the models' vocabulary and nothing else; --repeats gives medians and per-round ratios; an unknown
+    configuration is skipped with a reason."""
     out = tmp_path / "s"
     summary = speed.main(["--out", str(out), "--preset", "tiny", "--vocab", "1000", "--repeats", "2", "--configs",
-                          "ours_topk,ours_topk_ckpt,bare_topk,scoring,ours_topk:eager,experts_kernels,nonsense"])
+                          "ours_topk,ours_topk_ckpt,nonsense"])
     assert summary["vocab_size"] == 1000 and summary["shape"]["vocab"] == 1000 and summary["repeats"] == 2
     setup = json.loads((out / "work" / "setup.json").read_text())
     from transformers import AutoConfig
@@ -254,21 +267,14 @@ def test_speed_vocab_override_repeats_and_loss_paths(tmp_path):
     assert AutoConfig.from_pretrained(setup["teacher"]).vocab_size == 1000 == AutoConfig.from_pretrained(
         setup["student"]).vocab_size
     assert setup["tokenizer_size"] <= 320  # the tokenizer is still the tiny preset's
-    for name in ("ours_topk", "ours_topk_ckpt", "bare_topk", "scoring", "ours_topk:eager"):
+    for name in ("ours_topk", "ours_topk_ckpt"):
         r = summary["results"][name]
         assert r["tokens_per_s"] > 0 and len(r["runs"]) == 2, name
         assert r["tokens_per_s"] == pytest.approx(sorted(x["tokens_per_s"] for x in r["runs"])[0] / 2
                                                   + sorted(x["tokens_per_s"] for x in r["runs"])[1] / 2)
-    assert summary["results"]["ours_topk:eager"]["experts_kernels"] == {"student": "eager", "teacher": "eager"}
-    assert summary["results"]["ours_topk"]["experts_kernels"] == {"student": "grouped_mm", "teacher": "grouped_mm"}
-    for key in ("ours_topk/ours_topk_ckpt_tokens_per_s", "ours_topk/bare_topk_tokens_per_s",
-                "scoring/ours_topk_s_per_token", "ours_topk:eager/ours_topk_tokens_per_s"):
-        assert summary["ratios"][key] > 0 and len(summary["ratio_runs"][key]) == 2, key
-    kernels = summary["experts_kernels"]
-    assert set(kernels["kernels"]) == {"grouped_mm", "batched_mm", "eager"} and kernels["automatic"] == "grouped_mm"
-    assert all(k["max_abs_logit_diff_vs_eager"] < 1e-4 for k in kernels["kernels"].values())
+    key = "ours_topk/ours_topk_ckpt_tokens_per_s"
+    assert summary["ratios"][key] > 0 and len(summary["ratio_runs"][key]) == 2
     assert "unknown configuration" in summary["skipped"]["nonsense"]
-    assert "| ours_topk_ckpt |" in (out / "speed.md").read_text()
     # the same --out with another shape rebuilds its models instead of reusing them
     again = speed.main(["--out", str(out), "--preset", "tiny", "--configs", "ours_topk"])
     assert again["vocab_size"] == json.loads((out / "work" / "setup.json").read_text())["vocab_size"] < 1000
