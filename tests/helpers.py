@@ -262,6 +262,29 @@ def write_llama4_hub_checkpoint(path: Path, vocab_size: int = VOCAB, scale: floa
     return model
 
 
+def assert_sharded_read_equals_from_pretrained(path, keep) -> None:
+    """The FSDP2 path on a hub checkpoint (a meta model, then each tensor read from the checkpoint, with and without
+    ``keep``) gives what stock ``from_pretrained`` (+ ``slim_model_``) gives: the same weights and logits, and the same
+    teacher fingerprint."""
+    from lightning_slimmoe.loading import materialize_, meta_model, pending_fingerprint
+    from lightning_slimmoe.module import model_fingerprint
+    from lightning_slimmoe.slimming import slim_model_
+
+    ids = random_batch()["input_ids"]
+    reference = AutoModelForCausalLM.from_pretrained(path).eval()
+    assert pending_fingerprint(meta_model(str(path), torch.float32)) == model_fingerprint(reference)
+    for kept in (None, keep):
+        model = meta_model(str(path), torch.float32, keep=kept)
+        assert materialize_(model, "cpu")
+        want = reference if kept is None else slim_model_(AutoModelForCausalLM.from_pretrained(path).eval(), kept)
+        got, expected = model.eval().state_dict(), want.state_dict()
+        assert got.keys() == expected.keys()
+        assert all(torch.equal(got[k], expected[k]) for k in got), [k for k in got
+                                                                    if not torch.equal(got[k], expected[k])]
+        with torch.no_grad():
+            assert torch.equal(model(input_ids=ids).logits, want(input_ids=ids).logits)
+
+
 def make_hub_teacher_dir(path, corpus: str, vocab_size: int = 320, family: str = "qwen3_5_moe") -> str:
     """A tiny teacher in its multimodal hub layout (Qwen3.5-MoE: :func:`write_hub_checkpoint`; Llama-4:
     :func:`write_llama4_hub_checkpoint`), with a tokenizer and the pipeline widths (``PIPELINE_FAMILY_OVERRIDES``),

@@ -7,18 +7,11 @@ by every FAMILIES-parametrized test, the 2-rank pipeline from this layout by tes
 from __future__ import annotations
 
 import pytest
-import torch
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
-from helpers import random_batch, random_keep, write_llama4_hub_checkpoint
+from helpers import assert_sharded_read_equals_from_pretrained, random_keep, write_llama4_hub_checkpoint
 from lightning_slimmoe.checkpoint_layout import CheckpointLayout, sharded_read_problem
-from lightning_slimmoe.slimming import slim_model_
-
-
-def logits(model, ids):
-    with torch.no_grad():
-        return model(input_ids=ids).logits
 
 
 @pytest.fixture(scope="module")
@@ -48,22 +41,6 @@ def test_hub_keys_map_to_the_text_model_and_the_vision_tower_is_never_a_decoder_
 
 
 def test_sharded_reader_reads_the_hub_layout_as_from_pretrained_does(hub):
-    """Meta model, then each tensor read from the hub checkpoint (with and without a keep): the same weights and
-    logits as stock from_pretrained (+ slim_model_), and the same teacher fingerprint."""
-    from lightning_slimmoe.loading import materialize_, meta_model, pending_fingerprint
-    from lightning_slimmoe.module import model_fingerprint
-
     path, _ = hub
-    ids = random_batch()["input_ids"]
     reference = AutoModelForCausalLM.from_pretrained(path).eval()
-    assert pending_fingerprint(meta_model(str(path), torch.float32)) == model_fingerprint(reference)
-    keep = random_keep(reference, width=8, groups=1, shared_width=8, seed=2)
-    for kept in (None, keep):
-        model = meta_model(str(path), torch.float32, keep=kept)
-        assert materialize_(model, "cpu")
-        want = reference if kept is None else slim_model_(AutoModelForCausalLM.from_pretrained(path).eval(), kept)
-        got, expected = model.eval().state_dict(), want.state_dict()
-        assert got.keys() == expected.keys()
-        assert all(torch.equal(got[k], expected[k]) for k in got), [k for k in got
-                                                                    if not torch.equal(got[k], expected[k])]
-        assert torch.equal(logits(model, ids), logits(want, ids))
+    assert_sharded_read_equals_from_pretrained(path, random_keep(reference, width=8, groups=1, shared_width=8, seed=2))

@@ -13,7 +13,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM
 
-from helpers import make_hub_teacher_dir, random_batch, random_keep, read_summary, tiny_recipe, write_hub_checkpoint
+from helpers import (assert_sharded_read_equals_from_pretrained, make_hub_teacher_dir, random_batch, random_keep,
+                     read_summary, tiny_recipe, write_hub_checkpoint)
 from lightning_slimmoe.checkpoint_layout import CheckpointLayout, sharded_read_problem
 from lightning_slimmoe.cli import SlimMoECLI, main
 from lightning_slimmoe.config import ConfigError
@@ -108,25 +109,9 @@ def test_two_stages_from_a_multimodal_hub_teacher(tmp_path, corpus_file):
 
 
 def test_sharded_reader_reads_the_hub_layout_as_from_pretrained_does(hub):
-    """The FSDP2 path (meta model, then each tensor read from the checkpoint) on the hub layout itself: the same
-    weights and logits as stock from_pretrained (+ slim_model_ with a keep), and the same teacher fingerprint."""
-    from lightning_slimmoe.loading import materialize_, meta_model, pending_fingerprint
-    from lightning_slimmoe.module import model_fingerprint
-
     path, _ = hub
-    ids = random_batch()["input_ids"]
     reference = AutoModelForCausalLM.from_pretrained(path).eval()
-    assert pending_fingerprint(meta_model(str(path), torch.float32)) == model_fingerprint(reference)
-    keep = random_keep(reference, width=8, groups=1, shared_width=12, seed=2)
-    for kept in (None, keep):
-        model = meta_model(str(path), torch.float32, keep=kept)
-        assert materialize_(model, "cpu")
-        want = reference if kept is None else slim_model_(AutoModelForCausalLM.from_pretrained(path).eval(), kept)
-        got, expected = model.eval().state_dict(), want.state_dict()
-        assert got.keys() == expected.keys()
-        assert all(torch.equal(got[k], expected[k]) for k in got), [k for k in got
-                                                                    if not torch.equal(got[k], expected[k])]
-        assert torch.equal(logits(model, ids), logits(want, ids))
+    assert_sharded_read_equals_from_pretrained(path, random_keep(reference, width=8, groups=1, shared_width=12, seed=2))
 
 
 def test_bad_targets_and_unreadable_sharded_layouts_fail_before_weights(hub, tmp_path, corpus_file):
