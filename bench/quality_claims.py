@@ -5,7 +5,8 @@ calibration batches for both sides), its mean ± std, and how many seeds favour 
     python bench/quality_claims.py bench/out/quality-stdlib-phitiny bench/out/quality-wikitext-phitiny ... \
         [--out claims.md]
 
-"before KD" is given for one-shot pairs only (a multi-stage run's is its first, milder prune). A claim "holds" in a directory when every seed favours it, "fails" when none does, "mixed" otherwise; a side that
+"before KD" is given for one-shot pairs only (a multi-stage run's is its first, milder prune). The last column but one says whether the two sides have the same size (expert removal keeps at least top_k whole
+experts, so at small widths it is bigger than the slimmed model). A claim "holds" in a directory when every seed favours it, "fails" when none does, "mixed" otherwise; a side that
 was not run there is left out. Nothing here trains or evaluates anything.
 """
 
@@ -26,7 +27,10 @@ CLAIMS = [
     ("kd_fisher > magnitude (one-shot)", "criterion_kd_fisher", "criterion_magnitude"),
     ("kd_taylor > activation (one-shot)", "oneshot", "criterion_activation"),
     ("kd_taylor > magnitude (one-shot)", "oneshot", "criterion_magnitude"),
-    ("any criterion > random (one-shot)", "criterion_magnitude", "criterion_random"),
+    ("kd_taylor > random (one-shot)", "oneshot", "criterion_random"),
+    ("kd_fisher > random (one-shot)", "criterion_kd_fisher", "criterion_random"),
+    ("activation > random (one-shot)", "criterion_activation", "criterion_random"),
+    ("magnitude > random (one-shot)", "criterion_magnitude", "criterion_random"),
     ("slimming > expert removal", "oneshot", "expert_removal"),
     ("pruned + KD > from scratch", "oneshot", "from_scratch"),
 ]
@@ -55,8 +59,9 @@ def label(result: dict, directory: Path) -> str:
 
 
 def table(dirs: list[Path]) -> str:
-    lines = ["| claim | result | seeds | after KD: better − worse, per seed | mean ± std | before KD: mean | verdict |",
-             "|---|---|---|---|---:|---:|---|"]
+    lines = ["| claim | result | seeds | after KD: better − worse, per seed | mean ± std | before KD: mean | "
+             "total params worse / better | verdict |",
+             "|---|---|---|---|---:|---:|---:|---|"]
     for directory in dirs:
         result = json.loads((directory / "quality.json").read_text())
         methods = result["methods"]
@@ -70,9 +75,11 @@ def table(dirs: list[Path]) -> str:
             before = paired(methods, better, worse, "val_ppl_before_kd_seeds") if one_shot else None
             spread = statistics.stdev(diffs) if len(diffs) > 1 else 0.0
             before_mean = f"{statistics.mean(before):+.1f}" if before else "-"
+            # expert removal cannot go below top_k whole experts: at small widths it keeps more parameters
+            params_ratio = methods[worse]["total_params"] / methods[better]["total_params"]
             lines.append(f"| {claim} | {label(result, directory)} | {','.join(map(str, methods[better]['seeds']))} | "
                          f"{', '.join(f'{d:+.2f}' for d in diffs)} | {statistics.mean(diffs):+.2f} ± {spread:.2f} | "
-                         f"{before_mean} | {verdict(diffs)} |")
+                         f"{before_mean} | {params_ratio:.2f} | {verdict(diffs)} |")
     return "\n".join(lines) + "\n"
 
 

@@ -292,7 +292,7 @@ def test_quality_claims_pairs_seeds_and_gives_verdicts(tmp_path, capsys):
     from bench import quality_claims
 
     def row(ppl, before):
-        return {"seeds": [0, 1, 2], "val_ppl_seeds": ppl, "val_ppl_before_kd_seeds": before}
+        return {"seeds": [0, 1, 2], "val_ppl_seeds": ppl, "val_ppl_before_kd_seeds": before, "total_params": 100}
 
     config = {"final_expert_width": 0.0625, "final_kv_heads": 2, "slim_stages": [[0.25, 0.5], [0.0625, 0.5]],
               "kd_lr": 3e-4, "lr_schedule": "run"}
@@ -307,7 +307,7 @@ def test_quality_claims_pairs_seeds_and_gives_verdicts(tmp_path, capsys):
     assert "-1.00, +1.00, -2.00" in multi and "-0.67 ± 1.53" in multi and "mixed (2/3)" in multi
     assert "| - |" in multi  # no before-KD comparison against a multi-stage run's first prune
     one_shot = lines["kd_taylor > activation (one-shot)"]
-    assert "holds (3/3)" in one_shot and "| -11.0 |" in one_shot
+    assert "holds (3/3)" in one_shot and "| -11.0 | 1.00 |" in one_shot
     assert (tmp_path / "claims.md").read_text() == text
     with pytest.raises(SystemExit):
         quality_claims.main([str(tmp_path / "missing")])
