@@ -14,6 +14,7 @@
    generated YAML; nothing is re-implemented here):
      slimmoe              2-3 slimming stages, the first the longest, kd_taylor
      slimmoe_kd_fisher    the same stages scored with kd_fisher (the estimated KD-loss rise on removal)
+     slimmoe_activation   the same stages scored with activation (mean |activation| per neuron / group)
      oneshot              one prune to the final shape (kd_taylor), then KD with the whole budget
      criterion_<c>        as oneshot with criterion c (criterion_kd_taylor *is* the oneshot run)
      expert_removal       drop whole experts (REAP saliency) to the same total parameter count, same KD
@@ -321,7 +322,8 @@ def method_specs(p: dict, teacher_config, budget: int, student_init: str | None,
         return stages
 
     specs = {"slimmoe": {"stages": slim_stages("kd_taylor")},
-             "slimmoe_kd_fisher": {"stages": slim_stages("kd_fisher")}}
+             "slimmoe_kd_fisher": {"stages": slim_stages("kd_fisher")},
+             "slimmoe_activation": {"stages": slim_stages("activation")}}
     attention = {"attention_groups": groups} if groups != p["kv_heads"] else {}
     for c in CRITERIA:
         run = "oneshot" if c == "kd_taylor" else f"criterion_{c}"

@@ -21,7 +21,9 @@ from pathlib import Path
 CLAIMS = [
     ("multi-stage > one-shot (kd_taylor)", "slimmoe", "oneshot"),
     ("multi-stage > one-shot (kd_fisher)", "slimmoe_kd_fisher", "criterion_kd_fisher"),
+    ("multi-stage > one-shot (activation)", "slimmoe_activation", "criterion_activation"),
     ("kd_fisher > kd_taylor (multi-stage)", "slimmoe_kd_fisher", "slimmoe"),
+    ("kd_taylor > activation (multi-stage)", "slimmoe", "slimmoe_activation"),
     ("kd_fisher > kd_taylor (one-shot)", "criterion_kd_fisher", "oneshot"),
     ("kd_fisher > activation (one-shot)", "criterion_kd_fisher", "criterion_activation"),
     ("kd_fisher > magnitude (one-shot)", "criterion_kd_fisher", "criterion_magnitude"),

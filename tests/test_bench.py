@@ -105,7 +105,8 @@ def test_quality_tiny_runs_every_method(tmp_path, corpus_file):
     out = tmp_path / "q"
     results = quality.main(["--train", corpus_file, "--test-fraction", "0.1", "--out", str(out), "--preset", "tiny"])
     methods = results["methods"]
-    expected = {"slimmoe", "slimmoe_kd_fisher", "oneshot", "criterion_kd_taylor", "criterion_kd_fisher",
+    expected = {"slimmoe", "slimmoe_kd_fisher", "slimmoe_activation", "oneshot", "criterion_kd_taylor",
+                "criterion_kd_fisher",
                 "criterion_activation", "criterion_magnitude", "criterion_random", "expert_removal", "from_scratch"}
     assert set(methods) == expected
     budget = methods["oneshot"]["tokens"]
