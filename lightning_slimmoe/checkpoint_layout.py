@@ -33,11 +33,10 @@ import os
 import re
 from dataclasses import dataclass
 
-import torch
 from torch import Tensor
 
 from lightning_slimmoe.families import get_family, head_dim, language_config
-from lightning_slimmoe.slimming import KeepIndices, group_rows
+from lightning_slimmoe.slimming import KeepIndices, concatenated_gate_up, group_rows
 from lightning_slimmoe.storage import safetensors_header, weight_files
 
 FUSED_PROJECTIONS = ("gate_up_proj", "down_proj")  # in-memory names of the fused expert tensors
@@ -165,7 +164,7 @@ class CheckpointLayout:
             if m["proj"] == "input_linear":  # Granite: gate rows [0, I), then up rows [I, 2I)
                 if stored_rows is None:
                     raise ValueError(f"{name}: the fused shared gate/up projection needs its stored row count")
-                return 0, torch.cat([keep_W, keep_W + stored_rows // 2])
+                return 0, concatenated_gate_up(keep_W, stored_rows // 2)
             return (1 if down else 0), keep_W
         if (m := self._match(self._sinks, name)) and int(m["layer"]) in keep.groups:
             return 0, group_rows(keep.groups[int(m["layer"])], self.heads_per_group)  # the kept groups' query heads

@@ -37,8 +37,8 @@ from lightning_slimmoe.distributed import local_rows
 from lightning_slimmoe.families import MoEFamily, get_family, head_dim
 from lightning_slimmoe.module import teacher_targets
 from lightning_slimmoe.slimming import (check_expert_layout, expert_activations, expert_outputs, expert_weights,
-                                        routed_tokens, shared_expert_down, shared_expert_is_fused,
-                                        shared_expert_parameters, shared_expert_weights, split_gate_up)
+                                        routed_tokens, shared_expert_down, shared_expert_parameters,
+                                        split_gate_up)
 from lightning_slimmoe.storage import atomic_torch_save
 
 CRITERIA = ("kd_taylor", "kd_fisher", "activation", "magnitude", "random")
@@ -186,13 +186,13 @@ def structure_scores(model: nn.Module, contrib: Callable[[Tensor], Tensor]):
 
 
 def _shared_neuron_sums(mlp: nn.Module, contrib: Callable[[Tensor], Tensor]) -> Tensor:
-    """``(I,)``: per shared-expert neuron, ``contrib`` summed over its gate, up and down weights."""
-    if shared_expert_is_fused(mlp):  # Granite: contrib on the fused parameter (its gradient), then split
-        gate_up_2I = _summed(mlp.input_linear.weight, contrib, (-1,))
-        width = gate_up_2I.shape[0] // 2
-        return gate_up_2I[:width] + gate_up_2I[width:] + _summed(mlp.output_linear.weight, contrib, (0,))
-    w_gate_IH, w_up_IH, w_down_HI = shared_expert_weights(mlp)
-    return _summed(w_gate_IH, contrib, (-1,)) + _summed(w_up_IH, contrib, (-1,)) + _summed(w_down_HI, contrib, (0,))
+    """``(I,)``: per shared-expert neuron, ``contrib`` summed over its gate, up and down weights. ``contrib`` runs on
+    the stored parameters (their gradients are there, not on views): gate then up rows, ``2I`` in all whether they are
+    two parameters or Granite's one fused ``input_linear``, then the down columns."""
+    *gate_up, w_down_HI = shared_expert_parameters(mlp)
+    gate_up_2I = torch.cat([_summed(w, contrib, (-1,)) for w in gate_up])
+    width = gate_up_2I.shape[0] // 2
+    return gate_up_2I[:width] + gate_up_2I[width:] + _summed(w_down_HI, contrib, (0,))
 
 
 def _expert_neuron_sums(experts: nn.Module, contrib: Callable[[Tensor], Tensor]) -> Tensor:

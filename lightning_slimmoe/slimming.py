@@ -404,12 +404,19 @@ def slice_experts_(experts: nn.Module, keep_EW: Tensor) -> None:
             setattr(experts, attr, keep_EW.shape[1])
 
 
+def concatenated_gate_up(keep_W: Tensor, width: int) -> Tensor:
+    """``(..., 2W)`` positions of the kept neurons ``keep_W (..., W)`` along a fused gate/up axis of ``2 * width``
+    that holds every gate, then every up (Llama-4's experts, Granite's shared ``input_linear``): the kept gate
+    positions, then the same neurons' up positions."""
+    return torch.cat([keep_W, keep_W + width], dim=-1)
+
+
 def fused_columns(layout: ExpertLayout, keep_EW: Tensor, width: int) -> Tensor:
     """``(E, 2W)`` positions along a transposed layout's fused gate/up axis (of ``2 * width``) of the kept neurons:
     interleaved pairs (gpt-oss), or the kept gate columns then the same neurons' up columns (Llama-4)."""
     if layout.interleaved:
         return interleaved_columns(keep_EW)
-    return torch.cat([keep_EW, keep_EW + width], dim=-1)
+    return concatenated_gate_up(keep_EW, width)
 
 
 def _slice_linear_(linear: nn.Linear, index: Tensor, dim: int) -> None:
@@ -426,8 +433,7 @@ def _slice_linear_(linear: nn.Linear, index: Tensor, dim: int) -> None:
 @torch.no_grad()
 def slice_shared_expert_(mlp: nn.Module, keep_W: Tensor) -> None:
     if shared_expert_is_fused(mlp):  # Granite: the kept gate rows and the same neurons' up rows, I rows below
-        width = mlp.input_linear.out_features // 2
-        _slice_linear_(mlp.input_linear, torch.cat([keep_W, keep_W + width]), 0)
+        _slice_linear_(mlp.input_linear, concatenated_gate_up(keep_W, mlp.input_linear.out_features // 2), 0)
         _slice_linear_(mlp.output_linear, keep_W, 1)
         mlp.hidden_size = keep_W.numel()  # GraniteMoeSharedMLP's name for its width
         return
