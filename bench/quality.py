@@ -307,13 +307,16 @@ def method_specs(p: dict, teacher_config, budget: int, student_init: str | None,
     total_steps = max(len(p["slim_stages"]), budget // tokens_per_step)
     budget = total_steps * tokens_per_step  # whole steps: every method gets exactly the same tokens
     fisher = {"fisher_draws": p.get("fisher_draws", 1)}
+    groups_stage = p.get("groups_stage")
+    groups_stage = len(p["slim_stages"]) - 1 if groups_stage is None else groups_stage
 
     def slim_stages(criterion: str) -> list[dict]:
         stages, used = [], 0
         for k, (width, share) in enumerate(p["slim_stages"]):
             last = k == len(p["slim_stages"]) - 1
             keys = {"expert_width": width, "criterion": criterion, **(fisher if criterion == "kd_fisher" else {})}
-            if last and groups != p["kv_heads"]:
+            # the KV groups go in one stage (the last unless --groups-stage); later stages keep the student's
+            if k == groups_stage and groups != p["kv_heads"]:
                 keys["attention_groups"] = groups
             # whole steps per stage, so that the stages add up to exactly the one-shot methods' budget
             steps = total_steps - used if last else max(1, round(total_steps * share))
@@ -363,6 +366,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--stages", type=int, choices=sorted(STAGE_SHARES), default=None,
                         help="slimmoe's number of stages: widths geometric to the final width, shares "
                              "0.6/0.4 or 0.5/0.3/0.2 (default: the preset's schedule, or --paper's)")
+    parser.add_argument("--groups-stage", type=int, default=None, metavar="K",
+                        help="slimmoe prunes the KV groups in its stage K (0-based; default the last stage, e.g. 1 "
+                             "for the middle of 3 stages as conf/phi_tiny.yaml does)")
     parser.add_argument("--paper", choices=sorted(PAPER), default=None,
                         help="the final shape and stage count of a released model: phi-mini = 2 stages to 12.5%% "
                              "width, all KV groups; phi-tiny = 3 stages to 6.25%% width, half the groups")
@@ -436,6 +442,10 @@ def main(argv: list[str] | None = None) -> dict:
                          f"{p['final_width']}")
     elif stages or p["final_width"] != FINAL_WIDTH:
         p["slim_stages"] = stage_schedule(p["final_width"], stages or len(p["slim_stages"]))
+    if args.groups_stage is not None:
+        if not 0 <= args.groups_stage < len(p["slim_stages"]):
+            parser.error(f"--groups-stage {args.groups_stage}: slimmoe has stages 0..{len(p['slim_stages']) - 1}")
+        p["groups_stage"] = args.groups_stage
     p["seed"] = seeds[0]
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -543,6 +553,7 @@ def main(argv: list[str] | None = None) -> dict:
                          "first_scores_from": args.first_scores_from,
                          "eval_seq_len": p["eval_seq_len"], "eval_tokens": evaluator.teacher.tokens,
                          "final_expert_width": p["final_width"], "final_kv_heads": final_groups_of(p),
+                         "groups_stage": p.get("groups_stage", len(p["slim_stages"]) - 1),
                          "expert_removal": {"num_experts": removal_experts, "total_params": removal_total,
                                             "slim_total_params": slim_total},
                          "torch_threads": torch.get_num_threads()}

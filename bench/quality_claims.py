@@ -3,7 +3,11 @@ result directory, each a paired difference of held-out perplexity per seed (the 
 calibration batches for both sides), its mean ± std, and how many seeds favour the claim.
 
     python bench/quality_claims.py bench/out/quality-stdlib-phitiny bench/out/quality-wikitext-phitiny ... \
-        [--out claims.md]
+        [--pair DIR_A:METHOD,DIR_B:METHOD ...] [--out claims.md]
+
+``--pair`` compares one method of one result directory with one of another (e.g. the same multi-stage method under
+two stage splits, or budgets): the two must share the teacher and the seeds, so that each seed's two runs saw the
+same data stream and calibration batches.
 
 "before KD" is given for one-shot pairs only (a multi-stage run's is its first, milder prune). The last column but one says whether the two sides have the same size (expert removal keeps at least top_k whole
 experts, so at small widths it is bigger than the slimmed model). A claim "holds" in a directory when every seed favours it, "fails" when none does, "mixed" otherwise; a side that
@@ -85,16 +89,74 @@ def table(dirs: list[Path]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def split_label(result: dict, method: str) -> str:
+    """How ``method`` was run in ``result``: its stages (width:share of the budget) if multi-stage, and the budget."""
+    c = result["config"]
+    stages = ""
+    if method.startswith("slimmoe"):
+        stages = " " + "/".join(f"{w:g}:{share:g}" for w, share in c["slim_stages"])
+        if c.get("groups_stage", len(c["slim_stages"]) - 1) != len(c["slim_stages"]) - 1:
+            stages += f" (groups in stage {c['groups_stage']})"
+    return f"{method}{stages}, {c['kd_tokens'] // 1000}k tokens, schedule {c['lr_schedule']}"
+
+
+def pair_side(spec: str) -> tuple[Path, str, dict]:
+    directory, sep, method = spec.rpartition(":")
+    if not sep or not directory or not method:
+        raise ValueError(f"{spec!r}: give DIR:METHOD")
+    path = Path(directory)
+    if not (path / "quality.json").is_file():
+        raise ValueError(f"{spec!r}: no quality.json in {directory}")
+    result = json.loads((path / "quality.json").read_text())
+    if method not in result["methods"]:
+        raise ValueError(f"{spec!r}: {directory} has no method {method!r} (it has {sorted(result['methods'])})")
+    return path, method, result
+
+
+def pair_rows(pairs: list[str]) -> str:
+    """One row per ``DIR_A:METHOD,DIR_B:METHOD``: the claim that A's run beats B's, paired per seed."""
+    lines = ["| better (A) | worse (B) | seeds | after KD: A − B, per seed | mean ± std | A / B total params | "
+             "verdict |", "|---|---|---|---|---:|---:|---|"]
+    for spec in pairs:
+        sides = spec.split(",")
+        if len(sides) != 2:
+            raise ValueError(f"--pair {spec!r}: give DIR_A:METHOD,DIR_B:METHOD")
+        (dir_a, m_a, res_a), (dir_b, m_b, res_b) = pair_side(sides[0]), pair_side(sides[1])
+        # the same teacher (its held-out ppl to the digit) and the same seeds: each seed's two runs are paired
+        if res_a["teacher"]["val_ppl"] != res_b["teacher"]["val_ppl"]:
+            raise ValueError(f"--pair {spec!r}: the two directories have different teachers "
+                             f"(test ppl {res_a['teacher']['val_ppl']:.3f} vs {res_b['teacher']['val_ppl']:.3f})")
+        a, b = res_a["methods"][m_a], res_b["methods"][m_b]
+        if a.get("seeds") != b.get("seeds"):
+            raise ValueError(f"--pair {spec!r}: seeds {a.get('seeds')} vs {b.get('seeds')}")
+        diffs = [x - y for x, y in zip(a["val_ppl_seeds"], b["val_ppl_seeds"])]
+        spread = statistics.stdev(diffs) if len(diffs) > 1 else 0.0
+        lines.append(f"| {dir_a.name}: {split_label(res_a, m_a)} | {dir_b.name}: {split_label(res_b, m_b)} | "
+                     f"{','.join(map(str, a['seeds']))} | {', '.join(f'{d:+.2f}' for d in diffs)} | "
+                     f"{statistics.mean(diffs):+.2f} ± {spread:.2f} | "
+                     f"{a['total_params'] / b['total_params']:.2f} | {verdict(diffs)} |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> str:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("dirs", nargs="+", help="--out directories of bench/quality.py (each with quality.json)")
+    parser.add_argument("dirs", nargs="*", help="--out directories of bench/quality.py (each with quality.json)")
+    parser.add_argument("--pair", action="append", default=[], metavar="DIR_A:METHOD,DIR_B:METHOD",
+                        help="also compare A's method with B's (same teacher and seeds), a row each; repeatable")
     parser.add_argument("--out", help="also write the table here")
     args = parser.parse_args(argv)
     dirs = [Path(d) for d in args.dirs]
     missing = [str(d) for d in dirs if not (d / "quality.json").is_file()]
     if missing:
         parser.error(f"no quality.json in {', '.join(missing)} (run bench/quality.py there first)")
-    text = table(dirs)
+    if not dirs and not args.pair:
+        parser.error("give result directories or --pair")
+    text = table(dirs) if dirs else ""
+    if args.pair:
+        try:
+            text += ("\n" if text else "") + pair_rows(args.pair)
+        except ValueError as error:
+            parser.error(str(error))
     if args.out:
         Path(args.out).write_text(text)
     print(text)

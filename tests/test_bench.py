@@ -177,6 +177,28 @@ def test_quality_paper_ratios_seeds_stdlib_split_and_run_schedule(tmp_path):
     assert "| slimmoe - oneshot |" in md and "±" in md and "top-8 probability mass" in md
 
 
+def test_quality_groups_stage_moves_the_kv_group_prune_to_one_stage(tmp_path):
+    """--groups-stage K: slimmoe's KV groups go in its stage K only (later stages keep the student's); default the
+    last stage; out of range is refused before anything is built."""
+    p = dict(quality.PRESETS["tiny"], final_width=0.0625, final_groups=0.5,
+             slim_stages=quality.stage_schedule(0.0625, 3))
+    budget = 30 * p["batch_size"] * p["seq_len"]
+
+    def groups_per_stage(**extra):
+        specs = quality.method_specs(dict(p, **extra), None, budget, None, None, 2)
+        return [stage.get("attention_groups") for stage in specs["slimmoe_activation"]["stages"]]
+
+    half = quality.final_groups_of(p)
+    assert half < p["kv_heads"]
+    assert groups_per_stage() == [None, None, half]
+    assert groups_per_stage(groups_stage=1) == [None, half, None]
+    assert groups_per_stage(groups_stage=0) == [half, None, None]
+    with pytest.raises(SystemExit):
+        quality.main(["--stdlib-split", "0.2", "--paper", "phi-tiny", "--groups-stage", "3",
+                      "--out", str(tmp_path / "q"), "--preset", "tiny"])
+    assert not (tmp_path / "q").exists()
+
+
 def test_quality_tail_bucket_flag_reaches_every_kd_stage(tmp_path, corpus_file):
     out = tmp_path / "q"
     methods = ["slimmoe", "oneshot", "from_scratch"]
@@ -313,4 +335,33 @@ def test_quality_claims_pairs_seeds_and_gives_verdicts(tmp_path, capsys):
     with pytest.raises(SystemExit):
         quality_claims.main([str(tmp_path / "missing")])
     assert "no quality.json" in capsys.readouterr().err
+
+
+def test_quality_claims_pairs_a_method_across_two_result_directories(tmp_path, capsys):
+    """--pair: the same multi-stage method under two stage splits, paired per seed; refused across teachers/seeds."""
+    from bench import quality_claims
+
+    def write(name, split, ppl, teacher_ppl=50.0, seeds=(0, 1, 2)):
+        config = {"final_expert_width": 0.0625, "final_kv_heads": 2, "slim_stages": split, "kd_lr": 3e-4,
+                  "lr_schedule": "stage", "kd_tokens": 160_000}
+        methods = {"slimmoe": {"seeds": list(seeds), "val_ppl_seeds": ppl, "total_params": 100}}
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "quality.json").write_text(json.dumps(
+            {"config": config, "methods": methods, "teacher": {"val_ppl": teacher_ppl}}))
+
+    write("long-first", [[0.4, 0.7], [0.16, 0.2], [0.0625, 0.1]], [10.0, 11.0, 12.0])
+    write("long-last", [[0.4, 0.2], [0.16, 0.2], [0.0625, 0.6]], [9.0, 12.0, 11.5])
+    text = quality_claims.main(["--pair", f"{tmp_path / 'long-first'}:slimmoe,{tmp_path / 'long-last'}:slimmoe"])
+    row = text.splitlines()[2]
+    assert "long-first: slimmoe 0.4:0.7/0.16:0.2/0.0625:0.1, 160k tokens" in row
+    assert "+1.00, -1.00, +0.50" in row and "+0.17 ± 1.04" in row and "mixed (1/3)" in row
+    write("other-teacher", [[0.0625, 1.0]], [1.0, 1.0, 1.0], teacher_ppl=51.0)
+    write("two-seeds", [[0.0625, 1.0]], [1.0, 1.0], seeds=(0, 1))
+    for other, message in (("other-teacher", "different teachers"), ("two-seeds", "seeds")):
+        with pytest.raises(SystemExit):
+            quality_claims.main(["--pair", f"{tmp_path / 'long-first'}:slimmoe,{tmp_path / other}:slimmoe"])
+        assert message in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        quality_claims.main(["--pair", f"{tmp_path / 'long-first'}:oneshot,{tmp_path / 'long-last'}:slimmoe"])
+    assert "has no method 'oneshot'" in capsys.readouterr().err
 
