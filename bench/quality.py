@@ -657,6 +657,14 @@ def report_only(out: Path, p: dict) -> dict:
     return results
 
 
+def stage_text(c: dict) -> str:
+    """slimmoe's stages as run: ``0.3969:0.2 / 0.1575:0.2 / 0.0625:0.6``, and where the KV groups went if not last."""
+    stages = c["slim_stages"]
+    text = " / ".join(f"{width:g}:{share:g}" for width, share in stages)
+    groups_stage = c.get("groups_stage", len(stages) - 1)
+    return text + (f", KV groups in stage {groups_stage}" if groups_stage != len(stages) - 1 else "")
+
+
 def markdown(results: dict) -> str:
     t = results["teacher"]
     c = results.get("config", {})
@@ -667,7 +675,8 @@ def markdown(results: dict) -> str:
              f"{', seeds ' + ','.join(map(str, c['seeds'])) + ' (mean ± std)' if len(c.get('seeds', [0])) > 1 else ''}"
              f"{', lr_schedule ' + c['lr_schedule'] if c.get('lr_schedule', 'stage') != 'stage' else ''}"
              f"; final shape {c.get('final_expert_width', FINAL_WIDTH):g} of the expert width, "
-             f"{c.get('final_kv_heads', '?')} KV groups{' (' + c['paper'] + ' ratios)' if c.get('paper') else ''}.",
+             f"{c.get('final_kv_heads', '?')} KV groups{' (' + c['paper'] + ' ratios)' if c.get('paper') else ''}"
+             f"{'; slimmoe stages (width:share of the budget) ' + stage_text(c) if c.get('slim_stages') else ''}.",
              *([f"Teacher's top-8 probability mass on the test text: {t['top8_mass']:.3f}."] if t.get("top8_mass")
                is not None else []),
              "",
