@@ -142,7 +142,12 @@ def test_sharded_scores_equal_single_process(tmp_path):
                 a, b = getattr(one, kind), two[kind]
                 assert a.keys() == b.keys(), (source, criterion, kind)
                 for layer in a:
-                    torch.testing.assert_close(b[layer], a[layer], rtol=1e-5, atol=1e-8, msg=f"{source} {criterion}")
+                    # Scores are sums of products of float32 gradients whose reduction order differs across ranks
+                    # (Fisher squares them); the absolute tolerance follows the layer's scale, the ranking is
+                    # checked exactly by the digest below.
+                    scale = float(a[layer].abs().max())
+                    torch.testing.assert_close(b[layer], a[layer], rtol=1e-5, atol=max(1e-8, 1e-5 * scale),
+                                               msg=lambda m, s=source, c=criterion, k=kind, l=layer: f"{s} {c} {k} {l}: {m}")
             assert select_keep(one, target).digest() == select_keep(type(one)(**two), target).digest()
         for layer, s in expert_saliency(student, batches).items():
             torch.testing.assert_close(sharded[source]["saliency"][layer], s, rtol=1e-5, atol=1e-8)
