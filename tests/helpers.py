@@ -9,7 +9,7 @@ What is here:
   with its tokenizer), ``write_hub_checkpoint`` / ``make_hub_teacher_dir`` (Qwen3.5-MoE in its multimodal hub
   layout), ``tiny_recipe`` (a tiny 2-stage recipe YAML), ``read_summary`` (a run's summary.json);
 * running ``train.py`` in a child process, e.g. with 2 gloo ranks: ``ROOT``, ``MODEL_PARALLEL``, ``FSDP1``
-  (``--trainer.strategy`` values), ``train``, ``train_torchrun`` and ``scalars`` (a TensorBoard scalar
+  (``--trainer.strategy`` values), ``train``, ``train_torchrun``, ``train_torchrun_many`` and ``scalars`` (a TensorBoard scalar
   series).
 
 Tests import these with ``from helpers import ...`` (``tests/`` is on ``sys.path`` under pytest's rootdir
@@ -346,6 +346,17 @@ def scalars(tb_dir: Path, tag: str) -> dict[int, float]:
 def train(recipe: str, out: Path, *extra: str) -> None:
     result = subprocess.run([sys.executable, "train.py", "--config", recipe, "--output_dir", str(out), *extra],
                             cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+
+
+def train_torchrun_many(runs: list[list[str]], ranks: int) -> None:
+    """Several ``train.py`` runs (argument lists, each with its ``--config`` and ``--output_dir``) in one torchrun
+    launch of ``ranks`` processes, one after another (tests/train_runs_worker.py): one start-up for all of them."""
+    joined = [arg for i, run in enumerate(runs) for arg in ([] if i == 0 else ["--then"]) + [*run, "--trainer.devices",
+                                                                                            str(ranks)]]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(ranks),
+               str(ROOT / "tests" / "train_runs_worker.py"), *joined]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
 
 

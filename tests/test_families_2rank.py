@@ -10,9 +10,10 @@ each rank reads as published.
 
 Each run is as small as still tests that: two optimizer steps per stage, one calibration batch, one validation (and
 checkpoint) at the end of each stage, one validation batch. Most of a run's time is process start-up and imports: the
-one-process run is made in the test's own process and the two ranks are started side by side by torchrun (a launch
-path docs/scaling.md documents; Lightning's own launcher, which starts rank 1 only after rank 0 has set up, is covered
-by the 2-rank runs of tests/test_reliability.py)."""
+one-process runs are made in the test's own process, and the two ranks are started once, side by side, by torchrun
+for every family's run in turn (tests/train_runs_worker.py; a launch path docs/scaling.md documents; Lightning's own
+launcher, which starts rank 1 only after rank 0 has set up, is covered by the 2-rank runs of
+tests/test_reliability.py)."""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ import json
 
 import pytest
 
-from helpers import MODEL_PARALLEL, make_hub_teacher_dir, make_teacher_dir, scalars, tiny_recipe, train_torchrun
+from helpers import MODEL_PARALLEL, make_hub_teacher_dir, make_teacher_dir, scalars, tiny_recipe, train_torchrun_many
 from lightning_slimmoe.cli import main
 
 OWN_WIDTH_SHARED = ("qwen3_next", "qwen3_5_moe", "granitemoehybrid")  # shared expert with its own width field: slimmed explicitly
@@ -44,21 +45,35 @@ def _stages(family: str) -> list[dict]:
     return stages
 
 
+FAMILIES = ["glm4_moe", "qwen3_next", "deepseek_v3", "deepseek_v2", "ernie4_5_moe", "minimax_m2", "qwen3_5_moe",
+            "glm4_moe_lite", "gpt_oss", "llama4", "granitemoe", "granitemoehybrid"]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, corpus_file) -> dict:
+    """Every family's one-process run (here, ~1 s each) and its 2-rank run (one torchrun launch for all of them):
+    family -> the directory holding ``one/`` and ``two/``."""
+    one_val_batch = ("--trainer.limit_val_batches", "1")
+    dirs, two_rank_runs = {}, []
+    for family in FAMILIES:
+        root = tmp_path_factory.mktemp(family)
+        teacher = (make_hub_teacher_dir(root / "teacher", corpus_file, family=family) if family in HUB_LAYOUT
+                   else make_teacher_dir(root / "teacher", family, corpus_file))
+        recipe = tiny_recipe(root, teacher, corpus_file, stages=_stages(family))
+        main(["--config", recipe, "--output_dir", str(root / "one"), "--data.init_args.batch_size", str(BATCH),
+              *one_val_batch])
+        two_rank_runs.append(["--config", recipe, "--output_dir", str(root / "two"), "--data.init_args.batch_size",
+                              str(BATCH // 2), "--trainer.strategy", MODEL_PARALLEL, *one_val_batch])
+        dirs[family] = root
+    train_torchrun_many(two_rank_runs, 2)
+    return dirs
+
+
 @pytest.mark.slow
 @pytest.mark.distributed
-@pytest.mark.parametrize("family", ["glm4_moe", "qwen3_next", "deepseek_v3", "deepseek_v2", "ernie4_5_moe",
-                                    "minimax_m2", "qwen3_5_moe", "glm4_moe_lite", "gpt_oss", "llama4", "granitemoe",
-                                    "granitemoehybrid"])
-def test_two_gloo_ranks_match_one_process(tmp_path, corpus_file, family):
-    teacher = (make_hub_teacher_dir(tmp_path / "teacher", corpus_file, family=family) if family in HUB_LAYOUT
-               else make_teacher_dir(tmp_path / "teacher", family, corpus_file))
-    recipe = tiny_recipe(tmp_path, teacher, corpus_file, stages=_stages(family))
-    one_val_batch = ("--trainer.limit_val_batches", "1")
-    # One process: here, in the test's own process (a run takes ~1 s; a fresh interpreter's imports take ~10 s).
-    main(["--config", recipe, "--output_dir", str(tmp_path / "one"), "--data.init_args.batch_size", str(BATCH),
-          *one_val_batch])
-    train_torchrun(recipe, tmp_path / "two", 2, "--data.init_args.batch_size", str(BATCH // 2),
-                   "--trainer.strategy", MODEL_PARALLEL, *one_val_batch)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_two_gloo_ranks_match_one_process(runs, family):
+    tmp_path = runs[family]
     for stage in ("stage_0_slim1", "stage_1_slim2"):
         one = json.loads((tmp_path / "one" / stage / "meta.json").read_text())
         two = json.loads((tmp_path / "two" / stage / "meta.json").read_text())
