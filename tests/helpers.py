@@ -9,8 +9,8 @@ What is here:
   with its tokenizer), ``write_hub_checkpoint`` / ``make_hub_teacher_dir`` (Qwen3.5-MoE in its multimodal hub
   layout), ``tiny_recipe`` (a tiny 2-stage recipe YAML), ``read_summary`` (a run's summary.json);
 * running ``train.py`` in a child process, e.g. with 2 gloo ranks: ``ROOT``, ``MODEL_PARALLEL``, ``FSDP1``
-  (``--trainer.strategy`` values), ``train``, ``train_torchrun``, ``train_torchrun_many`` and ``scalars`` (a TensorBoard scalar
-  series).
+  (``--trainer.strategy`` values), ``train``, ``train_torchrun_many`` (several runs in one torchrun launch) and
+  ``scalars`` (a TensorBoard scalar series).
 
 Tests import these with ``from helpers import ...`` (``tests/`` is on ``sys.path`` under pytest's rootdir
 conftest; the torchrun workers put it there themselves). The library is imported lazily, inside the
@@ -350,20 +350,14 @@ def train(recipe: str, out: Path, *extra: str) -> None:
 
 
 def train_torchrun_many(runs: list[list[str]], ranks: int) -> None:
-    """Several ``train.py`` runs (argument lists, each with its ``--config`` and ``--output_dir``) in one torchrun
-    launch of ``ranks`` processes, one after another (tests/train_runs_worker.py): one start-up for all of them."""
-    joined = [arg for i, run in enumerate(runs) for arg in ([] if i == 0 else ["--then"]) + [*run, "--trainer.devices",
-                                                                                            str(ranks)]]
+    """``train.py`` runs (argument lists, each with its ``--config`` and ``--output_dir``) under one torchrun launch of
+    ``ranks`` processes (``--trainer.devices ranks``), one after another (tests/train_runs_worker.py). torchrun starts
+    the ranks, and they import, side by side and once for all the runs, where Lightning's own launcher starts rank 1
+    only once rank 0 has set up (twice the start-up)."""
+    worker_args = []
+    for run in runs:
+        worker_args += [*(["--then"] if worker_args else []), *run, "--trainer.devices", str(ranks)]
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(ranks),
-               str(ROOT / "tests" / "train_runs_worker.py"), *joined]
+               str(ROOT / "tests" / "train_runs_worker.py"), *worker_args]
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
-
-
-def train_torchrun(recipe: str, out: Path, ranks: int, *extra: str) -> None:
-    """``train.py`` under torchrun with ``ranks`` processes (``--trainer.devices ranks``): the ranks start, and import,
-    side by side, where Lightning's own launcher starts rank 1 only once rank 0 has set up (twice the start-up)."""
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(ranks),
-               "train.py", "--config", recipe, "--output_dir", str(out), "--trainer.devices", str(ranks), *extra]
-    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]

@@ -146,8 +146,9 @@ def test_sharded_scores_equal_single_process(tmp_path):
                     # (Fisher squares them); the absolute tolerance follows the layer's scale, the ranking is
                     # checked exactly by the digest below.
                     scale = float(a[layer].abs().max())
+                    where = f"{source} {criterion} {kind} {layer}"
                     torch.testing.assert_close(b[layer], a[layer], rtol=1e-5, atol=max(1e-8, 1e-5 * scale),
-                                               msg=lambda m, s=source, c=criterion, k=kind, l=layer: f"{s} {c} {k} {l}: {m}")
+                                               msg=lambda m, where=where: f"{where}: {m}")
             assert select_keep(one, target).digest() == select_keep(type(one)(**two), target).digest()
         for layer, s in expert_saliency(student, batches).items():
             torch.testing.assert_close(sharded[source]["saliency"][layer], s, rtol=1e-5, atol=1e-8)
