@@ -40,7 +40,32 @@ def check_reload(model: nn.Module, directory: Path, probe_ids: torch.Tensor) -> 
     got = reloaded(input_ids=probe_ids).logits
     if not torch.equal(expected, got):
         diff = (expected.float() - got.float()).abs().max().item()
-        raise ExportMismatchError(f"export {directory} reloads to different logits (max |diff| {diff:.3e})")
+        raise ExportMismatchError(f"export {directory} reloads to different logits (max |diff| {diff:.3e}); "
+                                  f"{tensor_differences(model, reloaded)}")
+
+
+def tensor_differences(model: nn.Module, reloaded: nn.Module, limit: int = 5) -> str:
+    """What differs between a model and its reload, tensor by tensor (every parameter and buffer, the derived ones
+    too): names missing on either side, dtypes, shapes, values; for an :class:`ExportMismatchError` to say why."""
+    ours = dict(model.named_parameters())
+    ours.update(model.named_buffers())
+    theirs = dict(reloaded.named_parameters())
+    theirs.update(reloaded.named_buffers())
+    found = [f"{name}: only in the trained model" for name in ours if name not in theirs]
+    found += [f"{name}: only in the reload" for name in theirs if name not in ours]
+    for name in ours.keys() & theirs.keys():
+        a, b = ours[name].detach(), theirs[name].detach()
+        if a.dtype != b.dtype:
+            found.append(f"{name}: {str(a.dtype).removeprefix('torch.')} trained, "
+                         f"{str(b.dtype).removeprefix('torch.')} reloaded")
+        elif a.shape != b.shape:
+            found.append(f"{name}: shape {tuple(a.shape)} trained, {tuple(b.shape)} reloaded")
+        elif not torch.equal(a.cpu(), b.cpu()):
+            found.append(f"{name}: values differ (max |diff| {(a.cpu().float() - b.cpu().float()).abs().max():.3e})")
+    if not found:
+        return "every parameter and buffer is equal in name, dtype and value (the forward itself differs)"
+    found.sort()
+    return "differences: " + "; ".join(found[:limit]) + (f"; and {len(found) - limit} more" if len(found) > limit else "")
 
 
 def export_hf(model: nn.Module, out_dir: str | Path, tokenizer=None, probe_ids: torch.Tensor | None = None,

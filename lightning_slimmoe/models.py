@@ -7,7 +7,7 @@ loading and consolidation), :func:`persistent_tensors` (the tensors a checkpoint
 
 from __future__ import annotations
 
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 from torch import Tensor, nn
@@ -24,11 +24,10 @@ def model_on_meta(config, dtype: torch.dtype | None = None, trust_remote_code: b
     return model
 
 
-def keep_fp32_(model: nn.Module, dtype: torch.dtype) -> None:
-    """Upcast the tensors the model keeps in fp32 whatever the dtype (``_keep_in_fp32_modules_strict``, e.g. the
-    routers' score-correction biases), as ``from_pretrained`` does and ``from_config`` does not: a model built here
-    then holds the dtypes of one loaded whole."""
-    plan = model._get_dtype_plan(dtype)
+def _kept_fp32_tensors(model: nn.Module, dtype: torch.dtype) -> Iterator[tuple[dict, str, Tensor]]:
+    """(table, name, tensor) of every floating tensor that transformers keeps in fp32 when the model's weights are in
+    ``dtype`` (its ``_keep_in_fp32_modules_strict`` plan, e.g. the routers' score-correction biases)."""
+    plan = model._get_dtype_plan(dtype) if hasattr(model, "_get_dtype_plan") else {}
     if not plan:
         return
     from transformers.core_model_loading import build_glob_alternation
@@ -39,8 +38,45 @@ def keep_fp32_(model: nn.Module, dtype: torch.dtype) -> None:
             for name, tensor in list(table.items()):
                 full = f"{module_name}.{name}" if module_name else name
                 if tensor is not None and tensor.is_floating_point() and pattern.search(full):
-                    table[name] = (nn.Parameter(tensor.to(torch.float32), requires_grad=tensor.requires_grad)
-                                   if isinstance(tensor, nn.Parameter) else tensor.to(torch.float32))
+                    yield table, name, tensor
+
+
+def keep_fp32_(model: nn.Module, dtype: torch.dtype) -> None:
+    """Upcast the tensors the model keeps in fp32 whatever the dtype (``_keep_in_fp32_modules_strict``, e.g. the
+    routers' score-correction biases), as ``from_pretrained`` does and ``from_config`` does not: a model built here
+    then holds the dtypes of one loaded whole."""
+    for table, name, tensor in _kept_fp32_tensors(model, dtype):
+        table[name] = (nn.Parameter(tensor.to(torch.float32), requires_grad=tensor.requires_grad)
+                       if isinstance(tensor, nn.Parameter) else tensor.to(torch.float32))
+
+
+def dtype_fixed_tensors(root: nn.Module) -> set[int]:
+    """ids of the tensors under ``root`` whose dtype transformers fixes whatever the weights' dtype: the buffers no
+    checkpoint holds (rotary ``inv_freq``, computed in fp32) and the fp32-kept tensors of every transformers model
+    under ``root`` (:func:`keep_fp32_`). ``from_pretrained(dtype=torch.bfloat16)`` holds them in fp32; a plain
+    ``module.to(torch.bfloat16)`` (Lightning's ``*-true`` precision) would round them."""
+    fixed = set()
+    for module in root.modules():
+        for name in module._non_persistent_buffers_set:
+            buffer = module._buffers.get(name)
+            if buffer is not None and buffer.is_floating_point():
+                fixed.add(id(buffer))
+        if hasattr(module, "_get_dtype_plan"):  # a transformers model: its fp32-kept tensors, where still fp32
+            fixed.update(id(t) for _, _, t in _kept_fp32_tensors(module, torch.bfloat16) if t.dtype == torch.float32)
+    return fixed
+
+
+def keeping_fixed_dtypes(root: nn.Module, fn: Callable[[Tensor], Tensor]) -> Callable[[Tensor], Tensor]:
+    """``fn`` (what ``nn.Module._apply`` applies to every tensor) changed so that the tensors of
+    :func:`dtype_fixed_tensors` keep their dtype: a conversion moves them to the new device but does not cast them."""
+    fixed = dtype_fixed_tensors(root)
+
+    def apply(tensor: Tensor) -> Tensor:
+        converted = fn(tensor)
+        if id(tensor) in fixed and converted.dtype != tensor.dtype:
+            return tensor.to(device=converted.device)
+        return converted
+    return apply
 
 
 def persistent_tensors(model: nn.Module) -> Iterator[tuple[str, Tensor]]:

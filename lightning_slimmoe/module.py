@@ -22,6 +22,7 @@ from lightning_slimmoe.distill import DistillOutput, KDConfig, distill_loss, fro
 from lightning_slimmoe.distributed import (clip_grad_norm_fsdp1_, fsdp1_unit_kwargs, fsdp_mesh,
                                            reshard_head, shard_model, shard_model_fsdp1)
 from lightning_slimmoe.loading import fingerprint, materialize_, pending_fingerprint, pending_load
+from lightning_slimmoe.models import keeping_fixed_dtypes
 
 TEACHER_PREFIX = "teacher."
 STUDENT_PREFIX = "student."
@@ -324,6 +325,20 @@ class StageModule(pl.LightningModule):
             clip_grad_norm_fsdp1_(self.student, clip)
         elif clip:
             self.clip_gradients(optimizer, gradient_clip_val=clip, gradient_clip_algorithm=gradient_clip_algorithm or "norm")
+
+    def _apply(self, fn, recurse=True):
+        # Lightning's `*-true` precisions convert the whole module with `.to(dtype)`, buffers included. transformers
+        # keeps some tensors in fp32 whatever the weights' dtype (rotary `inv_freq`, computed, never saved; the
+        # fp32-kept router biases), and so does every reload of an export with `from_pretrained(dtype=...)`. Rounded
+        # to bf16, the student's RoPE would differ from its reloaded export's (logits off by ~1e-2) and from what a
+        # serving engine computes, and the teacher from the hub's: those tensors keep their dtype here.
+        super()._apply(keeping_fixed_dtypes(self, fn), recurse)
+        # torchmetrics' states follow a `.to(dtype)` too: the validation means would accumulate in bf16 (a val loss
+        # of 5.79 read back as 5.78125, every stage's perplexity rounded to the same 324.0). They stay fp32.
+        for metric in (getattr(self, name, None) for name in ("val_loss", "val_lm_loss", "val_agreement")):
+            if metric is not None:
+                metric.set_dtype(torch.float32)
+        return self
 
     # --- checkpoints hold the student only ----------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:

@@ -107,7 +107,7 @@ class Pipeline:
         eval_trainer = self.make_trainer(default_root_dir=str(run_dir.path), logger=False, enable_checkpointing=False)
         plan = plan_run(config, shapes, dm, eval_trainer)
         cache = open_teacher_cache(config, dm, plan, tokenizer, eval_trainer.precision)
-        record = run_record(config, plan.batch, data_identity(dm, tokenizer))
+        record = run_record(config, plan.batch, data_identity(dm, tokenizer), numerics(plan, eval_trainer))
         data_change = []  # on --resume with resume_allow_data_change: how the data differs (recorded in meta.json)
         if rank_zero_only.rank == 0:  # the first write: everything above passed
             data_change = run_dir.start(record, config.resume, tokenizer=new_tokenizer,
@@ -231,16 +231,24 @@ def run_stage(ctx: RunContext, stage_plan: StagePlan, stage_dir: StageDir, stude
 # ---------------------------------------------------------------------------------------------------
 # What goes into a stage: data, teacher, student
 # ---------------------------------------------------------------------------------------------------
-def run_record(config: RunConfig, batch: dict | None = None, data: dict | None = None) -> dict:
-    """What ``run.json`` holds and ``--resume`` compares: the stages, the sources, the data-stream geometry and the
-    identity of the data (:func:`data_identity`)."""
+def run_record(config: RunConfig, batch: dict | None = None, data: dict | None = None,
+               precision: dict | None = None) -> dict:
+    """What ``run.json`` holds and ``--resume`` compares: the stages, the sources, the data-stream geometry, the
+    identity of the data (:func:`data_identity`) and the numerics (:func:`numerics`)."""
     stages = [{k: v for k, v in dataclasses.asdict(s).items() if k not in RESUME_MAY_CHANGE} for s in config.stages]
     record = {"stages": stages, "teacher": config.teacher, "student_init": config.student_init}
-    if batch is not None:
-        record["batch"] = batch
-    if data is not None:
-        record["data"] = data
+    for key, value in (("batch", batch), ("data", data), ("precision", precision)):
+        if value is not None:
+            record[key] = value
     return json.loads(json.dumps(record))
+
+
+def numerics(plan: RunPlan, trainer: pl.Trainer) -> dict:
+    """The Trainer's precision and the weights' dtypes: a resume at another precision trains against another
+    teacher (its weights in another dtype), so it is refused naming the precision, not a fingerprint."""
+    dtype = lambda d: str(d).removeprefix("torch.")
+    return {"trainer": str(trainer.precision), "student_dtype": dtype(plan.student_dtype),
+            "teacher_dtype": dtype(plan.teacher_dtype)}
 
 
 def data_identity(dm: TextDataModule, tokenizer) -> dict:

@@ -139,7 +139,7 @@ class RunDir:
             raise ConfigError(f"--resume: no run to resume in output_dir={str(self.path)!r} "
                               f"(no {self.run_file.name})")
         saved, now = self.read_record(), dict(record)
-        for key in ("batch", "data"):
+        for key in ("batch", "data", "precision"):  # known once data and Trainer are set up; absent in older runs
             if key not in now or key not in saved:
                 saved.pop(key, None), now.pop(key, None)
         data_diff = config_diff(saved.pop("data", None), now.pop("data", None), "data")
