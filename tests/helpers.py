@@ -209,16 +209,19 @@ QWEN3_5_VISION = dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2
                       num_position_embeddings=16)  # a one-block vision tower for the Qwen3.5-MoE wrapper
 
 
-def write_hub_checkpoint(path: Path, vocab_size: int = VOCAB, scale: float = 0.2, seed: int = 0, **text):
+def write_hub_checkpoint(path: Path, vocab_size: int = VOCAB, scale: float = 0.2, seed: int = 0, text_config=None,
+                         vision_config=None, **text):
     """A tiny Qwen3.5-MoE hub directory as Qwen publishes it: the wrapper's own tensor names (which are the hub's:
     fused experts, `model.language_model.` / `model.visual.` / `lm_head`), plus an `mtp.` layer shaped like decoder
     layer 0 but holding other values, so that a reader taking `mtp.layers.0.` for layer 0 would give other logits.
+    The language model is ``text_config`` if given, else ``tiny_config`` with ``text`` overrides.
     Returns the wrapper model (``Qwen3_5MoeForConditionalGeneration``) whose weights were written."""
     from safetensors.torch import save_file
     from transformers.models.qwen3_5_moe import Qwen3_5MoeConfig, Qwen3_5MoeForConditionalGeneration
 
-    text_config = tiny_config("qwen3_5_moe", vocab_size=vocab_size, mtp_num_hidden_layers=1, **text)
-    config = Qwen3_5MoeConfig(text_config=text_config.to_dict(), vision_config=QWEN3_5_VISION)
+    if text_config is None:
+        text_config = tiny_config("qwen3_5_moe", vocab_size=vocab_size, mtp_num_hidden_layers=1, **text)
+    config = Qwen3_5MoeConfig(text_config=text_config.to_dict(), vision_config=vision_config or QWEN3_5_VISION)
     torch.manual_seed(seed)
     model = Qwen3_5MoeForConditionalGeneration(config).eval()
     tensors = {}
@@ -244,15 +247,18 @@ LLAMA4_VISION = dict(hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
                      rope_theta=10000.0)  # a one-layer vision tower for the Llama-4 wrapper
 
 
-def write_llama4_hub_checkpoint(path: Path, vocab_size: int = VOCAB, scale: float = 0.2, seed: int = 0, **text):
+def write_llama4_hub_checkpoint(path: Path, vocab_size: int = VOCAB, scale: float = 0.2, seed: int = 0,
+                                text_config=None, vision_config=None, **text):
     """A tiny Llama-4 hub directory as Meta publishes it: the multimodal wrapper (``model_type: llama4``) saved by
     ``Llama4ForConditionalGeneration``, its language model under ``language_model.model.`` and
     ``language_model.lm_head``, beside ``vision_model.*`` (whose own ``vision_model.model.layers.<i>.`` must never
-    be read as a decoder layer) and ``multi_modal_projector.*``. Returns the wrapper model."""
+    be read as a decoder layer) and ``multi_modal_projector.*``. The language model is ``text_config`` if given,
+    else ``tiny_config`` with ``text`` overrides. Returns the wrapper model."""
     from transformers import Llama4Config, Llama4ForConditionalGeneration
 
-    text_config = tiny_config("llama4", vocab_size=vocab_size, **text)
-    config = Llama4Config(text_config=text_config.to_dict(), vision_config=LLAMA4_VISION)
+    if text_config is None:
+        text_config = tiny_config("llama4", vocab_size=vocab_size, **text)
+    config = Llama4Config(text_config=text_config.to_dict(), vision_config=vision_config or LLAMA4_VISION)
     torch.manual_seed(seed)
     model = Llama4ForConditionalGeneration(config).eval()
     with torch.no_grad():
@@ -323,6 +329,76 @@ def tiny_recipe(tmp_path, teacher: str | None, corpus: str, stages: list | None 
 def read_summary(run_dir) -> dict:
     return json.loads((Path(run_dir) / "summary.json").read_text())
 
+
+
+# ---------------------------------------------------------------------------------------------------
+# Quantized hub layouts: block FP8 (DeepSeek-V3 / MiniMax-M2) and MXFP4 (gpt-oss), as the hub ships them
+# ---------------------------------------------------------------------------------------------------
+FP8_BLOCK = 128
+FP8_CONFIG = {"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": [FP8_BLOCK, FP8_BLOCK],
+              "activation_scheme": "dynamic"}
+FP8_NOT_QUANTIZED = ("embed_tokens", "lm_head", "norm", "mlp.gate.weight", "block_sparse_moe.gate.weight")
+MXFP4_CONFIG = {"quant_method": "mxfp4",  # as the hub's gpt-oss config.json has it
+                "modules_to_not_convert": ["model.layers.*.self_attn", "model.layers.*.mlp.router",
+                                           "model.embed_tokens", "lm_head"]}
+
+
+def quantize_blocks(w_RC: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(float8_e4m3fn weight, fp32 scale_inv per 128x128 block), as DeepSeek's and MiniMax's checkpoints hold them."""
+    import math
+
+    rows, cols = w_RC.shape
+    scale = torch.empty(math.ceil(rows / FP8_BLOCK), math.ceil(cols / FP8_BLOCK))
+    q_RC = torch.empty(rows, cols, dtype=torch.float8_e4m3fn)
+    for i in range(scale.shape[0]):
+        for j in range(scale.shape[1]):
+            rows_i, cols_j = slice(i * FP8_BLOCK, (i + 1) * FP8_BLOCK), slice(j * FP8_BLOCK, (j + 1) * FP8_BLOCK)
+            block = w_RC[rows_i, cols_j].float()
+            scale[i, j] = block.abs().max().clamp(min=1e-12) / 448.0  # e4m3's largest finite value
+            q_RC[rows_i, cols_j] = (block / scale[i, j]).to(torch.float8_e4m3fn)
+    return q_RC, scale
+
+
+def to_fp8_(directory: Path, modules_to_not_convert: list[str] | None = None) -> None:
+    """Rewrite the checkpoint ``save_pretrained`` wrote in ``directory`` (the hub's per-expert keys) as the hub's block
+    FP8: every linear ``X.weight`` float8_e4m3fn with its fp32 ``X.weight_scale_inv``, embeddings, norms, routers and
+    lm_head as they were; ``quantization_config`` declared in config.json."""
+    from safetensors.torch import load_file, save_file
+
+    path = directory / "model.safetensors"
+    state, out = load_file(path), {}
+    for key, tensor in state.items():
+        if tensor.dim() == 2 and key.endswith(".weight") and not any(p in key for p in FP8_NOT_QUANTIZED):
+            out[key], out[key + "_scale_inv"] = quantize_blocks(tensor)
+        else:
+            out[key] = tensor
+    save_file(out, str(path), metadata={"format": "pt"})
+    config = json.loads((directory / "config.json").read_text())
+    quantization = {**FP8_CONFIG, **({"modules_to_not_convert": modules_to_not_convert} if modules_to_not_convert else {})}
+    (directory / "config.json").write_text(json.dumps({**config, "quantization_config": quantization}))
+
+
+def to_mxfp4_(directory: Path, seed: int = 0, scales=(121, 125)) -> dict[str, torch.Tensor]:
+    """Rewrite the fused expert weights of the gpt-oss checkpoint in ``directory`` as random MXFP4 (transformers'
+    layout: ``<name>_blocks [E, out, in/32, 16]``, ``<name>_scales [E, out, in/32]``), declare it in config.json,
+    and return the dequantized weights (in-memory layout ``[E, in, out]``)."""
+    from safetensors.torch import load_file, save_file
+    from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+
+    gen = torch.Generator().manual_seed(seed)
+    path = directory / "model.safetensors"
+    state = load_file(path)
+    dense = {}
+    for name in [k for k in state if k.endswith(("experts.gate_up_proj", "experts.down_proj"))]:
+        experts, n_in, n_out = state.pop(name).shape
+        blocks = torch.randint(0, 256, (experts, n_out, n_in // 32, 16), dtype=torch.uint8, generator=gen)
+        exps = torch.randint(*scales, (experts, n_out, n_in // 32), dtype=torch.uint8, generator=gen)
+        state[name + "_blocks"], state[name + "_scales"] = blocks, exps
+        dense[name] = convert_moe_packed_tensors(blocks, exps, dtype=torch.float32)
+    save_file(state, str(path), metadata={"format": "pt"})
+    config = json.loads((directory / "config.json").read_text())
+    (directory / "config.json").write_text(json.dumps({**config, "quantization_config": MXFP4_CONFIG}))
+    return dense
 
 # ---------------------------------------------------------------------------------------------------
 # train.py in a child process (1 process or 2 gloo ranks) and its TensorBoard scalars

@@ -10,7 +10,6 @@ equal those of the twin bit for bit; other quantization formats and incomplete F
 from __future__ import annotations
 
 import json
-import math
 import shutil
 from pathlib import Path
 
@@ -19,7 +18,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
-from helpers import random_batch, random_keep, tiny_model
+from helpers import FP8_BLOCK, FP8_CONFIG, FP8_NOT_QUANTIZED, quantize_blocks, random_batch, random_keep, tiny_model
 from lightning_slimmoe.config import ConfigError
 from lightning_slimmoe.dequantize import Fp8Blocks, UnsupportedQuantizationError, scale_pairs
 from lightning_slimmoe.export import export_hf, export_sharded_hf
@@ -29,8 +28,7 @@ from lightning_slimmoe.module import model_fingerprint
 from lightning_slimmoe.slimming import remove_experts_, slim_model_
 from lightning_slimmoe.sources import check_weight_files, load_config, load_model
 
-BLOCK = 128
-FP8_CONFIG = {"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": [BLOCK, BLOCK], "activation_scheme": "dynamic"}
+BLOCK = FP8_BLOCK
 # hidden 200 and expert width 136 are not multiples of 128: every expert and projection has partial edge blocks
 DIMS = dict(hidden_size=200, moe_intermediate_size=136, intermediate_size=264)
 FP8_FAMILIES = {
@@ -38,20 +36,6 @@ FP8_FAMILIES = {
     "minimax_m2": (dict(hidden_size=200, intermediate_size=136),
                    {"modules_to_not_convert": ["gate", "e_score_correction_bias", "lm_head"]}),  # as the hub's
 }
-_NOT_QUANTIZED = ("embed_tokens", "lm_head", "norm", "mlp.gate.weight", "block_sparse_moe.gate.weight")
-
-
-def quantize_blocks(w_RC: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(float8_e4m3fn weight, fp32 scale_inv per 128x128 block), as DeepSeek's and MiniMax's checkpoints hold them."""
-    rows, cols = w_RC.shape
-    scale = torch.empty(math.ceil(rows / BLOCK), math.ceil(cols / BLOCK))
-    q_RC = torch.empty(rows, cols, dtype=torch.float8_e4m3fn)
-    for i in range(scale.shape[0]):
-        for j in range(scale.shape[1]):
-            block = w_RC[i * BLOCK:(i + 1) * BLOCK, j * BLOCK:(j + 1) * BLOCK].float()
-            scale[i, j] = block.abs().max().clamp(min=1e-12) / 448.0  # e4m3's largest finite value
-            q_RC[i * BLOCK:(i + 1) * BLOCK, j * BLOCK:(j + 1) * BLOCK] = (block / scale[i, j]).to(torch.float8_e4m3fn)
-    return q_RC, scale
 
 
 def dequantize_blocks(q_RC: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -89,7 +73,7 @@ def write_fp8_pair(root: Path, family: str) -> tuple[Path, Path]:
         hub[f"model.layers.{config['num_hidden_layers']}.mlp.experts.0.gate_proj.weight"] = torch.randn(136, 200)
     fp8, twin = {}, {}
     for key, tensor in hub.items():
-        if tensor.dim() == 2 and key.endswith(".weight") and not any(p in key for p in _NOT_QUANTIZED):
+        if tensor.dim() == 2 and key.endswith(".weight") and not any(p in key for p in FP8_NOT_QUANTIZED):
             q_RC, scale = quantize_blocks(tensor)
             fp8[key], fp8[key + "_scale_inv"] = q_RC, scale
             twin[key] = dequantize_blocks(q_RC, scale)

@@ -13,9 +13,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModelForCausalLM
-from transformers.integrations.mxfp4 import convert_moe_packed_tensors
 
-from helpers import make_teacher_dir, random_batch, random_keep, read_summary, tiny_model, tiny_recipe
+from helpers import make_teacher_dir, random_batch, random_keep, read_summary, tiny_model, tiny_recipe, to_mxfp4_
 from lightning_slimmoe.config import ConfigError
 from lightning_slimmoe.families import get_family
 from lightning_slimmoe.importance import compute_scores
@@ -23,10 +22,6 @@ from lightning_slimmoe.loading import materialize_, meta_model
 from lightning_slimmoe.slimming import (GPT_OSS_LAYOUT, check_expert_layout, expert_biases, expert_weights,
                                         remove_experts_, resolve_target, select_keep, slim_model_)
 from lightning_slimmoe.sources import check_weight_files, load_model
-
-MXFP4_CONFIG = {"quant_method": "mxfp4",  # as the hub's gpt-oss config.json has it
-                "modules_to_not_convert": ["model.layers.*.self_attn", "model.layers.*.mlp.router",
-                                           "model.embed_tokens", "lm_head"]}
 
 
 def logits(model, batch):
@@ -169,26 +164,6 @@ def test_expert_removal_slices_router_and_expert_biases():
 
 
 # --- MXFP4 hub checkpoints ---------------------------------------------------------------------------------------
-def to_mxfp4_(directory: Path, seed: int = 0, scales=(121, 125)) -> dict[str, torch.Tensor]:
-    """Rewrite the fused expert weights of the gpt-oss checkpoint in ``directory`` as random MXFP4 (transformers'
-    layout: ``<name>_blocks [E, out, in/32, 16]``, ``<name>_scales [E, out, in/32]``), declare it in config.json,
-    and return the dequantized weights (in-memory layout ``[E, in, out]``)."""
-    gen = torch.Generator().manual_seed(seed)
-    path = directory / "model.safetensors"
-    state = load_file(path)
-    dense = {}
-    for name in [k for k in state if k.endswith(("experts.gate_up_proj", "experts.down_proj"))]:
-        experts, n_in, n_out = state.pop(name).shape
-        blocks = torch.randint(0, 256, (experts, n_out, n_in // 32, 16), dtype=torch.uint8, generator=gen)
-        exps = torch.randint(*scales, (experts, n_out, n_in // 32), dtype=torch.uint8, generator=gen)
-        state[name + "_blocks"], state[name + "_scales"] = blocks, exps
-        dense[name] = convert_moe_packed_tensors(blocks, exps, dtype=torch.float32)
-    save_file(state, str(path), metadata={"format": "pt"})
-    config = json.loads((directory / "config.json").read_text())
-    (directory / "config.json").write_text(json.dumps({**config, "quantization_config": MXFP4_CONFIG}))
-    return dense
-
-
 @pytest.fixture(scope="module")
 def mxfp4_pair(tmp_path_factory):
     """An MXFP4 gpt-oss checkpoint and its dequantized fp32 twin."""

@@ -13,7 +13,7 @@ import torch
 import yaml
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from helpers import read_summary, tiny_recipe
+from helpers import read_summary, tiny_recipe, train_torchrun_many
 from lightning_slimmoe.cli import SlimMoECLI, main
 from lightning_slimmoe.data import TextDataModule
 from lightning_slimmoe.planning import plan_shapes
@@ -212,11 +212,20 @@ def test_known_gaps_are_still_gaps():
         assert abs(ours / PUBLISHED[model_json][kind == "active"] - 1) > TOLERANCE, (model_json, kind)
 
 
-def _stand_in_teacher(recipe: dict, tmp_path: Path, corpus: str) -> str:
+# How each recipe's hub teacher lays out its checkpoint, where it is not what `save_pretrained` writes (the per-expert
+# or fused keys of the hub for every other family): the multimodal wrappers and the quantized releases.
+HUB_LAYOUTS = {"qwen3_5_moe.yaml": "qwen3_5_moe wrapper", "llama4.yaml": "llama4 wrapper",
+               "gpt_oss.yaml": "mxfp4", "gpt_oss_120b.yaml": "mxfp4", "deepseek_v3.yaml": "fp8",
+               "minimax_m2.yaml": "fp8"}
+
+
+def _stand_in_teacher(recipe_name: str, recipe: dict, tmp_path: Path, corpus: str) -> str:
     """Same family and the recipe's real expert widths/head counts, but hidden 64, tiny vocab, at most 16 experts, and
     the fewest layers that hold routed experts and (if the family prunes attention) a GQA attention layer: one for
     most families, more where the first layers are dense (DeepSeek / GLM `first_k_dense_replace`, ERNIE
-    `moe_layer_start_index`) or linear attention (Qwen3-Next: the 4th layer is the first full-attention one)."""
+    `moe_layer_start_index`) or linear attention (Qwen3-Next: the 4th layer is the first full-attention one).
+    Written as the recipe's hub teacher lays out its checkpoint (``HUB_LAYOUTS``)."""
+    from helpers import LLAMA4_VISION, QWEN3_5_VISION, to_fp8_, to_mxfp4_, write_hub_checkpoint, write_llama4_hub_checkpoint
     from lightning_slimmoe.families import get_family, language_config
     from lightning_slimmoe.models import model_on_meta
 
@@ -261,35 +270,70 @@ def _stand_in_teacher(recipe: dict, tmp_path: Path, corpus: str) -> str:
             break
     else:
         raise AssertionError(f"{source}: no stand-in of up to 8 layers has routed experts")
+    path, layout = tmp_path / "teacher", HUB_LAYOUTS.get(recipe_name)
+    if layout == "qwen3_5_moe wrapper":
+        write_hub_checkpoint(path, scale=0.02, text_config=config,
+                             vision_config={**QWEN3_5_VISION, "out_hidden_size": config.hidden_size})
+        return str(path)
+    if layout == "llama4 wrapper":
+        write_llama4_hub_checkpoint(path, scale=0.02, text_config=config,
+                                    vision_config={**LLAMA4_VISION, "projector_output_dim": config.hidden_size})
+        return str(path)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config)
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0, 0.02)
-    model.save_pretrained(tmp_path / "teacher")
-    return str(tmp_path / "teacher")
+    model.save_pretrained(path)
+    if layout == "mxfp4":
+        to_mxfp4_(path, scales=(117, 121))  # MXFP4 exponents around 2^-8: weights of the size normal_(0, 0.02) gives
+    elif layout == "fp8":
+        to_fp8_(path)
+    return str(path)
+
+
+def _sharded(recipe: dict) -> bool:
+    strategy = (recipe.get("trainer") or {}).get("strategy")
+    return isinstance(strategy, dict) and strategy.get("class_path", "").endswith("ModelParallelStrategy")
+
+
+REAL_RECIPES = [r for r in RECIPES if r != "demo.yaml"]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("recipe_name", [r for r in RECIPES if r != "demo.yaml"])
-def test_recipe_runs_a_few_steps_on_a_stand_in(recipe_name, tmp_path, corpus_file):
+@pytest.mark.parametrize("recipe_name", REAL_RECIPES)
+def test_recipe_runs_end_to_end_on_a_stand_in(recipe_name, tmp_path, corpus_file):
+    """Every shipped recipe as written — its precision, strategy (2 gloo ranks for the sharded ones), parallel
+    settings, stages, criteria and KD settings — with its teacher replaced by a tiny same-family stand-in in the hub's
+    layout and its budgets shrunk: every stage trains, exports (reload-checked at the recipe's precision) and the final
+    model loads with stock transformers in the dtype the recipe trains in."""
     recipe = yaml.safe_load((ROOT / "conf" / recipe_name).read_text())
-    teacher = _stand_in_teacher(recipe, tmp_path, corpus_file)
+    teacher = _stand_in_teacher(recipe_name, recipe, tmp_path, corpus_file)
     args = ["--config", str(ROOT / "conf" / recipe_name), "--teacher", teacher, "--teacher_config", "null",
-            "--output_dir", str(tmp_path / "run"), "--trainer.accelerator", "cpu", "--trainer.devices", "1",
-            "--trainer.num_nodes", "1", "--trainer.precision", "32-true", "--trainer.strategy", "auto", "--trainer.limit_val_batches", "1",
-            "--trainer.enable_progress_bar", "false", "--data.init_args.hub_dataset", "null",
-            "--data.init_args.files", json.dumps([corpus_file]), "--data.init_args.seq_len", "16",
-            "--data.init_args.batch_size", "2"]
+            "--output_dir", str(tmp_path / "run"), "--trainer.accelerator", "cpu", "--trainer.num_nodes", "1",
+            "--trainer.limit_val_batches", "1", "--trainer.enable_progress_bar", "false",
+            "--data.init_args.hub_dataset", "null", "--data.init_args.files", json.dumps([corpus_file]),
+            "--data.init_args.seq_len", "16", "--data.init_args.batch_size", "2"]
     for i in range(len(recipe["stages"])):
         args += [f"--stages.{i}.max_tokens", "64", f"--stages.{i}.calibration_tokens", "32",
                  f"--stages.{i}.kd.chunk_tokens", "16", f"--stages.{i}.val_every_n_steps", "2"]
-    main(args)
+    if _sharded(recipe):
+        train_torchrun_many([args], ranks=2)
+    else:
+        main([*args, "--trainer.devices", "1"])
     summary = read_summary(tmp_path / "run")
+    assert [s["name"] for s in summary["stages"]] == [s["name"] for s in recipe["stages"]]
     expected = [s.get("expert_width") for s in recipe["stages"]]
     got = [s["expert_width"] for s in summary["stages"]]
     assert all(g == e for g, e in zip(got, expected) if isinstance(e, int))
     assert got == sorted(got, reverse=True)
+    kv_heads = summary["teacher"]["num_key_value_heads"]
+    for stage, row in zip(recipe["stages"], summary["stages"]):
+        kv_heads = stage.get("attention_groups", kv_heads)
+        assert row["num_key_value_heads"] == kv_heads, row["name"]
+    dtype = torch.bfloat16 if recipe["trainer"]["precision"] == "bf16-true" else torch.float32
+    final = AutoModelForCausalLM.from_pretrained(summary["final_dir"], dtype=dtype)
+    assert final.config.num_key_value_heads == kv_heads and next(final.parameters()).dtype == dtype
 
 
 @pytest.mark.slow
