@@ -97,7 +97,7 @@ class Pipeline:
     def run(self) -> dict:
         config, dm = self.config, self.dm
         pl.seed_everything(self.seed, workers=True)
-        shapes = plan_shapes(config)  # configs, targets, scores files: no weights
+        shapes = plan_shapes(config, seq_len=dm.hparams.seq_len)  # configs, targets, scores files: no weights
         for field in ("teacher", "student_init"):
             check_weight_files(field, getattr(config, field))
         run_dir = RunDir(config.output_dir, [s.name for s in config.stages])

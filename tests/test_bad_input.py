@@ -16,9 +16,10 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import lightning_slimmoe.pipeline as pipeline
 from helpers import tiny_config, tiny_recipe
-from lightning_slimmoe.cli import main
+from lightning_slimmoe.cli import SlimMoECLI, dispatch, main
 from lightning_slimmoe.families import UnsupportedModelError
 from lightning_slimmoe.importance import ImportanceScores, model_shape
+from lightning_slimmoe.planning import plan_shapes
 
 FSDP1 = '{"class_path": "lightning.pytorch.strategies.FSDPStrategy"}'
 STAGE = {"name": "s", "expert_width": 16, "calibration_tokens": 128, "max_tokens": 256}
@@ -118,6 +119,9 @@ ROWS = {
                                "ModelParallelStrategy"]),
     "teacher_8bit_with_fsdp1": (dict(teacher_8bit=True), ["--trainer.strategy", FSDP1], pipeline.ConfigError,
                                 ["teacher_8bit: true", "sharded trainer.strategy", "FSDPStrategy"]),
+    "seq_len_above_max_position_embeddings": (dict(data={"seq_len": 129}), [], pipeline.ConfigError,
+                                              ["data.init_args.seq_len=129", "max_position_embeddings=128",
+                                               "phimoe' (phimoe)", "RoPE scaling", "data.init_args.seq_len <= 128"]),
 }
 
 
@@ -208,3 +212,26 @@ def test_pretrain_run_saves_its_tokenizer_and_resumes_with_it(tmp_path, corpus_f
     assert saved.get_vocab() == final.get_vocab() and len(saved) == 300
     main(["--config", str(recipe), "--resume", "true"])  # everything complete: skipped, same tokenizer
     assert AutoTokenizer.from_pretrained(tok_dir).get_vocab() == saved.get_vocab()
+
+
+def plan(args: list[str]) -> dict:
+    return dispatch(["plan", *args])  # `python -m lightning_slimmoe plan ...`, in this process
+
+
+def test_seq_len_above_max_position_embeddings_is_refused(tmp_path, corpus_file, no_weights):
+    """Also for a pretrain run (its teacher is the model_config it trains), by `plan` and `train`, before anything is
+    written; a config that already scales RoPE is named as such."""
+    from lightning_slimmoe.planning import check_seq_len
+
+    recipe = _pretrain_recipe(tmp_path, corpus_file)
+    for command in (plan, main):
+        with pytest.raises(pipeline.ConfigError) as info:
+            command(["--config", str(recipe), "--data.init_args.seq_len", "256"])
+        message = str(info.value)
+        assert "data.init_args.seq_len=256" in message and "max_position_embeddings=128" in message
+        assert "stages[0].pretrain.model_config=" in message and "model.json" in message
+    assert not (tmp_path / "run").exists() and not no_weights
+    cli = SlimMoECLI(args=["--config", str(recipe)])
+    plan_shapes(cli.run_config, seq_len=128)  # the limit itself is fine
+    with pytest.raises(pipeline.ConfigError, match=r"already scales RoPE \(yarn\)"):
+        check_seq_len(256, "teacher='x'", tiny_config("gpt_oss"))
