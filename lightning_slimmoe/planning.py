@@ -23,7 +23,7 @@ from lightning_slimmoe.importance import ImportanceScores
 from lightning_slimmoe.params import count_config_params
 from lightning_slimmoe.serving import enforce_serving
 from lightning_slimmoe.slimming import check_expert_count, resolve_target, slim_config, widths_of, with_num_experts
-from lightning_slimmoe.sources import load_config, quantization_of
+from lightning_slimmoe.sources import load_config, offline_config, quantization_of
 
 
 @dataclass(frozen=True)
@@ -95,8 +95,7 @@ def plan_shapes(config: RunConfig, seq_len: int | None = None) -> Shapes:
     else:
         if pretrain:
             raise ConfigError(f"stages[{pretrain[0]}].pretrain: a pretrain stage only makes sense without `teacher:`")
-        teacher_config = (load_config("teacher_config", config.teacher_config) if config.teacher_config
-                          else load_config("teacher", config.teacher, config.trust_remote_code))
+        teacher_config = _teacher_config(config)
     # A multimodal wrapper (Qwen3.5-MoE) is planned as the text-only causal LM that is slimmed and exported.
     teacher_config = language_config(teacher_config)
     check_seq_len(seq_len, f"teacher={config.teacher!r}" if config.teacher is not None
@@ -114,6 +113,37 @@ def plan_shapes(config: RunConfig, seq_len: int | None = None) -> Shapes:
             model = _slimmed(k, stage, model, teacher_config)
         configs.append(model)
     return Shapes(teacher_config, tuple(configs))
+
+
+def _teacher_config(config: RunConfig):
+    """The teacher's config. ``teacher_config`` (a config-only JSON) lets ``plan`` run before the weights are there,
+    but where the teacher's own config can be read without the network (a local dir, a hub id already in the cache)
+    that one is what ``train`` loads, so it is authoritative: a ``teacher_config`` that disagrees with it (one left
+    in a copied recipe) would plan another model's shapes and fail only once the weights are loaded, so it is
+    refused here, naming both."""
+    if not config.teacher_config:
+        return load_config("teacher", config.teacher, config.trust_remote_code)
+    given = load_config("teacher_config", config.teacher_config)
+    own = offline_config("teacher", config.teacher, config.trust_remote_code)
+    if own is None:  # a hub id not downloaded yet: teacher_config is all there is to plan from
+        return given
+    ours, theirs = model_identity(given), model_identity(own)
+    diff = [f"{k}: {ours.get(k)} vs {theirs.get(k)}" for k in ours | theirs if ours.get(k) != theirs.get(k)]
+    if diff:
+        raise ConfigError(
+            f"teacher_config={config.teacher_config!r} does not describe teacher={config.teacher!r} "
+            f"(teacher_config vs teacher): {'; '.join(diff)}. The teacher's own config is the one trained from: "
+            "remove `teacher_config` from the recipe (or pass `--teacher_config null`), or make it match the teacher")
+    return own
+
+
+def model_identity(config) -> dict:
+    """What two configs of one model must share: the architecture and every shape the plan and the weights
+    depend on (layers, widths, expert count, heads, head dims, vocabulary), read through the family record."""
+    config = language_config(config)
+    return {"model_type": config.model_type,
+            **{k: getattr(config, k, None) for k in ("hidden_size", "num_hidden_layers", "vocab_size")},
+            **widths_of(config), **mla_head_dims(config)}
 
 
 def check_seq_len(seq_len: int | None, what: str, model_config) -> None:

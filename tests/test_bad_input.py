@@ -119,6 +119,11 @@ ROWS = {
                                "ModelParallelStrategy"]),
     "teacher_8bit_with_fsdp1": (dict(teacher_8bit=True), ["--trainer.strategy", FSDP1], pipeline.ConfigError,
                                 ["teacher_8bit: true", "sharded trainer.strategy", "FSDPStrategy"]),
+    # a copied recipe's teacher_config (Phi-3.5-MoE) beside the user's own teacher dir: refused naming both
+    "teacher_config_of_another_model": (dict(teacher_config="conf/models/phi-3.5-moe.json"), [], pipeline.ConfigError,
+                                        ["teacher_config='conf/models/phi-3.5-moe.json'", "does not describe teacher=",
+                                         "phimoe' (teacher_config vs teacher)", "hidden_size: 4096 vs 32",
+                                         "expert_width: 6400 vs 32", "`--teacher_config null`"]),
     "seq_len_above_max_position_embeddings": (dict(data={"seq_len": 129}), [], pipeline.ConfigError,
                                               ["data.init_args.seq_len=129", "max_position_embeddings=128",
                                                "phimoe' (phimoe)", "RoPE scaling", "data.init_args.seq_len <= 128"]),
@@ -216,6 +221,44 @@ def test_pretrain_run_saves_its_tokenizer_and_resumes_with_it(tmp_path, corpus_f
 
 def plan(args: list[str]) -> dict:
     return dispatch(["plan", *args])  # `python -m lightning_slimmoe plan ...`, in this process
+
+
+def _one_stage_recipe(tmp_path, teacher: str, corpus: str, **top) -> Path:
+    return Path(tiny_recipe(tmp_path, teacher, corpus, stages=stage(max_tokens=2 * 4 * 32), **top))
+
+
+def test_teacher_config_of_another_model_is_refused_by_plan(tmp_path, phimoe_teacher, corpus_file):
+    """`plan` used to print the copied recipe's 30B-class shapes for the user's own teacher dir."""
+    recipe = _one_stage_recipe(tmp_path, phimoe_teacher, corpus_file, teacher_config="conf/models/phi-3.5-moe.json")
+    before = _tree(tmp_path)
+    with pytest.raises(pipeline.ConfigError) as info:
+        plan(["--config", str(recipe)])
+    message = str(info.value)
+    assert "teacher_config='conf/models/phi-3.5-moe.json'" in message and f"teacher={phimoe_teacher!r}" in message
+    assert "num_hidden_layers: 32 vs 2" in message and "--teacher_config null" in message
+    assert _tree(tmp_path) == before
+
+
+def test_teacher_config_that_agrees_plans_the_teachers_own_config(tmp_path, phimoe_teacher, corpus_file,
+                                                                  monkeypatch, capsys):
+    """Same names and shapes: accepted, and the teacher's own config is the one planned from (here it differs from
+    teacher_config only in max_position_embeddings); `train` goes on to load the teacher."""
+    own = json.loads((Path(phimoe_teacher) / "config.json").read_text())
+    json_config = tmp_path / "teacher.json"
+    json_config.write_text(json.dumps({**own, "max_position_embeddings": 16}))
+    recipe = _one_stage_recipe(tmp_path, phimoe_teacher, corpus_file, teacher_config=str(json_config))
+    result = plan(["--config", str(recipe), "--json"])
+    assert result["teacher"]["expert_width"] == 32 and result["stages"][0]["expert_width"] == 16
+    cli = SlimMoECLI(args=["--config", str(recipe)])
+    # seq_len 32 > the JSON's 16: planned from the teacher's own config (128), so no refusal either
+    assert plan_shapes(cli.run_config, seq_len=32).teacher_config.max_position_embeddings == 128
+
+    def loading(ctx):
+        raise RuntimeError("the teacher is being loaded")
+
+    monkeypatch.setattr(pipeline, "load_teacher", loading)
+    with pytest.raises(RuntimeError, match="the teacher is being loaded"):
+        main(["--config", str(recipe)])
 
 
 def test_seq_len_above_max_position_embeddings_is_refused(tmp_path, corpus_file, no_weights):
