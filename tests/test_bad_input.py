@@ -261,6 +261,74 @@ def test_teacher_config_that_agrees_plans_the_teachers_own_config(tmp_path, phim
         main(["--config", str(recipe)])
 
 
+def test_a_run_that_fails_before_its_first_stage_can_be_run_again(tmp_path, phimoe_teacher, corpus_file,
+                                                                   monkeypatch):
+    """A new run that fails after run.json was written but before any stage wrote a file (here: the teacher fails to
+    load) removes what it created, and only that: the same command then runs."""
+    recipe = _one_stage_recipe(tmp_path, phimoe_teacher, corpus_file)
+    real_load_teacher = pipeline.load_teacher
+    written = []
+
+    def failing(ctx):
+        written.append(sorted(p.name for p in ctx.run_dir.path.iterdir()))
+        raise RuntimeError("teacher load failed")
+
+    monkeypatch.setattr(pipeline, "load_teacher", failing)
+    with pytest.raises(RuntimeError, match="teacher load failed"):
+        main(["--config", str(recipe)])
+    assert "run.json" in written[0] and not (tmp_path / "run").exists()
+    # an output_dir that existed before keeps what was in it; only the run's own files go
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "notes.txt").write_text("mine")
+    with pytest.raises(RuntimeError, match="teacher load failed"):
+        main(["--config", str(recipe)])
+    assert _tree(tmp_path / "run") == ["notes.txt"]
+    monkeypatch.setattr(pipeline, "load_teacher", real_load_teacher)
+    main(["--config", str(recipe)])  # the same command, not refused as "already holds a run"
+    assert (tmp_path / "run" / "summary.json").is_file() and (tmp_path / "run" / "notes.txt").read_text() == "mine"
+
+
+def test_a_run_that_failed_after_its_first_stage_wrote_is_kept(tmp_path, phimoe_teacher, corpus_file, monkeypatch):
+    """Once a stage has written a file (its keep indices here) the run is work to keep: a failure removes nothing,
+    and a new run in that output_dir is refused as before."""
+    from callbacks.student_config import StudentConfigWriter
+
+    recipe = _one_stage_recipe(tmp_path, phimoe_teacher, corpus_file)
+
+    def failing(self, trainer, pl_module):
+        raise RuntimeError("failed at the start of the fit")
+
+    monkeypatch.setattr(StudentConfigWriter, "on_fit_start", failing)
+    with pytest.raises(RuntimeError, match="failed at the start of the fit"):
+        main(["--config", str(recipe)])
+    run = tmp_path / "run"
+    assert (run / "run.json").is_file() and (run / "stage_0_s" / "keep.pt").is_file()
+    with pytest.raises(pipeline.ConfigError, match=r"already holds a run; pass `--resume true`"):
+        main(["--config", str(recipe)])
+
+
+def test_a_killed_unstarted_run_is_named_and_resume_keeps_it(tmp_path, phimoe_teacher, corpus_file, monkeypatch):
+    """A run killed before its first stage (no handler ran: simulated by skipping the clean-up) is refused by a new
+    run with what it is and the way out; a failing --resume of it removes nothing."""
+    recipe = _one_stage_recipe(tmp_path, phimoe_teacher, corpus_file)
+
+    def failing(ctx):
+        raise RuntimeError("teacher load failed")
+
+    monkeypatch.setattr(pipeline, "load_teacher", failing)
+    monkeypatch.setattr(pipeline.RunDir, "discard_unstarted", lambda self: False)
+    with pytest.raises(RuntimeError):
+        main(["--config", str(recipe)])
+    monkeypatch.undo()
+    monkeypatch.setattr(pipeline, "load_teacher", failing)
+    with pytest.raises(pipeline.ConfigError, match="has not started a stage.*--resume true"):
+        main(["--config", str(recipe)])
+    snapshot = {p: p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file()}
+    with pytest.raises(RuntimeError, match="teacher load failed"):
+        main(["--config", str(recipe), "--resume", "true"])
+    assert {p: p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file()} == snapshot
+
+
 def test_seq_len_above_max_position_embeddings_is_refused(tmp_path, corpus_file, no_weights):
     """Also for a pretrain run (its teacher is the model_config it trains), by `plan` and `train`, before anything is
     written; a config that already scales RoPE is named as such."""
