@@ -215,7 +215,7 @@ def plan(args: list[str]) -> dict:
                                 strict=opts["strict"] or config.serving.strict)
     except ValueError as err:
         cli.parser.error(str(err))
-    shapes = plan_shapes(config)
+    shapes = plan_shapes(config, seq_len=cli.datamodule.hparams.seq_len)
     result = plan_summary(shapes, config.stages)
     checks = []
     if serving.tp is not None:

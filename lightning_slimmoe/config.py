@@ -154,7 +154,7 @@ class RunConfig:
     teacher: Optional[str] = None
     """hub id or local HF dir of the MoE teacher; null = made by a leading `pretrain` stage"""
     teacher_config: Optional[str] = None
-    """config-only JSON of the teacher, for `plan` without weights"""
+    """config-only JSON of the teacher, for `plan` without weights; where the teacher's own config can be read (a local dir, a hub id in the HF cache) it must agree with it (names, shapes) and is not used"""
     student_init: Optional[str] = None
     """start the first slimming stage from this HF dir (e.g. another tool's pruned model)"""
     stages: list[StageConfig] = field(default_factory=list)

@@ -97,7 +97,7 @@ class Pipeline:
     def run(self) -> dict:
         config, dm = self.config, self.dm
         pl.seed_everything(self.seed, workers=True)
-        shapes = plan_shapes(config)  # configs, targets, scores files: no weights
+        shapes = plan_shapes(config, seq_len=dm.hparams.seq_len)  # configs, targets, scores files: no weights
         for field in ("teacher", "student_init"):
             check_weight_files(field, getattr(config, field))
         run_dir = RunDir(config.output_dir, [s.name for s in config.stages])
@@ -108,15 +108,30 @@ class Pipeline:
         plan = plan_run(config, shapes, dm, eval_trainer)
         cache = open_teacher_cache(config, dm, plan, tokenizer, eval_trainer.precision)
         record = run_record(config, plan.batch, data_identity(dm, tokenizer), numerics(plan, eval_trainer))
-        data_change = []  # on --resume with resume_allow_data_change: how the data differs (recorded in meta.json)
-        if rank_zero_only.rank == 0:  # the first write: everything above passed
-            data_change = run_dir.start(record, config.resume, tokenizer=new_tokenizer,
-                                        allow_data_change=config.resume_allow_data_change)
-        ctx = RunContext(config=config, seed=self.seed, plan=plan, run_dir=run_dir, datamodule=dm,
-                         make_trainer=self.make_trainer, logger=ContinuousTensorBoardLogger(str(run_dir.tb_dir)),
-                         tokenizer=tokenizer, probe_ids=dm.val_blocks[:1, : min(32, plan.seq_len)].clone(),
-                         teacher_cache=cache, data_change=tuple(data_change))
+        try:
+            data_change = []  # on --resume with resume_allow_data_change: how the data differs (recorded in meta.json)
+            if rank_zero_only.rank == 0:  # the first write: everything above passed
+                data_change = run_dir.start(record, config.resume, tokenizer=new_tokenizer,
+                                            allow_data_change=config.resume_allow_data_change)
+            ctx = RunContext(config=config, seed=self.seed, plan=plan, run_dir=run_dir, datamodule=dm,
+                             make_trainer=self.make_trainer, logger=ContinuousTensorBoardLogger(str(run_dir.tb_dir)),
+                             tokenizer=tokenizer, probe_ids=dm.val_blocks[:1, : min(32, plan.seq_len)].clone(),
+                             teacher_cache=cache, data_change=tuple(data_change))
+            return self._run_stages(ctx, eval_trainer)
+        except BaseException:
+            # A new run that fails before any stage has written a file (a width that only resolves wrongly once the
+            # weights are loaded, a teacher that fails to load, Ctrl-C while it loads) holds nothing worth keeping,
+            # but its run.json would refuse the retry of the same command ("already holds a run"): rank 0, which
+            # wrote it, removes what this run created (never what was there before, never on --resume). Accepting
+            # such a dir in the new-run check instead would also cover a killed run, but it cannot tell a dead run
+            # from one still loading its teacher in another process, which a second launch would then overwrite.
+            if rank_zero_only.rank == 0 and not config.resume:
+                run_dir.discard_unstarted()
+            raise
 
+    def _run_stages(self, ctx: RunContext, eval_trainer: pl.Trainer) -> dict:
+        """Every stage not complete yet, then ``final/`` and ``summary.json``."""
+        plan, run_dir, cache = ctx.plan, ctx.run_dir, ctx.teacher_cache
         teacher, teacher_summary, results = None, None, []
         for stage_plan, stage_dir in zip(plan.stages, run_dir.stages):
             if stage_dir.is_complete():

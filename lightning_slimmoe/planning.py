@@ -23,7 +23,7 @@ from lightning_slimmoe.importance import ImportanceScores
 from lightning_slimmoe.params import count_config_params
 from lightning_slimmoe.serving import enforce_serving
 from lightning_slimmoe.slimming import check_expert_count, resolve_target, slim_config, widths_of, with_num_experts
-from lightning_slimmoe.sources import load_config, quantization_of
+from lightning_slimmoe.sources import load_config, offline_config, quantization_of
 
 
 @dataclass(frozen=True)
@@ -77,8 +77,9 @@ class RunPlan:
                 "batch_size": self.batch_size, "seq_len": self.seq_len, "data_seed": self.data_seed}
 
 
-def plan_shapes(config: RunConfig) -> Shapes:
-    """Teacher config and the config after every stage; raises :class:`ConfigError` on any bad target."""
+def plan_shapes(config: RunConfig, seq_len: int | None = None) -> Shapes:
+    """Teacher config and the config after every stage; raises :class:`ConfigError` on any bad target, and on a
+    ``seq_len`` (the data's, where given) longer than the teacher or ``student_init`` was trained for."""
     stages = config.stages
     if not stages:
         raise ConfigError("stages: empty; give at least one stage")
@@ -94,22 +95,75 @@ def plan_shapes(config: RunConfig) -> Shapes:
     else:
         if pretrain:
             raise ConfigError(f"stages[{pretrain[0]}].pretrain: a pretrain stage only makes sense without `teacher:`")
-        teacher_config = (load_config("teacher_config", config.teacher_config) if config.teacher_config
-                          else load_config("teacher", config.teacher, config.trust_remote_code))
+        teacher_config = _teacher_config(config)
     # A multimodal wrapper (Qwen3.5-MoE) is planned as the text-only causal LM that is slimmed and exported.
     teacher_config = language_config(teacher_config)
+    check_seq_len(seq_len, f"teacher={config.teacher!r}" if config.teacher is not None
+                  else f"stages[0].pretrain.model_config={stages[0].pretrain.model_config!r}", teacher_config)
     model = teacher_config
     if config.student_init:
         model = language_config(load_config("student_init", config.student_init, config.trust_remote_code))
         if model.vocab_size != teacher_config.vocab_size:
             raise ConfigError(f"student_init vocab_size={model.vocab_size} != teacher vocab_size="
                               f"{teacher_config.vocab_size}: KD needs the same vocabulary")
+        check_seq_len(seq_len, f"student_init={config.student_init!r}", model)
     configs = []
     for k, stage in enumerate(stages):
         if stage.prunes:
             model = _slimmed(k, stage, model, teacher_config)
         configs.append(model)
     return Shapes(teacher_config, tuple(configs))
+
+
+def _teacher_config(config: RunConfig):
+    """The teacher's config. ``teacher_config`` (a config-only JSON) lets ``plan`` run before the weights are there,
+    but where the teacher's own config can be read without the network (a local dir, a hub id already in the cache)
+    that one is what ``train`` loads, so it is authoritative: a ``teacher_config`` that disagrees with it (one left
+    in a copied recipe) would plan another model's shapes and fail only once the weights are loaded, so it is
+    refused here, naming both."""
+    if not config.teacher_config:
+        return load_config("teacher", config.teacher, config.trust_remote_code)
+    given = load_config("teacher_config", config.teacher_config)
+    own = offline_config("teacher", config.teacher, config.trust_remote_code)
+    if own is None:  # a hub id not downloaded yet: teacher_config is all there is to plan from
+        return given
+    ours, theirs = model_identity(given), model_identity(own)
+    diff = [f"{k}: {ours.get(k)} vs {theirs.get(k)}" for k in ours | theirs if ours.get(k) != theirs.get(k)]
+    if diff:
+        raise ConfigError(
+            f"teacher_config={config.teacher_config!r} does not describe teacher={config.teacher!r} "
+            f"(teacher_config vs teacher): {'; '.join(diff)}. The teacher's own config is the one trained from: "
+            "remove `teacher_config` from the recipe (or pass `--teacher_config null`), or make it match the teacher")
+    return own
+
+
+def model_identity(config) -> dict:
+    """What two configs of one model must share: the architecture and every shape the plan and the weights
+    depend on (layers, widths, expert count, heads, head dims, vocabulary), read through the family record."""
+    config = language_config(config)
+    return {"model_type": config.model_type,
+            **{k: getattr(config, k, None) for k in ("hidden_size", "num_hidden_layers", "vocab_size")},
+            **widths_of(config), **mla_head_dims(config)}
+
+
+def check_seq_len(seq_len: int | None, what: str, model_config) -> None:
+    """A ``seq_len`` past the model's ``max_position_embeddings`` would distil on positions (RoPE rotations) the model
+    was not made for, silently: refused, saying whether its config already scales RoPE or what scaling would do."""
+    limit = getattr(model_config, "max_position_embeddings", None)
+    if seq_len is None or limit is None or seq_len <= limit:
+        return
+    rope = getattr(model_config, "rope_parameters", None) or getattr(model_config, "rope_scaling", None) or {}
+    # rope_parameters is one dict, or one per layer type (e.g. full / sliding attention)
+    per_type = list(rope.values()) if rope and all(isinstance(v, dict) for v in rope.values()) else [rope]
+    scaled = sorted({str(r.get("rope_type", r.get("type"))) for r in per_type} - {"None", "default"})
+    raise ConfigError(
+        f"data.init_args.seq_len={seq_len} exceeds the max_position_embeddings={limit} of {what} "
+        f"({model_config.model_type}): the model is not made for positions past {limit}. "
+        + (f"Its config already scales RoPE ({', '.join(scaled)}) up to that length. " if scaled else
+           "A longer context would need RoPE scaling (e.g. rope_parameters {rope_type: yarn, factor: "
+           f"{-(-seq_len // limit)}, original_max_position_embeddings: {limit}}}) in its config, which "
+           "changes the model the student learns from. ")
+        + f"Set data.init_args.seq_len <= {limit}")
 
 
 def _slimmed(k: int, stage: StageConfig, model, teacher_config):

@@ -107,6 +107,7 @@ class RunDir:
     def __init__(self, output_dir: str | Path, stage_names: list[str] | None = None):
         self.path = Path(output_dir)
         self.stages = [StageDir(self.path / f"stage_{k}_{name}", name) for k, name in enumerate(stage_names or [])]
+        self._created: list[Path] | None = None  # by a new run's start(): what discard_unstarted may remove
 
     @classmethod
     def of_stage(cls, stage_dir: StageDir) -> "RunDir":
@@ -131,9 +132,14 @@ class RunDir:
         corpus, tokenizer, ``seq_len``) is refused with the differences, unless ``allow_data_change``: then the
         differences are returned (for the resumed stages' meta.json)."""
         if not resume:
-            if self.run_file.exists():
+            if self.run_file.exists() and self.has_progress():
                 raise ConfigError(f"output_dir={str(self.path)!r} already holds a run; pass `--resume true` to "
                                   "continue it, or choose another output_dir (nothing is overwritten)")
+            if self.run_file.exists():  # a run killed before its first stage wrote anything (no chance to clean up)
+                raise ConfigError(f"output_dir={str(self.path)!r} already holds a run that has not started a stage "
+                                  "(killed before it, or still loading the teacher in another process); if none is "
+                                  "running, delete that output_dir or pass `--resume true` to start it with the same "
+                                  "configuration, or choose another output_dir (nothing is overwritten)")
             return []
         if not self.run_file.exists():
             raise ConfigError(f"--resume: no run to resume in output_dir={str(self.path)!r} "
@@ -161,12 +167,41 @@ class RunDir:
         a resume (:meth:`check`)."""
         data_change = self.check(record, resume, allow_data_change)
         if not resume:
+            # What this new run creates, all of it absent now: the only paths discard_unstarted may remove.
+            self._created = [p for p in (self.path, self.tokenizer_dir, self.tb_dir, *(s.path for s in self.stages))
+                             if not p.exists()]
             self.path.mkdir(parents=True, exist_ok=True)
             write_json_atomic(self.run_file, record)
         if tokenizer is not None:
             with atomic_dir(self.tokenizer_dir) as tmp:
                 tokenizer.save_pretrained(tmp)
         return data_change
+
+    def has_progress(self) -> bool:
+        """Whether any stage has written a file (scores, keep indices, meta.json, its config at the start of its fit,
+        a checkpoint, a partial write, an export) or the run has ended: from then on the run holds work to keep."""
+        return (self.summary_file.exists() or self.final_dir.exists()
+                or any(p.is_file() for stage in self.path.glob("stage_*") for p in stage.rglob("*")))
+
+    def discard_unstarted(self) -> bool:
+        """After a new run (rank 0's :meth:`start`) failed: if no stage has written anything, remove what the run
+        created (``run.json``, and ``tokenizer/``, ``tb/``, the empty stage dirs and ``output_dir`` itself where
+        they were absent before it started), so that the same command can be run again. Anything else is left, e.g.
+        a ``teacher_cache`` kept below ``output_dir``. Returns whether it removed the run."""
+        created = self._created
+        if created is None or self.has_progress():
+            return False
+        try:  # best effort: the failure that brought us here is the error to report, not this
+            self.run_file.unlink(missing_ok=True)
+            for path in created:
+                if path != self.path:
+                    shutil.rmtree(path, ignore_errors=True)
+            if self.path in created and not any(self.path.iterdir()):
+                self.path.rmdir()
+        except OSError:
+            pass
+        self._created = None
+        return True
 
     # --- the end of a run ----------------------------------------------------------------------------
     def write_final(self, source: Path, model_card: str) -> Path:

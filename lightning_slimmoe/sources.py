@@ -54,8 +54,9 @@ def _check_source(field: str, source: str) -> None:
         raise FileNotFoundError(f"{field}={source!r}: no such local path, and not a hub id of the form 'org/name'")
 
 
-def load_config(field: str, source: str, trust_remote_code: bool = False):
-    """The config of ``source`` (HF dir, hub id or config JSON) of a supported MoE family, else a clear error."""
+def load_config(field: str, source: str, trust_remote_code: bool = False, local_files_only: bool = False):
+    """The config of ``source`` (HF dir, hub id or config JSON) of a supported MoE family, else a clear error.
+    ``local_files_only``: a hub id is read from the Hugging Face cache only (OSError when it is not there)."""
     if source.endswith(".json"):
         source = resolve_path(source)
         if not os.path.isfile(source):
@@ -63,7 +64,8 @@ def load_config(field: str, source: str, trust_remote_code: bool = False):
     else:
         _check_source(field, source)
     try:
-        config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
+        config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code,
+                                            local_files_only=local_files_only)
     except ValueError as err:
         if "trust_remote_code" in str(err):
             raise ConfigError(
@@ -76,6 +78,20 @@ def load_config(field: str, source: str, trust_remote_code: bool = False):
     # Block FP8 is dequantized on load: every shape planned from here on, and every config written from it (stage
     # dirs, exports), describes the dequantized model.
     return without_quantization(config)
+
+
+def offline_config(field: str, source: str, trust_remote_code: bool = False):
+    """The config of ``source`` where it can be read without the network, checked as :func:`load_config` checks it:
+    a local HF dir, or a hub id whose config is already in the Hugging Face cache. None where it cannot: a hub id not
+    downloaded yet, or a local path that does not exist yet (a teacher that is still to be downloaded)."""
+    if os.path.exists(source):
+        return load_config(field, source, trust_remote_code)
+    if source.startswith((".", "/", "~")) or not _HUB_ID.match(source):
+        return None
+    try:
+        return load_config(field, source, trust_remote_code, local_files_only=True)
+    except OSError:  # not in the cache (transformers says so with an OSError; nothing was fetched)
+        return None
 
 
 def quantization_of(field: str, source: str, config=None, trust_remote_code: bool = False

@@ -16,9 +16,10 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import lightning_slimmoe.pipeline as pipeline
 from helpers import tiny_config, tiny_recipe
-from lightning_slimmoe.cli import main
+from lightning_slimmoe.cli import SlimMoECLI, dispatch, main
 from lightning_slimmoe.families import UnsupportedModelError
 from lightning_slimmoe.importance import ImportanceScores, model_shape
+from lightning_slimmoe.planning import plan_shapes
 
 FSDP1 = '{"class_path": "lightning.pytorch.strategies.FSDPStrategy"}'
 STAGE = {"name": "s", "expert_width": 16, "calibration_tokens": 128, "max_tokens": 256}
@@ -118,6 +119,14 @@ ROWS = {
                                "ModelParallelStrategy"]),
     "teacher_8bit_with_fsdp1": (dict(teacher_8bit=True), ["--trainer.strategy", FSDP1], pipeline.ConfigError,
                                 ["teacher_8bit: true", "sharded trainer.strategy", "FSDPStrategy"]),
+    # a copied recipe's teacher_config (Phi-3.5-MoE) beside the user's own teacher dir: refused naming both
+    "teacher_config_of_another_model": (dict(teacher_config="conf/models/phi-3.5-moe.json"), [], pipeline.ConfigError,
+                                        ["teacher_config='conf/models/phi-3.5-moe.json'", "does not describe teacher=",
+                                         "phimoe' (teacher_config vs teacher)", "hidden_size: 4096 vs 32",
+                                         "expert_width: 6400 vs 32", "`--teacher_config null`"]),
+    "seq_len_above_max_position_embeddings": (dict(data={"seq_len": 129}), [], pipeline.ConfigError,
+                                              ["data.init_args.seq_len=129", "max_position_embeddings=128",
+                                               "phimoe' (phimoe)", "RoPE scaling", "data.init_args.seq_len <= 128"]),
 }
 
 
@@ -208,3 +217,132 @@ def test_pretrain_run_saves_its_tokenizer_and_resumes_with_it(tmp_path, corpus_f
     assert saved.get_vocab() == final.get_vocab() and len(saved) == 300
     main(["--config", str(recipe), "--resume", "true"])  # everything complete: skipped, same tokenizer
     assert AutoTokenizer.from_pretrained(tok_dir).get_vocab() == saved.get_vocab()
+
+
+def plan(args: list[str]) -> dict:
+    return dispatch(["plan", *args])  # `python -m lightning_slimmoe plan ...`, in this process
+
+
+def _one_stage_recipe(tmp_path, teacher: str, corpus: str, **top) -> Path:
+    return Path(tiny_recipe(tmp_path, teacher, corpus, stages=stage(max_tokens=2 * 4 * 32), **top))
+
+
+def test_teacher_config_of_another_model_is_refused_by_plan(tmp_path, phimoe_teacher, corpus_file):
+    """`plan` used to print the copied recipe's 30B-class shapes for the user's own teacher dir."""
+    recipe = _one_stage_recipe(tmp_path, phimoe_teacher, corpus_file, teacher_config="conf/models/phi-3.5-moe.json")
+    before = _tree(tmp_path)
+    with pytest.raises(pipeline.ConfigError) as info:
+        plan(["--config", str(recipe)])
+    message = str(info.value)
+    assert "teacher_config='conf/models/phi-3.5-moe.json'" in message and f"teacher={phimoe_teacher!r}" in message
+    assert "num_hidden_layers: 32 vs 2" in message and "--teacher_config null" in message
+    assert _tree(tmp_path) == before
+
+
+def test_teacher_config_that_agrees_plans_the_teachers_own_config(tmp_path, phimoe_teacher, corpus_file,
+                                                                  monkeypatch, capsys):
+    """Same names and shapes: accepted, and the teacher's own config is the one planned from (here it differs from
+    teacher_config only in max_position_embeddings); `train` goes on to load the teacher."""
+    own = json.loads((Path(phimoe_teacher) / "config.json").read_text())
+    json_config = tmp_path / "teacher.json"
+    json_config.write_text(json.dumps({**own, "max_position_embeddings": 16}))
+    recipe = _one_stage_recipe(tmp_path, phimoe_teacher, corpus_file, teacher_config=str(json_config))
+    result = plan(["--config", str(recipe), "--json"])
+    assert result["teacher"]["expert_width"] == 32 and result["stages"][0]["expert_width"] == 16
+    cli = SlimMoECLI(args=["--config", str(recipe)])
+    # seq_len 32 > the JSON's 16: planned from the teacher's own config (128), so no refusal either
+    assert plan_shapes(cli.run_config, seq_len=32).teacher_config.max_position_embeddings == 128
+
+    def loading(ctx):
+        raise RuntimeError("the teacher is being loaded")
+
+    monkeypatch.setattr(pipeline, "load_teacher", loading)
+    with pytest.raises(RuntimeError, match="the teacher is being loaded"):
+        main(["--config", str(recipe)])
+
+
+def test_a_run_that_fails_before_its_first_stage_can_be_run_again(tmp_path, phimoe_teacher, corpus_file,
+                                                                   monkeypatch):
+    """A new run that fails after run.json was written but before any stage wrote a file (here: the teacher fails to
+    load) removes what it created, and only that: the same command then runs."""
+    recipe = _one_stage_recipe(tmp_path, phimoe_teacher, corpus_file)
+    real_load_teacher = pipeline.load_teacher
+    written = []
+
+    def failing(ctx):
+        written.append(sorted(p.name for p in ctx.run_dir.path.iterdir()))
+        raise RuntimeError("teacher load failed")
+
+    monkeypatch.setattr(pipeline, "load_teacher", failing)
+    with pytest.raises(RuntimeError, match="teacher load failed"):
+        main(["--config", str(recipe)])
+    assert "run.json" in written[0] and not (tmp_path / "run").exists()
+    # an output_dir that existed before keeps what was in it; only the run's own files go
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "notes.txt").write_text("mine")
+    with pytest.raises(RuntimeError, match="teacher load failed"):
+        main(["--config", str(recipe)])
+    assert _tree(tmp_path / "run") == ["notes.txt"]
+    monkeypatch.setattr(pipeline, "load_teacher", real_load_teacher)
+    main(["--config", str(recipe)])  # the same command, not refused as "already holds a run"
+    assert (tmp_path / "run" / "summary.json").is_file() and (tmp_path / "run" / "notes.txt").read_text() == "mine"
+
+
+def test_a_run_that_failed_after_its_first_stage_wrote_is_kept(tmp_path, phimoe_teacher, corpus_file, monkeypatch):
+    """Once a stage has written a file (its keep indices here) the run is work to keep: a failure removes nothing,
+    and a new run in that output_dir is refused as before."""
+    from callbacks.student_config import StudentConfigWriter
+
+    recipe = _one_stage_recipe(tmp_path, phimoe_teacher, corpus_file)
+
+    def failing(self, trainer, pl_module):
+        raise RuntimeError("failed at the start of the fit")
+
+    monkeypatch.setattr(StudentConfigWriter, "on_fit_start", failing)
+    with pytest.raises(RuntimeError, match="failed at the start of the fit"):
+        main(["--config", str(recipe)])
+    run = tmp_path / "run"
+    assert (run / "run.json").is_file() and (run / "stage_0_s" / "keep.pt").is_file()
+    with pytest.raises(pipeline.ConfigError, match=r"already holds a run; pass `--resume true`"):
+        main(["--config", str(recipe)])
+
+
+def test_a_killed_unstarted_run_is_named_and_resume_keeps_it(tmp_path, phimoe_teacher, corpus_file, monkeypatch):
+    """A run killed before its first stage (no handler ran: simulated by skipping the clean-up) is refused by a new
+    run with what it is and the way out; a failing --resume of it removes nothing."""
+    recipe = _one_stage_recipe(tmp_path, phimoe_teacher, corpus_file)
+
+    def failing(ctx):
+        raise RuntimeError("teacher load failed")
+
+    monkeypatch.setattr(pipeline, "load_teacher", failing)
+    monkeypatch.setattr(pipeline.RunDir, "discard_unstarted", lambda self: False)
+    with pytest.raises(RuntimeError):
+        main(["--config", str(recipe)])
+    monkeypatch.undo()
+    monkeypatch.setattr(pipeline, "load_teacher", failing)
+    with pytest.raises(pipeline.ConfigError, match="has not started a stage.*--resume true"):
+        main(["--config", str(recipe)])
+    snapshot = {p: p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file()}
+    with pytest.raises(RuntimeError, match="teacher load failed"):
+        main(["--config", str(recipe), "--resume", "true"])
+    assert {p: p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file()} == snapshot
+
+
+def test_seq_len_above_max_position_embeddings_is_refused(tmp_path, corpus_file, no_weights):
+    """Also for a pretrain run (its teacher is the model_config it trains), by `plan` and `train`, before anything is
+    written; a config that already scales RoPE is named as such."""
+    from lightning_slimmoe.planning import check_seq_len
+
+    recipe = _pretrain_recipe(tmp_path, corpus_file)
+    for command in (plan, main):
+        with pytest.raises(pipeline.ConfigError) as info:
+            command(["--config", str(recipe), "--data.init_args.seq_len", "256"])
+        message = str(info.value)
+        assert "data.init_args.seq_len=256" in message and "max_position_embeddings=128" in message
+        assert "stages[0].pretrain.model_config=" in message and "model.json" in message
+    assert not (tmp_path / "run").exists() and not no_weights
+    cli = SlimMoECLI(args=["--config", str(recipe)])
+    plan_shapes(cli.run_config, seq_len=128)  # the limit itself is fine
+    with pytest.raises(pipeline.ConfigError, match=r"already scales RoPE \(yarn\)"):
+        check_seq_len(256, "teacher='x'", tiny_config("gpt_oss"))
