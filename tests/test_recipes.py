@@ -223,7 +223,7 @@ def _stand_in_teacher(recipe_name: str, recipe: dict, tmp_path: Path, corpus: st
     """Same family and the recipe's real expert widths/head counts, but hidden 64, tiny vocab, at most 16 experts, and
     the fewest layers that hold routed experts and (if the family prunes attention) a GQA attention layer: one for
     most families, more where the first layers are dense (DeepSeek / GLM `first_k_dense_replace`, ERNIE
-    `moe_layer_start_index`) or linear attention (Qwen3-Next: the 4th layer is the first full-attention one).
+    `moe_layer_start_index`); of hybrid stacks one layer of each kind (Qwen3-Next: GatedDeltaNet, then attention).
     Written as the recipe's hub teacher lays out its checkpoint (``HUB_LAYOUTS``)."""
     from helpers import LLAMA4_VISION, QWEN3_5_VISION, to_fp8_, to_mxfp4_, write_hub_checkpoint, write_llama4_hub_checkpoint
     from lightning_slimmoe.families import get_family, language_config
@@ -260,6 +260,8 @@ def _stand_in_teacher(recipe_name: str, recipe: dict, tmp_path: Path, corpus: st
     if family.width_field != "intermediate_size" and hasattr(config, "intermediate_size"):
         config.intermediate_size = min(config.intermediate_size, 256)
     layer_types = getattr(config, "layer_types", None)
+    if layer_types:  # one layer of each kind, in the hub's order (Qwen3-Next: a GatedDeltaNet layer, then attention)
+        layer_types = list(dict.fromkeys(layer_types))
     for layers in range(1, 9):
         config.num_hidden_layers = layers
         if layer_types:  # checked against num_hidden_layers when saved
