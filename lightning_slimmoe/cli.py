@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import re
+import shlex
 import sys
 import warnings
 from typing import Literal, Optional
@@ -162,6 +164,41 @@ def with_default_config(args: list[str]) -> list[str]:
     return args
 
 
+def resume_command(args: list[str]) -> str:
+    """The exact command that continues this run, printed when a signal stops it: how the user started this process
+    (``sys.orig_argv``: the interpreter as typed, its options, the script or ``-m`` module, the arguments) with
+    ``--resume true`` in place of any ``--resume`` given. Under torchrun the command is torchrun's own (its process
+    is this rank's parent), as the ranks must be started again together. When ``args`` are not this process's
+    command-line arguments (``main`` called from Python), ``python train.py`` with them."""
+    kept, i = [], 0
+    while i < len(args):
+        if args[i] == "--resume":
+            i += 2  # the flag and its value
+            continue
+        if not args[i].startswith("--resume="):
+            kept.append(args[i])
+        i += 1
+    own = list(sys.argv[1:])
+    launch = list(getattr(sys, "orig_argv", sys.argv))
+    if os.environ.get("TORCHELASTIC_RUN_ID") is not None:  # started by torchrun: resume by starting torchrun again
+        parent = _parent_command()
+        launch = parent if parent and parent[len(parent) - len(own):] == own else launch
+    if own not in (list(args), ["train", *args]) or launch[len(launch) - len(own):] != own:
+        prefix = ["python", "train.py"]  # not this process's own arguments
+    else:
+        prefix = launch[:len(launch) - len(args)]
+    return shlex.join([*prefix, *kept, "--resume", "true"])
+
+
+def _parent_command() -> list[str] | None:
+    """The parent process's command line (Linux ``/proc``), or None where it cannot be read."""
+    try:
+        with open(f"/proc/{os.getppid()}/cmdline", "rb") as f:
+            return [a.decode(errors="surrogateescape") for a in f.read().split(b"\0")[:-1]] or None
+    except OSError:
+        return None
+
+
 def format_summary(summary: dict) -> str:
     rows = [("stage", "width", "heads", "total", "active", "tokens", "val ppl", "agree", "tok/s")]
     t = summary["teacher"]
@@ -194,7 +231,8 @@ def main(args: list[str] | None = None) -> dict:
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
     quiet_lightning()
     cli = SlimMoECLI(args=with_default_config(args))
-    summary = Pipeline(cli.run_config, cli.datamodule, cli.make_trainer, seed=cli.seed).run()
+    summary = Pipeline(cli.run_config, cli.datamodule, cli.make_trainer, seed=cli.seed,
+                       resume_command=resume_command(args)).run()
     if rank_zero_only.rank == 0:
         print(format_summary(summary))
     return summary
