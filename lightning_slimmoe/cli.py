@@ -31,7 +31,7 @@ from lightning_slimmoe.data import TextDataModule
 from lightning_slimmoe.quiet import quiet_lightning
 from lightning_slimmoe.sources import resolve_path, shipped_conf_dir
 from lightning_slimmoe.storage import StorageError
-from lightning_slimmoe.strategies import with_atomic_checkpoints
+from lightning_slimmoe.strategies import resolve_strategy, with_atomic_checkpoints
 
 set_docstring_parse_options(attribute_docstrings=True)  # RunConfig's attribute docstrings are its --help
 
@@ -80,6 +80,8 @@ class SlimMoECLI(LightningCLI):
 
     def instantiate_classes(self) -> None:
         self.config_init = self.parser.instantiate_classes(self.config)
+        trainer = self.config_init["trainer"]  # a strategy named by its class becomes that class, once, for every use
+        trainer["strategy"] = resolve_strategy(trainer.get("strategy", "auto"))
         self.datamodule = self.config_init["data"]
         self.run_config = RunConfig.from_parsed(self.config_init)
         self.seed = int(self.config_init["seed_everything"])

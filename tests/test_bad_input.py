@@ -118,6 +118,20 @@ ROWS = {
                                "ModelParallelStrategy"]),
     "teacher_8bit_with_fsdp1": (dict(teacher_8bit=True), ["--trainer.strategy", FSDP1], pipeline.ConfigError,
                                 ["teacher_8bit: true", "sharded trainer.strategy", "FSDPStrategy"]),
+    # a strategy named by its class (short or dotted) is that class for planning too: plan_run sees it sharded
+    "teacher_8bit_with_fsdp2_class_name": (dict(teacher_8bit=True), ["--trainer.strategy", "ModelParallelStrategy"],
+                                           pipeline.ConfigError, ["teacher_8bit: true", "sharded trainer.strategy"]),
+    "teacher_8bit_with_fsdp2_dotted_path": (dict(teacher_8bit=True), ["--trainer.strategy",
+                                            "lightning.pytorch.strategies.ModelParallelStrategy"],
+                                            pipeline.ConfigError, ["teacher_8bit: true", "sharded trainer.strategy"]),
+    "fsdp1_tied_embeddings_class_name": (dict(teacher="tied"), ["--trainer.strategy", "FSDPStrategy"],
+                                         pipeline.ConfigError, ["trainer.strategy=FSDPStrategy", "ties its input"]),
+    "fsdp1_tied_embeddings_dotted_path": (dict(teacher="tied"), ["--trainer.strategy",
+                                          "lightning.pytorch.strategies.FSDPStrategy"],
+                                          pipeline.ConfigError, ["trainer.strategy=FSDPStrategy", "ties its input"]),
+    "unknown_strategy": ({}, ["--trainer.strategy", "ModelParalelStrategy"], pipeline.ConfigError,
+                         ["trainer.strategy='ModelParalelStrategy'", "neither a Lightning strategy name nor a strategy "
+                          "class", "ModelParallelStrategy, ", "fsdp, ", "lightning.pytorch.strategies."]),
 }
 
 

@@ -131,3 +131,36 @@ def test_parent_command_reads_the_parent_process_command_line():
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout.splitlines()[-1]) == sys.orig_argv
+
+
+@pytest.mark.parametrize("form, expected", [
+    ("ModelParallelStrategy", "AtomicModelParallelStrategy"),
+    ("lightning.pytorch.strategies.ModelParallelStrategy", "AtomicModelParallelStrategy"),
+    ('{"class_path": "lightning.pytorch.strategies.ModelParallelStrategy"}', "AtomicModelParallelStrategy"),
+    ("AtomicModelParallelStrategy", "AtomicModelParallelStrategy"),
+    ("FSDPStrategy", "SlimFSDPStrategy"),
+    ("lightning.pytorch.strategies.FSDPStrategy", "SlimFSDPStrategy"),
+    ("fsdp", "SlimFSDPStrategy"),
+    ("DDPStrategy", "DDPStrategy"),
+    ("ddp", "DDPStrategy"),
+])
+def test_strategy_given_by_class_name_or_path_builds_that_strategy(form, expected):
+    """--trainer.strategy as a class name or dotted path (not only a YAML class_path) gives every Trainer of the run
+    that class (the stock FSDP ones swapped for ours, as from a YAML)."""
+    from lightning_slimmoe.cli import SlimMoECLI, with_default_config
+
+    cli = SlimMoECLI(args=with_default_config(["--trainer.strategy", form, "--trainer.devices", "2"]))
+    assert type(cli.make_trainer().strategy).__name__ == expected
+
+
+@pytest.mark.parametrize("form", ["ModelParalelStrategy", "lightning.pytorch.strategies.Strategy", "os.path",
+                                  "no_such_module.ModelParallelStrategy"])
+def test_bad_strategy_name_is_one_error_line(form, capsys):
+    from lightning_slimmoe.cli import main, run_command
+
+    with pytest.raises(SystemExit) as stopped:
+        run_command(main, ["--trainer.strategy", form])
+    assert stopped.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: trainer.strategy={form!r} is neither"), err
+    assert "ModelParallelStrategy, " in err[0] and "lightning.pytorch.strategies.ModelParallelStrategy" in err[0]
