@@ -41,7 +41,7 @@ USAGE = """usage: slimmoe {train,plan,eval,export} [--help] ...   (or: python -m
   plan --config X [--json] [--memory] [--serve-tp N [--serve-dtype fp8] [--strict]]
                                   shapes and parameter counts of every stage, from configs alone (no weights)
   eval --model DIR --ppl-file F   held-out perplexity (+ teacher agreement, lm-evaluation-harness tasks)
-  export --checkpoint C --out D   a sharded (DCP) stage checkpoint -> a stock HF dir, one tensor at a time
+  export --checkpoint C --out D   a stage checkpoint (sharded DCP dir or single file) -> a stock HF dir
 """
 
 
@@ -356,12 +356,13 @@ def evaluate(args: list[str]) -> dict:
 
 
 def export(args: list[str]):
-    """``export``: consolidate a sharded (ModelParallelStrategy / DCP) stage checkpoint into a stock HF dir, in one
-    process, one tensor at a time."""
+    """``export``: a stage checkpoint as a stock HF dir, in one process: a sharded one (ModelParallelStrategy / DCP
+    directory) one tensor at a time, a single-file one (one process, or FSDPStrategy) memory-mapped."""
     from lightning_slimmoe.consolidate import ConsolidateError, consolidate_checkpoint
 
     parser = ArgumentParser(prog="slimmoe export", description=export.__doc__)
-    parser.add_argument("--checkpoint", required=True, help="<run>/stage_<k>_<name>/checkpoints/<name>.ckpt/")
+    parser.add_argument("--checkpoint", required=True,
+                        help="<run>/stage_<k>_<name>/checkpoints/<name>.ckpt (a sharded dir or a single file)")
     parser.add_argument("--out", required=True, help="HF model dir to write (replaced atomically)")
     parser.add_argument("--config", default=None, help="student config.json or HF dir (default: <stage_dir>/config.json)")
     parser.add_argument("--tokenizer", default=None, help="tokenizer dir / hub id (default: the run's, from run.json)")
