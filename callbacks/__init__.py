@@ -1,5 +1,5 @@
 """Lightning callbacks of the SlimMoE pipeline: slimming at the stage boundary, the teacher cache, what a stage
-logs and shows, the stage config, SIGTERM handling."""
+logs and shows, the stage config, Ctrl-C / SIGTERM handling."""
 
 from callbacks.expert_slimming import ExpertSlimming
 from callbacks.monitoring import ParamAndWidthLogger, StageProgressBar, TokenThroughput

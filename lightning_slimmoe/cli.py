@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import re
+import shlex
 import sys
 import warnings
 from typing import Literal, Optional
@@ -29,7 +31,7 @@ from lightning_slimmoe.data import TextDataModule
 from lightning_slimmoe.quiet import quiet_lightning
 from lightning_slimmoe.sources import resolve_path, shipped_conf_dir
 from lightning_slimmoe.storage import StorageError
-from lightning_slimmoe.strategies import with_atomic_checkpoints
+from lightning_slimmoe.strategies import resolve_strategy, with_atomic_checkpoints
 
 set_docstring_parse_options(attribute_docstrings=True)  # RunConfig's attribute docstrings are its --help
 
@@ -39,7 +41,7 @@ USAGE = """usage: slimmoe {train,plan,eval,export} [--help] ...   (or: python -m
   plan --config X [--json] [--memory] [--serve-tp N [--serve-dtype fp8] [--strict]]
                                   shapes and parameter counts of every stage, from configs alone (no weights)
   eval --model DIR --ppl-file F   held-out perplexity (+ teacher agreement, lm-evaluation-harness tasks)
-  export --checkpoint C --out D   a sharded (DCP) stage checkpoint -> a stock HF dir, one tensor at a time
+  export --checkpoint C --out D   a stage checkpoint (sharded DCP dir or single file) -> a stock HF dir
 """
 
 
@@ -78,6 +80,8 @@ class SlimMoECLI(LightningCLI):
 
     def instantiate_classes(self) -> None:
         self.config_init = self.parser.instantiate_classes(self.config)
+        trainer = self.config_init["trainer"]  # a strategy named by its class becomes that class, once, for every use
+        trainer["strategy"] = resolve_strategy(trainer.get("strategy", "auto"))
         self.datamodule = self.config_init["data"]
         self.run_config = RunConfig.from_parsed(self.config_init)
         self.seed = int(self.config_init["seed_everything"])
@@ -162,6 +166,41 @@ def with_default_config(args: list[str]) -> list[str]:
     return args
 
 
+def resume_command(args: list[str]) -> str:
+    """The exact command that continues this run, printed when a signal stops it: how the user started this process
+    (``sys.orig_argv``: the interpreter as typed, its options, the script or ``-m`` module, the arguments) with
+    ``--resume true`` in place of any ``--resume`` given. Under torchrun the command is torchrun's own (its process
+    is this rank's parent), as the ranks must be started again together. When ``args`` are not this process's
+    command-line arguments (``main`` called from Python), ``python train.py`` with them."""
+    kept, i = [], 0
+    while i < len(args):
+        if args[i] == "--resume":
+            i += 2  # the flag and its value
+            continue
+        if not args[i].startswith("--resume="):
+            kept.append(args[i])
+        i += 1
+    own = list(sys.argv[1:])
+    launch = list(getattr(sys, "orig_argv", sys.argv))
+    if os.environ.get("TORCHELASTIC_RUN_ID") is not None:  # started by torchrun: resume by starting torchrun again
+        parent = _parent_command()
+        launch = parent if parent and parent[len(parent) - len(own):] == own else launch
+    if own not in (list(args), ["train", *args]) or launch[len(launch) - len(own):] != own:
+        prefix = ["python", "train.py"]  # not this process's own arguments
+    else:
+        prefix = launch[:len(launch) - len(args)]
+    return shlex.join([*prefix, *kept, "--resume", "true"])
+
+
+def _parent_command() -> list[str] | None:
+    """The parent process's command line (Linux ``/proc``), or None where it cannot be read."""
+    try:
+        with open(f"/proc/{os.getppid()}/cmdline", "rb") as f:
+            return [a.decode(errors="surrogateescape") for a in f.read().split(b"\0")[:-1]] or None
+    except OSError:
+        return None
+
+
 def format_summary(summary: dict) -> str:
     rows = [("stage", "width", "heads", "total", "active", "tokens", "val ppl", "agree", "tok/s")]
     t = summary["teacher"]
@@ -194,7 +233,8 @@ def main(args: list[str] | None = None) -> dict:
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
     quiet_lightning()
     cli = SlimMoECLI(args=with_default_config(args))
-    summary = Pipeline(cli.run_config, cli.datamodule, cli.make_trainer, seed=cli.seed).run()
+    summary = Pipeline(cli.run_config, cli.datamodule, cli.make_trainer, seed=cli.seed,
+                       resume_command=resume_command(args)).run()
     if rank_zero_only.rank == 0:
         print(format_summary(summary))
     return summary
@@ -316,12 +356,13 @@ def evaluate(args: list[str]) -> dict:
 
 
 def export(args: list[str]):
-    """``export``: consolidate a sharded (ModelParallelStrategy / DCP) stage checkpoint into a stock HF dir, in one
-    process, one tensor at a time."""
+    """``export``: a stage checkpoint as a stock HF dir, in one process: a sharded one (ModelParallelStrategy / DCP
+    directory) one tensor at a time, a single-file one (one process, or FSDPStrategy) memory-mapped."""
     from lightning_slimmoe.consolidate import ConsolidateError, consolidate_checkpoint
 
     parser = ArgumentParser(prog="slimmoe export", description=export.__doc__)
-    parser.add_argument("--checkpoint", required=True, help="<run>/stage_<k>_<name>/checkpoints/<name>.ckpt/")
+    parser.add_argument("--checkpoint", required=True,
+                        help="<run>/stage_<k>_<name>/checkpoints/<name>.ckpt (a sharded dir or a single file)")
     parser.add_argument("--out", required=True, help="HF model dir to write (replaced atomically)")
     parser.add_argument("--config", default=None, help="student config.json or HF dir (default: <stage_dir>/config.json)")
     parser.add_argument("--tokenizer", default=None, help="tokenizer dir / hub id (default: the run's, from run.json)")

@@ -69,11 +69,13 @@ def tensor_differences(model: nn.Module, reloaded: nn.Module, limit: int = 5) ->
 
 
 def export_hf(model: nn.Module, out_dir: str | Path, tokenizer=None, probe_ids: torch.Tensor | None = None,
-              extra_files: dict[str, str] | None = None) -> Path:
-    """Write ``model`` (+ tokenizer, + extra text files) as an HF dir at ``out_dir``, verified, atomically."""
+              extra_files: dict[str, str] | None = None, max_shard_bytes: int | None = None) -> Path:
+    """Write ``model`` (+ tokenizer, + extra text files) as an HF dir at ``out_dir``, verified, atomically;
+    ``max_shard_bytes``: the size of one safetensors shard (default: transformers')."""
     out_dir = Path(out_dir)
     with storage.atomic_dir(out_dir, what="HF export") as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
+        model.save_pretrained(tmp, safe_serialization=True,
+                              **({} if max_shard_bytes is None else {"max_shard_size": max_shard_bytes}))
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         for name, text in (extra_files or {}).items():

@@ -33,7 +33,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from callbacks import ExpertSlimming, ParamAndWidthLogger, StageProgressBar, StudentConfigWriter, TokenThroughput
-from callbacks.preemption import CheckpointOnSigterm
+from callbacks.preemption import CheckpointOnSignal
 from callbacks.teacher_cache import TeacherCacheCallback
 from lightning_slimmoe import corpora
 from lightning_slimmoe.config import ConfigError, RunConfig
@@ -72,6 +72,7 @@ class RunContext:
     probe_ids: torch.Tensor  # a few validation tokens: each export must reload to the same logits on them
     teacher_cache: TeacherCache | None
     data_change: tuple[str, ...] = ()  # a resume allowed to train on other data: the differences, for meta.json
+    resume_command: str | None = None  # the command that continues this run, printed when a signal stops a stage
 
     @property
     def teacher_source(self) -> str:
@@ -88,11 +89,12 @@ class StageResult:
 
 class Pipeline:
     def __init__(self, config: RunConfig, datamodule: TextDataModule, make_trainer: Callable[..., pl.Trainer],
-                 seed: int = 0):
+                 seed: int = 0, resume_command: str | None = None):
         self.config = config
         self.dm = datamodule
         self.make_trainer = make_trainer
         self.seed = seed
+        self.resume_command = resume_command
 
     def run(self) -> dict:
         config, dm = self.config, self.dm
@@ -116,7 +118,8 @@ class Pipeline:
             ctx = RunContext(config=config, seed=self.seed, plan=plan, run_dir=run_dir, datamodule=dm,
                              make_trainer=self.make_trainer, logger=ContinuousTensorBoardLogger(str(run_dir.tb_dir)),
                              tokenizer=tokenizer, probe_ids=dm.val_blocks[:1, : min(32, plan.seq_len)].clone(),
-                             teacher_cache=cache, data_change=tuple(data_change))
+                             teacher_cache=cache, data_change=tuple(data_change),
+                             resume_command=self.resume_command)
             return self._run_stages(ctx, eval_trainer)
         except BaseException:
             # A new run that fails before any stage has written a file (a width that only resolves wrongly once the
@@ -183,7 +186,8 @@ def run_stage(ctx: RunContext, stage_plan: StagePlan, stage_dir: StageDir, stude
         ModelCheckpoint(dirpath=str(stage_dir.checkpoints), filename="step{step:07d}", auto_insert_metric_name=False,
                         every_n_train_steps=ckpt_every, save_last=True, save_top_k=1,
                         monitor="step", mode="max", enable_version_counter=False),  # last.ckpt, never last-v1
-        CheckpointOnSigterm(str(stage_dir.last_checkpoint)),  # SIGTERM: finish the step, write last.ckpt, exit 143
+        # Ctrl-C / SIGTERM: finish the step, write last.ckpt, print the resume command, exit 130 / 143
+        CheckpointOnSignal(str(stage_dir.last_checkpoint), ctx.resume_command),
         StudentConfigWriter(stage_dir),  # <stage_dir>/config.json: a sharded checkpoint's architecture
     ]
     cache_callback = None  # KD stages with `teacher_cache:` build it (first one) and read their targets from it

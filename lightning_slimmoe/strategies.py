@@ -3,7 +3,8 @@
 :class:`AtomicModelParallelStrategy` (FSDP2) and :class:`SlimFSDPStrategy` (FSDP1) are Lightning's own strategies
 with student-only, complete-or-absent, finite-checked checkpoints; a recipe may name them directly, and a recipe
 that names the stock ``ModelParallelStrategy`` / ``FSDPStrategy`` (or ``"fsdp"``) gets them in its place, with
-the same arguments and a log line that says so (:func:`with_atomic_checkpoints`).
+the same arguments and a log line that says so (:func:`with_atomic_checkpoints`). A strategy given as a class name
+or dotted path on the command line is resolved to its class first (:func:`resolve_strategy`).
 
 Lightning's ``ModelParallelStrategy`` writes a distributed (DCP) checkpoint *into* its target directory: the
 stage's ``last.ckpt/`` is rewritten in place every time, so a kill half-way through leaves the previous
@@ -25,6 +26,8 @@ Checkpoints written without sharding (``save_distributed_checkpoint: false``) go
 
 from __future__ import annotations
 
+import importlib
+import inspect
 import re
 import shutil
 from pathlib import Path
@@ -33,13 +36,15 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
+import lightning.pytorch.strategies as lightning_strategies
+from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy, Strategy, StrategyRegistry
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
                                                      set_model_state_dict, set_optimizer_state_dict)
 
 from lightning_slimmoe.checkpoint_io import CHECKED_KEYS, first_non_finite
+from lightning_slimmoe.config import ConfigError
 from lightning_slimmoe.distributed import fsdp1_full_state_dict_options, is_fsdp1_sharded
 from lightning_slimmoe.module import STUDENT_PREFIX
 from lightning_slimmoe import storage
@@ -245,3 +250,57 @@ def with_atomic_checkpoints(strategy):
         data_parallel_size=strategy._data_parallel_size, tensor_parallel_size=strategy._tensor_parallel_size,
         save_distributed_checkpoint=strategy._save_distributed_checkpoint,
         process_group_backend=strategy._process_group_backend, timeout=strategy._timeout)
+
+
+def resolve_strategy(strategy):
+    """``trainer.strategy`` as the Trainer takes it, resolved once where the recipe's ``trainer`` section is read (so
+    that planning, the memory plan and every stage see the same strategy class).
+
+    jsonargparse keeps any string given for ``strategy`` (its type is ``str | Strategy``) and Lightning accepts only
+    ``"auto"`` and its registry's names (``ddp``, ``fsdp``, ...), so ``--trainer.strategy ModelParallelStrategy``
+    failed with Lightning's "invalid strategy name". A string that is not one of those names a strategy class: short
+    (Lightning's ``ModelParallelStrategy``, ``FSDPStrategy``, ``DDPStrategy``, ... or this module's
+    ``AtomicModelParallelStrategy`` / ``SlimFSDPStrategy``) or a dotted path
+    (``lightning.pytorch.strategies.ModelParallelStrategy``); it becomes an instance with the class's defaults (then
+    :func:`with_atomic_checkpoints` swaps the stock classes, as for a YAML ``class_path``). Anything else is a
+    :class:`ConfigError` that lists the forms that work. Instances (a YAML ``class_path``) are returned as given."""
+    if not isinstance(strategy, str) or strategy == "auto" or strategy in StrategyRegistry.available_strategies():
+        return strategy
+    cls = _strategy_class(strategy)
+    if cls is None:
+        registry = StrategyRegistry.available_strategies()
+        names = sorted(n for n in registry if "_find_unused_parameters_" not in n)  # their variants, said once
+        variants = " (and the ddp* names with _find_unused_parameters_true/_false)" if len(names) < len(registry) else ""
+        raise ConfigError(
+            f"trainer.strategy={strategy!r} is neither a Lightning strategy name nor a strategy class; give a name "
+            f"({', '.join(['auto', *names])}){variants}, a class name ({', '.join(_short_strategy_classes())}), a dotted class path (e.g. "
+            "lightning.pytorch.strategies.ModelParallelStrategy), or in a YAML a class_path with init_args")
+    try:
+        return cls()
+    except Exception as err:  # e.g. a class whose package is missing (DeepSpeedStrategy without deepspeed)
+        raise ConfigError(f"trainer.strategy={strategy!r}: {cls.__module__}.{cls.__name__}() with its default "
+                          f"arguments failed: {err}") from err
+
+
+def _concrete_strategy(obj) -> bool:
+    return isinstance(obj, type) and issubclass(obj, Strategy) and not inspect.isabstract(obj)
+
+
+def _short_strategy_classes() -> list[str]:
+    """Strategy classes a recipe may name without a module: Lightning's and this module's."""
+    lightning = [n for n in dir(lightning_strategies) if _concrete_strategy(getattr(lightning_strategies, n, None))]
+    return [*lightning, AtomicModelParallelStrategy.__name__, SlimFSDPStrategy.__name__]
+
+
+def _strategy_class(name: str) -> type[Strategy] | None:
+    if "." in name:
+        module, _, attr = name.rpartition(".")
+        try:
+            found = getattr(importlib.import_module(module), attr, None)
+        except ImportError:
+            return None
+    elif name in _short_strategy_classes():
+        found = getattr(lightning_strategies, name, None) or globals()[name]
+    else:
+        return None
+    return found if _concrete_strategy(found) else None

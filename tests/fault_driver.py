@@ -9,13 +9,14 @@ What it adds to the product, without changing it on disk:
 
 * a recording callback: one fsync'ed JSONL line per event (``train_start``, ``step`` with the loss and the
   first token ids of the batch, ``scored``, ``sliced``, ``reapplied``, ``exception``, ``exit``, ``done``, ...);
-* the fault chosen by ``fault["kind"]``, which (except ``nan_loss`` and ``await_sigterm``) SIGKILLs the whole
+* the fault chosen by ``fault["kind"]``, which (except ``nan_loss`` and ``await_signal``) SIGKILLs the whole
   process group at that point: ``step`` (after a training step, before its checkpoint),
   ``checkpoint_half_written`` (half-way through writing a checkpoint file), ``export_before_rename`` (inside the
   HF export, before the rename), ``scoring`` / ``before_slicing`` / ``train_start`` (at a stage boundary),
   ``sharded_checkpoint_written`` (every shard written, the sharded checkpoint not yet complete);
-  ``nan_loss`` turns one step's loss into NaN (and records state hashes before and after), ``await_sigterm``
-  waits at a step until the preemption callback has seen SIGTERM.
+  ``nan_loss`` turns one step's loss into NaN (and records state hashes before and after), ``await_signal``
+  waits at a step until the preemption callback has seen SIGINT or SIGTERM (with ``hold_s``, it then keeps the
+  step waiting that long, so that a test can send a second signal while the first is pending).
 
 Importing this module changes nothing; :func:`main` installs the hooks and runs the CLI.
 """
@@ -45,7 +46,7 @@ import callbacks.expert_slimming as expert_slimming  # noqa: E402
 import lightning_slimmoe.cli as cli  # noqa: E402
 import lightning_slimmoe.storage as storage  # noqa: E402
 from callbacks.expert_slimming import ExpertSlimming  # noqa: E402
-from callbacks.preemption import CheckpointOnSigterm  # noqa: E402
+from callbacks.preemption import CheckpointOnSignal  # noqa: E402
 from lightning_slimmoe.module import StageModule  # noqa: E402
 from lightning_slimmoe.slimming import widths_of  # noqa: E402
 
@@ -126,13 +127,14 @@ class Recorder(Callback):
             loss=outputs["loss"].item(), first_ids=batch["input_ids"][:, :4].tolist())
         if at("step", name, trainer.global_rank) and trainer.global_step == FAULT["step"]:
             die(f"{name}: step {trainer.global_step} on rank {trainer.global_rank}")
-        if at("await_sigterm", name, trainer.global_rank) and trainer.global_step == FAULT["step"]:
+        if at("await_signal", name, trainer.global_rank) and trainer.global_step == FAULT["step"]:
             log(event="ready", stage=name, step=trainer.global_step, rank=trainer.global_rank)
-            preemption = next(c for c in trainer.callbacks if isinstance(c, CheckpointOnSigterm))
+            preemption = next(c for c in trainer.callbacks if isinstance(c, CheckpointOnSignal))
             deadline = time.time() + 60
             while not preemption.received and time.time() < deadline:
                 time.sleep(0.02)
-            log(event="sigterm_seen", received=preemption.received)
+            log(event="signal_seen", rank=trainer.global_rank, received=preemption.received)
+            time.sleep(FAULT.get("hold_s", 0))
 
 
 class HalfWritingTorch:

@@ -127,6 +127,20 @@ ROWS = {
     "seq_len_above_max_position_embeddings": (dict(data={"seq_len": 129}), [], pipeline.ConfigError,
                                               ["data.init_args.seq_len=129", "max_position_embeddings=128",
                                                "phimoe' (phimoe)", "RoPE scaling", "data.init_args.seq_len <= 128"]),
+    # a strategy named by its class (short or dotted) is that class for planning too: plan_run sees it sharded
+    "teacher_8bit_with_fsdp2_class_name": (dict(teacher_8bit=True), ["--trainer.strategy", "ModelParallelStrategy"],
+                                           pipeline.ConfigError, ["teacher_8bit: true", "sharded trainer.strategy"]),
+    "teacher_8bit_with_fsdp2_dotted_path": (dict(teacher_8bit=True), ["--trainer.strategy",
+                                            "lightning.pytorch.strategies.ModelParallelStrategy"],
+                                            pipeline.ConfigError, ["teacher_8bit: true", "sharded trainer.strategy"]),
+    "fsdp1_tied_embeddings_class_name": (dict(teacher="tied"), ["--trainer.strategy", "FSDPStrategy"],
+                                         pipeline.ConfigError, ["trainer.strategy=FSDPStrategy", "ties its input"]),
+    "fsdp1_tied_embeddings_dotted_path": (dict(teacher="tied"), ["--trainer.strategy",
+                                          "lightning.pytorch.strategies.FSDPStrategy"],
+                                          pipeline.ConfigError, ["trainer.strategy=FSDPStrategy", "ties its input"]),
+    "unknown_strategy": ({}, ["--trainer.strategy", "ModelParalelStrategy"], pipeline.ConfigError,
+                         ["trainer.strategy='ModelParalelStrategy'", "neither a Lightning strategy name nor a strategy "
+                          "class", "ModelParallelStrategy, ", "fsdp, ", "lightning.pytorch.strategies."]),
 }
 
 

@@ -78,3 +78,89 @@ def test_stock_strategies_are_replaced_with_a_log_line(caplog):
     assert "AtomicModelParallelStrategy" in lines[0] and "SlimFSDPStrategy" in lines[1]
     ours = strategies.AtomicModelParallelStrategy()
     assert strategies.with_atomic_checkpoints(ours) is ours  # our own class, named in a YAML: taken as it is
+
+
+@pytest.mark.parametrize("orig_argv, argv, args, expected", [
+    # python train.py ...: the interpreter as typed, the script, the arguments, then --resume true
+    (["python3", "-u", "train.py", "--config", "my run.yaml"], ["train.py", "--config", "my run.yaml"],
+     ["--config", "my run.yaml"], "python3 -u train.py --config 'my run.yaml' --resume true"),
+    # python train.py alone (the demo)
+    (["python", "train.py"], ["train.py"], [], "python train.py --resume true"),
+    # an earlier --resume, in either form, is replaced, not repeated
+    (["python", "train.py", "--resume", "false", "--config", "X.yaml"], ["train.py", "--resume", "false", "--config",
+     "X.yaml"], ["--resume", "false", "--config", "X.yaml"], "python train.py --config X.yaml --resume true"),
+    (["python", "train.py", "--resume=true"], ["train.py", "--resume=true"], ["--resume=true"],
+     "python train.py --resume true"),
+    # python -m lightning_slimmoe train ...: the subcommand stays
+    (["python", "-m", "lightning_slimmoe", "train", "--config", "X.yaml"],
+     ["/site/lightning_slimmoe/__main__.py", "train", "--config", "X.yaml"], ["--config", "X.yaml"],
+     "python -m lightning_slimmoe train --config X.yaml --resume true"),
+    # main(args) called from Python with other arguments than the process's: the documented command
+    (["python", "-m", "pytest", "-q"], ["pytest", "-q"], ["--config", "X.yaml"],
+     "python train.py --config X.yaml --resume true"),
+    (["python", "-m", "pytest", "-q"], ["pytest", "-q"], [], "python train.py --resume true"),
+])
+def test_resume_command_is_the_users_own_command_with_resume(monkeypatch, orig_argv, argv, args, expected):
+    from lightning_slimmoe import cli
+
+    monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)
+    monkeypatch.setattr(sys, "orig_argv", orig_argv)
+    monkeypatch.setattr(sys, "argv", argv)
+    assert cli.resume_command(args) == expected
+
+
+def test_resume_command_under_torchrun_is_the_torchrun_command(monkeypatch):
+    """A rank started by torchrun resumes by starting torchrun again: its parent's command line."""
+    from lightning_slimmoe import cli
+
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "none")
+    monkeypatch.setattr(sys, "orig_argv", ["/venv/bin/python", "-u", "train.py", "--config", "X.yaml"])
+    monkeypatch.setattr(sys, "argv", ["train.py", "--config", "X.yaml"])
+    monkeypatch.setattr(cli, "_parent_command", lambda: [
+        "/venv/bin/python", "/venv/bin/torchrun", "--nproc-per-node", "8", "train.py", "--config", "X.yaml"])
+    assert cli.resume_command(["--config", "X.yaml"]) == \
+        "/venv/bin/python /venv/bin/torchrun --nproc-per-node 8 train.py --config X.yaml --resume true"
+
+
+def test_parent_command_reads_the_parent_process_command_line():
+    """What _parent_command reads in a child of this process is this process's own command line."""
+    if not Path(f"/proc/{os.getpid()}/cmdline").exists():
+        pytest.skip("no /proc")
+    code = "import json; from lightning_slimmoe.cli import _parent_command; print(json.dumps(_parent_command()))"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout.splitlines()[-1]) == sys.orig_argv
+
+
+@pytest.mark.parametrize("form, expected", [
+    ("ModelParallelStrategy", "AtomicModelParallelStrategy"),
+    ("lightning.pytorch.strategies.ModelParallelStrategy", "AtomicModelParallelStrategy"),
+    ('{"class_path": "lightning.pytorch.strategies.ModelParallelStrategy"}', "AtomicModelParallelStrategy"),
+    ("AtomicModelParallelStrategy", "AtomicModelParallelStrategy"),
+    ("FSDPStrategy", "SlimFSDPStrategy"),
+    ("lightning.pytorch.strategies.FSDPStrategy", "SlimFSDPStrategy"),
+    ("fsdp", "SlimFSDPStrategy"),
+    ("DDPStrategy", "DDPStrategy"),
+    ("ddp", "DDPStrategy"),
+])
+def test_strategy_given_by_class_name_or_path_builds_that_strategy(form, expected):
+    """--trainer.strategy as a class name or dotted path (not only a YAML class_path) gives every Trainer of the run
+    that class (the stock FSDP ones swapped for ours, as from a YAML)."""
+    from lightning_slimmoe.cli import SlimMoECLI, with_default_config
+
+    cli = SlimMoECLI(args=with_default_config(["--trainer.strategy", form, "--trainer.devices", "2"]))
+    assert type(cli.make_trainer().strategy).__name__ == expected
+
+
+@pytest.mark.parametrize("form", ["ModelParalelStrategy", "lightning.pytorch.strategies.Strategy", "os.path",
+                                  "no_such_module.ModelParallelStrategy"])
+def test_bad_strategy_name_is_one_error_line(form, capsys):
+    from lightning_slimmoe.cli import main, run_command
+
+    with pytest.raises(SystemExit) as stopped:
+        run_command(main, ["--trainer.strategy", form])
+    assert stopped.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: trainer.strategy={form!r} is neither"), err
+    assert "ModelParallelStrategy, " in err[0] and "lightning.pytorch.strategies.ModelParallelStrategy" in err[0]

@@ -23,6 +23,7 @@ import json
 import os
 import pickle
 import random
+import shlex
 import shutil
 import signal
 import subprocess
@@ -83,9 +84,10 @@ class Run:
 
 
 def start(workdir: Path, recipe: str, *args: str, fault: dict | None = None, tag: str = "run",
-          torchrun: int = 0) -> Run:
+          torchrun: int = 0, command: list[str] | None = None) -> Run:
     """The driver in a child process (its own session: a fault kills the whole group); with ``torchrun`` ranks,
-    under torchrun, which starts the ranks side by side (Lightning's launcher starts rank 1 after rank 0 set up)."""
+    under torchrun, which starts the ranks side by side (Lightning's launcher starts rank 1 after rank 0 set up).
+    ``command`` replaces the whole command line (e.g. the resume command a run printed)."""
     n = len(list(workdir.glob(f"{tag}*.jsonl")))
     log_path = workdir / f"{tag}{n}.jsonl"
     out = workdir / f"{tag}{n}.out"
@@ -94,8 +96,8 @@ def start(workdir: Path, recipe: str, *args: str, fault: dict | None = None, tag
     with open(out, "w") as sink:
         launcher = (["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(torchrun)]
                     if torchrun else [])
-        proc = subprocess.Popen([sys.executable, *launcher, str(DRIVER), "--config", recipe, *args], cwd=ROOT, env=env,
-                                stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(command or [sys.executable, *launcher, str(DRIVER), "--config", recipe, *args], cwd=ROOT,
+                                env=env, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)
     return Run(proc, log_path, str(out))
 
 
@@ -350,32 +352,117 @@ def test_crashes_at_stage_boundary_resume_identically(tmp_path, baseline, expect
 
 
 # ---------------------------------------------------------------------------------------------------
-# SIGTERM mid-stage: one checkpoint, prompt non-zero exit, exact resume
+# Ctrl-C (SIGINT) or SIGTERM mid-stage: one checkpoint, prompt exit 130 / 143, the resume command, exact resume
 # ---------------------------------------------------------------------------------------------------
+def wait_for(r: Run, event: str, count: int = 1) -> list[dict]:
+    """The run's ``event`` records once there are ``count`` of them (the run must still be going)."""
+    deadline = time.time() + WATCHDOG_S
+    while len(r.events(event)) < count and r.proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert len(r.events(event)) >= count, r.output()
+    return r.events(event)
+
+
+def printed_resume_command(r: Run, signum: int) -> list[str]:
+    """The command the stopped run printed to continue it."""
+    lines = [line for line in r.output().splitlines() if line.startswith(f"{signal.Signals(signum).name}: saved ")]
+    assert len(lines) == 1, r.output()  # rank 0 only
+    return shlex.split(lines[0].split("resume with: ", 1)[1])
+
+
 @pytest.mark.slow
-def test_sigterm_saves_one_checkpoint_and_resumes(tmp_path, baseline, expected_stream, phimoe_teacher, corpus_file):
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_signal_saves_one_checkpoint_and_resumes(tmp_path, baseline, expected_stream, phimoe_teacher, corpus_file,
+                                                 signum):
+    """Ctrl-C (SIGINT) or SIGTERM mid stage 2: the step finishes, exactly one new checkpoint (last.ckpt at that
+    step), exit 130 / 143 within the grace period, and the exact command to continue printed: the run's own command
+    line with --resume true. Running that command continues exactly and finishes."""
     recipe = recipe_in(tmp_path, phimoe_teacher, corpus_file)
     run_dir = tmp_path / "run"
-    r = start(tmp_path, recipe, fault={"kind": "await_sigterm", "stage": "slim2", "step": 3})
-    deadline = time.time() + WATCHDOG_S
-    while not r.events("ready") and r.proc.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    assert r.events("ready"), r.output()
+    r = start(tmp_path, recipe, fault={"kind": "await_signal", "stage": "slim2", "step": 3})
+    wait_for(r, "ready")
     before = checkpoint_files(run_dir)
     signalled = time.time()
-    r.proc.send_signal(signal.SIGTERM)
+    r.proc.send_signal(signum)
     rc = r.wait(timeout=30)  # the grace period: the current step finishes, one checkpoint, exit
     assert time.time() - signalled < 30
-    assert rc == 128 + signal.SIGTERM, r.output()
+    assert rc == 128 + signum, r.output()
     after = checkpoint_files(run_dir)
     changed = {k for k in after if before.get(k) != after[k]}
     assert changed == {"stage_1_slim2/checkpoints/last.ckpt"} and set(before) <= set(after), (before, after)
     last = torch.load(run_dir / "stage_1_slim2/checkpoints/last.ckpt", map_location="cpu", weights_only=True)
     assert last["global_step"] == 3
     assert_no_loadable_half_file(run_dir)
-    resumed = run(tmp_path, recipe, "--resume", "true")
+    command = printed_resume_command(r, signum)
+    assert command == [sys.executable, str(DRIVER), "--config", recipe, "--resume", "true"]
+    resumed = start(tmp_path, recipe, command=command)
+    assert resumed.wait() == 0, resumed.output()
     assert [(x["stage"], x["step"]) for x in resumed.events("train_start")] == [("slim2", 3)]
     assert_matches_baseline(baseline, expected_stream, run_dir, committed(r, resumed))
+
+
+@pytest.mark.slow
+def test_second_sigint_exits_at_once(tmp_path, phimoe_teacher, corpus_file):
+    """A second Ctrl-C while the first is pending (here: the step it waits for is held for 60 s) ends the process at
+    once, by SIGINT's default action, without the pending checkpoint: no checkpoint changes, none is half-written,
+    and the resume has the previous complete one."""
+    from lightning_slimmoe.strategies import latest_complete_checkpoint
+
+    recipe = recipe_in(tmp_path, phimoe_teacher, corpus_file)
+    run_dir = tmp_path / "run"
+    r = start(tmp_path, recipe, fault={"kind": "await_signal", "stage": "slim2", "step": 3, "hold_s": 60})
+    wait_for(r, "ready")
+    before = checkpoint_files(run_dir)
+    r.proc.send_signal(signal.SIGINT)
+    (seen,) = wait_for(r, "signal_seen")
+    assert seen["received"] == signal.SIGINT
+    signalled = time.time()
+    r.proc.send_signal(signal.SIGINT)
+    rc = r.wait(timeout=10)
+    assert time.time() - signalled < 5, "the second Ctrl-C did not end the process at once"
+    assert rc == -signal.SIGINT, r.output()  # ended by the signal (a shell reports 130)
+    assert checkpoint_files(run_dir) == before
+    assert_no_loadable_half_file(run_dir)
+    assert latest_complete_checkpoint(run_dir / "stage_1_slim2/checkpoints").name == "last.ckpt"
+    assert torch.load(run_dir / "stage_1_slim2/checkpoints/last.ckpt", weights_only=True)["global_step"] == 2
+
+
+class _SignalAtTrainEnd(Callback):
+    def __init__(self, signum: int):
+        self.signum = signum
+
+    def on_train_end(self, trainer, pl_module):
+        signal.raise_signal(self.signum)  # after the last batch end, before the stop callback's on_train_end
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_signal_after_the_last_batch_still_stops_the_run(tmp_path, caplog, signum):
+    """A signal that arrives once the last batch has ended (during the final validation, say) is not dropped: the fit
+    saves last.ckpt at its last step, prints the resume command and exits with 128 + the signal."""
+    import logging
+
+    from lightning.pytorch import Trainer
+    from lightning.pytorch.demos.boring_classes import BoringModel
+
+    from callbacks.preemption import CheckpointOnSignal
+
+    ckpt = tmp_path / "last.ckpt"
+    trainer = Trainer(accelerator="cpu", max_steps=2, logger=False, enable_checkpointing=False,
+                      enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
+                      callbacks=[_SignalAtTrainEnd(signum), CheckpointOnSignal(str(ckpt), "python train.py --resume true")])
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        with caplog.at_level(logging.INFO), pytest.raises(SystemExit) as stopped:
+            trainer.fit(BoringModel())
+        after = {s: signal.getsignal(s) for s in handlers}
+    finally:
+        for s, handler in handlers.items():
+            signal.signal(s, handler)
+    assert after == handlers  # Lightning put the handlers back
+    assert stopped.value.code == 128 + signum
+    assert torch.load(ckpt, weights_only=True)["global_step"] == 2
+    assert any(f"{signal.Signals(signum).name}: saved {ckpt} at global step 2; resume with: python train.py --resume true"
+               in m for m in caplog.messages), caplog.messages
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -554,7 +641,7 @@ def test_sigterm_to_one_rank_stops_all_ranks(tmp_path, baseline2, expected_strea
     watchdog), and the resume continues exactly."""
     recipe = recipe_in(tmp_path, phimoe_teacher, corpus_file)
     run_dir = tmp_path / "run"
-    r = start(tmp_path, recipe, *TWO_RANKS, fault={"kind": "await_sigterm", "stage": "slim2", "step": 3, "rank": 1})
+    r = start(tmp_path, recipe, *TWO_RANKS, fault={"kind": "await_signal", "stage": "slim2", "step": 3, "rank": 1})
     deadline = time.time() + WATCHDOG_S
     while not r.events("ready") and r.proc.poll() is None and time.time() < deadline:
         time.sleep(0.05)
@@ -578,6 +665,40 @@ def test_sigterm_to_one_rank_stops_all_ranks(tmp_path, baseline2, expected_strea
     assert_sharded_checkpoints_complete(run_dir, tmp_path)
     assert torch.load(run_dir / "stage_1_slim2/checkpoints/last.ckpt/meta.pt", weights_only=True)["global_step"] == 3
     resumed = run(tmp_path, recipe, "--resume", "true", *TWO_RANKS)
+    assert sorted((x["stage"], x["step"]) for x in resumed.events("train_start")) == [("slim2", 3)] * 2
+    assert_two_ranks_match(baseline2, expected_stream, run_dir, committed_ranks(r.events("step"), resumed))
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_two_ranks_ctrl_c_stops_all_ranks_and_resumes(tmp_path, baseline2, expected_stream, phimoe_teacher,
+                                                      corpus_file):
+    """Ctrl-C with 2 ranks: SIGINT to the whole process group, as a terminal sends it, mid stage 2. Both ranks
+    finish the step, write exactly one new complete sharded checkpoint (last.ckpt) together and exit with 130; rank 0
+    prints the exact resume command, and running it continues exactly."""
+    recipe = recipe_in(tmp_path, phimoe_teacher, corpus_file)
+    run_dir = tmp_path / "run"
+    r = start(tmp_path, recipe, *TWO_RANKS, fault={"kind": "await_signal", "stage": "slim2", "step": 3})
+    assert sorted(e["rank"] for e in wait_for(r, "ready", 2)) == [0, 1]
+    before = sharded_checkpoint_files(run_dir)
+    signalled = time.time()
+    os.killpg(r.proc.pid, signal.SIGINT)  # every rank (the driver leads its own process group)
+    rc = r.wait(timeout=30)
+    assert time.time() - signalled < 30
+    assert rc == 128 + signal.SIGINT, r.output()
+    exits = {e["rank"]: e for e in r.events("exit")}
+    assert set(exits) == {0, 1} and all(e["code"] == 128 + signal.SIGINT for e in exits.values()), r.records
+    after = sharded_checkpoint_files(run_dir)
+    changed = {k for k in after if before.get(k) != after[k]}
+    assert changed and all(k.startswith("stage_1_slim2/checkpoints/last.ckpt/") for k in changed), changed
+    assert sorted(p.name for p in (run_dir / "stage_1_slim2/checkpoints").iterdir()) == \
+        ["last.ckpt", "step0000002.ckpt"]
+    assert_sharded_checkpoints_complete(run_dir, tmp_path)
+    assert torch.load(run_dir / "stage_1_slim2/checkpoints/last.ckpt/meta.pt", weights_only=True)["global_step"] == 3
+    command = printed_resume_command(r, signal.SIGINT)
+    assert command == [sys.executable, str(DRIVER), "--config", recipe, *TWO_RANKS, "--resume", "true"]
+    resumed = start(tmp_path, recipe, command=command)
+    assert resumed.wait() == 0, resumed.output()
     assert sorted((x["stage"], x["step"]) for x in resumed.events("train_start")) == [("slim2", 3)] * 2
     assert_two_ranks_match(baseline2, expected_stream, run_dir, committed_ranks(r.events("step"), resumed))
 
