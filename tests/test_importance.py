@@ -128,6 +128,43 @@ def test_expert_saliency_shape_and_positive():
     assert set(sal) == {0, 1} and sal[0].shape == (4,) and (sal[0] >= 0).all()
 
 
+@pytest.mark.parametrize("family, renormalise", [("mixtral", True), ("qwen3_moe", False), ("qwen3_moe", True)])
+def test_expert_saliency_equals_a_brute_force_reference(family, renormalise):
+    """REAP's saliency written out token by token from the weights alone: each layer's router softmax, its top-k
+    (renormalised as the family does), every routed token's expert output down(silu(gate x) * (up x)), and per expert
+    the mean over the tokens routed to it of routing weight x ||output||."""
+    model = tiny_model(family, **({} if family == "mixtral" else {"norm_topk_prob": renormalise}))
+    batches = [random_batch(seed=0), random_batch(seed=1)]
+    inputs = {}  # layer -> the MoE block's input of every batch, (N, H)
+    hooks = [layer.mlp.register_forward_pre_hook(
+        lambda module, args, i=i: inputs.setdefault(i, []).append(args[0].detach().flatten(0, 1)))
+        for i, layer in enumerate(model.model.layers)]
+    with torch.no_grad():
+        for batch in batches:
+            model.model(input_ids=batch["input_ids"])
+    for hook in hooks:
+        hook.remove()
+    got = expert_saliency(model, batches)
+    top_k = model.config.num_experts_per_tok
+    for i, layer in enumerate(model.model.layers):
+        mlp, x_NH = layer.mlp, torch.cat(inputs[i]).double()
+        gate_up_EJH, down_EHI = mlp.experts.gate_up_proj.double(), mlp.experts.down_proj.double()
+        width = down_EHI.shape[-1]
+        probs_NE = torch.softmax(x_NH @ mlp.gate.weight.double().T, dim=-1)
+        sums, counts = torch.zeros(probs_NE.shape[1], dtype=torch.float64), torch.zeros(probs_NE.shape[1])
+        for n in range(x_NH.shape[0]):
+            weights, experts = probs_NE[n].topk(top_k)
+            if renormalise:
+                weights = weights / weights.sum()
+            for w, e in zip(weights, experts):
+                gate_IH, up_IH = gate_up_EJH[e, :width], gate_up_EJH[e, width:]
+                y_H = down_EHI[e] @ (torch.nn.functional.silu(gate_IH @ x_NH[n]) * (up_IH @ x_NH[n]))
+                sums[e] += w * y_H.norm()
+                counts[e] += 1
+        assert counts.sum() == x_NH.shape[0] * top_k and (counts > 0).all()
+        torch.testing.assert_close(got[i].double(), sums / counts, rtol=1e-4, atol=1e-6)
+
+
 def test_scores_roundtrip_and_foreign_model(tmp_path):
     model = tiny_model("phimoe")
     scores = compute_scores(model, [random_batch()], "activation")
