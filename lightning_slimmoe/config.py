@@ -29,14 +29,24 @@ def _check(cond: bool, name: str, value, rule: str) -> None:
 
 @dataclass
 class OptimizerConfig:
-    name: Literal["adamw", "adamw8bit"] = "adamw"  # adamw8bit = bitsandbytes AdamW8bit (optimizer state in 8 bit)
+    """The student's optimizer and learning-rate schedule of one stage."""
+
+    name: Literal["adamw", "adamw8bit"] = "adamw"
+    """`adamw` (torch, fused on CUDA) or `adamw8bit` (bitsandbytes AdamW8bit: optimizer state in 8 bit)"""
     lr: float = 3e-4
+    """peak learning rate"""
     weight_decay: float = 0.0
+    """AdamW weight decay"""
     betas: tuple[float, float] = (0.9, 0.95)
+    """AdamW betas"""
     eps: float = 1e-8
-    warmup_ratio: float = 0.05  # linear warm-up over this fraction of the stage's steps
-    min_lr_ratio: float = 0.1  # cosine decay down to lr * min_lr_ratio
+    """AdamW epsilon"""
+    warmup_ratio: float = 0.05
+    """linear warm-up over this fraction of the stage's steps (of the run's, with `lr_schedule: run`)"""
+    min_lr_ratio: float = 0.1
+    """cosine decay down to lr x min_lr_ratio"""
     grad_clip: Optional[float] = 1.0
+    """gradient norm clipping (null = none)"""
 
     def __post_init__(self):
         _check(self.lr > 0, "optimizer.lr", self.lr, "must be > 0")
@@ -49,37 +59,55 @@ class PretrainConfig:
     """A stage with no teacher: plain LM training of a model built from a config (the demo makes its
     teacher this way). ``vocab_size`` is taken from the tokenizer."""
 
-    model_config: str  # path to a Hugging Face config.json of a supported MoE family
-    tokenizer_vocab_size: int = 4096  # size of the BPE tokenizer trained on the data when none is given
+    model_config: str
+    """path to a Hugging Face config.json of a supported MoE family"""
+    tokenizer_vocab_size: int = 4096
+    """size of the BPE tokenizer trained on the data when none is given"""
 
 
 @dataclass
 class StageConfig:
+    """One stage: prune the incoming student to its targets (SlimMoE §1), chosen by its criterion (§2), then recover
+    it by KD from the original teacher on its own token budget (§3). A target left out is unchanged."""
+
     name: str
-    # --- what this stage prunes to (SlimMoE §1); omitted = unchanged --------------------------------
-    expert_width: Optional[Union[int, float]] = None  # absolute d_expert, or a fraction of the teacher's
-    attention_groups: Optional[int] = None  # KV groups (GQA) kept per layer
-    shared_expert_width: Optional[Union[int, float]] = None  # Qwen2-MoE shared expert
-    round_to: Optional[int] = None  # round fractional widths down to a multiple (e.g. 64)
-    remove_experts_to: Optional[int] = None  # baseline: drop whole experts (REAP saliency) down to this many
-    # --- how it is chosen (SlimMoE §2) --------------------------------------------------------------
+    """stage directory `stage_<k>_<name>`"""
+    expert_width: Optional[Union[int, float]] = None
+    """target width of every expert: an int, or a fraction (0, 1] of the teacher's width; multiples of 8"""
+    attention_groups: Optional[int] = None
+    """KV groups (GQA) kept per layer; must divide the current count"""
+    shared_expert_width: Optional[Union[int, float]] = None
+    """shared expert width (int or fraction), where the family has one with its own width"""
+    round_to: Optional[int] = None
+    """round fractional widths down to a multiple (e.g. 64)"""
+    remove_experts_to: Optional[int] = None
+    """baseline: drop whole experts (REAP saliency) down to this many per layer"""
     criterion: Literal["kd_taylor", "kd_fisher", "activation", "magnitude", "random"] = "kd_taylor"
-    # kd_fisher: Gaussian sketches of the Fisher per calibration sequence (each one student forward + backward; the
-    # second-order term's noise falls as 1/sqrt(sequences x draws), importance.py)
+    """what scores the neurons and groups; kd_fisher: estimated rise of the stage's KD loss on removal"""
     fisher_draws: int = 1
+    """kd_fisher: Gaussian Fisher sketches per calibration sequence (one student forward + backward each; the
+    second-order term's noise falls as 1/sqrt(sequences x draws), importance.py)"""
     calibration_tokens: int = 2_000_000
-    calibration_batch_size: int = 8  # sequences per scoring batch (fixed, so scores do not depend on devices)
-    scores_file: Optional[str] = None  # reuse scores saved by an earlier run instead of calibrating
-    # --- how it is recovered (SlimMoE §3) -----------------------------------------------------------
-    max_tokens: int = 50_000_000  # KD token budget of this stage
+    """tokens used to score"""
+    calibration_batch_size: int = 8
+    """sequences per scoring batch (fixed, so scores do not depend on the device count)"""
+    scores_file: Optional[str] = None
+    """reuse a saved `scores.pt` instead of calibrating (must match the model's shape)"""
+    max_tokens: int = 50_000_000
+    """KD token budget of this stage (sets the number of steps)"""
     kd: KDConfig = field(default_factory=KDConfig)
+    """distillation loss settings (`--stages.help KDConfig`)"""
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
-    val_every_n_steps: Optional[int] = None  # default: 4 validations per stage
-    checkpoint_every_n_steps: Optional[int] = None  # default: with each validation
-    # a step whose loss is NaN/Inf on any rank stops the run (0, torchtitan's rule); N > 0 skips up to N such
-    # steps of this stage (no backward, no weight or optimizer-state change) and stops at the N+1-th
+    """optimizer and schedule (`--stages.help OptimizerConfig`)"""
+    val_every_n_steps: Optional[int] = None
+    """validation interval (default: 4 validations per stage)"""
+    checkpoint_every_n_steps: Optional[int] = None
+    """checkpoint interval (default: with each validation; `last.ckpt` always kept)"""
     max_nonfinite_skips: int = 0
+    """a step whose loss is NaN/Inf on any rank stops the run (0, torchtitan's rule); N > 0 skips up to N such steps
+    of this stage (no update) and stops at the next; may change on `--resume`"""
     pretrain: Optional[PretrainConfig] = None
+    """train a model from scratch with LM loss, no teacher (`--stages.help PretrainConfig`)"""
 
     def __post_init__(self):
         _check(bool(self.name) and "/" not in self.name, "stages[].name", self.name, "must be a non-empty name without '/'")
@@ -186,17 +214,24 @@ class RunConfig:
         return cls(**{f.name: values[f.name] for f in dataclasses.fields(cls)})
 
 
-def config_reference() -> str:
-    """The README's table of the top-level keys, from :class:`RunConfig` (its defaults and attribute docstrings)."""
+def attribute_docs(cls) -> dict[str, str]:
+    """A dataclass's attribute docstrings (the string right below each field), as jsonargparse reads them for
+    ``--help``."""
     import ast
     import inspect
     import textwrap
 
-    docs, tree = {}, ast.parse(textwrap.dedent(inspect.getsource(RunConfig)))
+    docs, tree = {}, ast.parse(textwrap.dedent(inspect.getsource(cls)))
     body = tree.body[0].body
     for node, after in zip(body, body[1:]):
         if isinstance(node, ast.AnnAssign) and isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant):
             docs[node.target.id] = after.value.value
+    return docs
+
+
+def config_reference() -> str:
+    """The README's table of the top-level keys, from :class:`RunConfig` (its defaults and attribute docstrings)."""
+    docs = attribute_docs(RunConfig)
     rows = ["| key | default | meaning |", "|---|---|---|",
             "| `seed_everything` | 0 | seed for init, data order, random scores |"]
     for f in dataclasses.fields(RunConfig):

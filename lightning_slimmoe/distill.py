@@ -61,31 +61,21 @@ __all__ = [
 
 @dataclass
 class KDConfig:
-    """Distillation settings (plain typed fields so jsonargparse can fill them from YAML).
-
-    Attributes:
-        top_k: number of teacher logits kept per token; the KL is taken over these ids.
-            SlimMoE uses 8.
-        temperature: softmax temperature T applied to both teacher and student for the
-            KD term; the KD term is scaled by T^2 so its gradient magnitude does not
-            shrink as T grows (Hinton et al., 2015).
-        lm_weight: ``loss = (1 - lm_weight) * kd + lm_weight * lm``.  0 is pure KD (the
-            paper's recovery objective), 1 is plain next-token LM training.
-        chunk_tokens: tokens per chunk of the vocabulary projection; bounds the size of
-            the largest live fp32 tensor to ``chunk_tokens * V``.
-        tail_bucket: off (default) = the teacher is renormalised over its top-k ids. On =
-            the teacher's top-k probabilities are taken from its *full* softmax and the
-            mass outside them becomes one extra "rest" bucket matched against the
-            student's rest mass, so the student is not pushed to put all its probability
-            on k ids (with a weak teacher that ruins held-out perplexity; see
-            docs/results.md). With ``top_k = V`` both equal full-vocabulary KL.
-    """
+    """Distillation settings of one stage (plain typed fields so jsonargparse can fill them from YAML)."""
 
     top_k: int = 8
+    """teacher logits kept per token; the KL is taken over these ids (SlimMoE uses 8)"""
     temperature: float = 1.0
+    """softmax temperature T of teacher and student in the KD term, which is scaled by T^2 so its gradient does not
+    shrink as T grows (Hinton et al., 2015)"""
     lm_weight: float = 0.0
+    """loss = (1 - lm_weight) KD + lm_weight LM: 0 is pure KD (the paper's recovery objective), 1 plain LM"""
     chunk_tokens: int = 1024
+    """tokens per chunk of the vocabulary projection: bounds the largest live fp32 tensor to chunk_tokens x V"""
     tail_bucket: bool = False
+    """false: the teacher renormalised over its top-k ids (the paper's loss); true: its top-k probabilities from its
+    full softmax plus one rest-mass bucket matched against the student's, so the student is not pushed to put all
+    its mass on k ids (docs/results.md); with top_k = V both are full-vocabulary KL"""
 
     def __post_init__(self) -> None:
         if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 1:

@@ -109,6 +109,25 @@ def test_readme_config_reference_is_the_run_config():
     assert config_reference() in (ROOT / "README.md").read_text()
 
 
+def test_every_recipe_key_is_documented_in_help():
+    """Every key a recipe may hold has an attribute docstring, which is its `--help` text (`--stages.help
+    StageConfig` lists a stage's keys, its kd and optimizer sections included)."""
+    import dataclasses
+    import subprocess
+    import sys
+
+    from lightning_slimmoe.config import (KDConfig, OptimizerConfig, ParallelConfig, PretrainConfig, RunConfig,
+                                          ServingConfig, StageConfig, attribute_docs)
+
+    for cls in (RunConfig, StageConfig, KDConfig, OptimizerConfig, PretrainConfig, ParallelConfig, ServingConfig):
+        undocumented = [f.name for f in dataclasses.fields(cls) if not attribute_docs(cls).get(f.name)]
+        assert not undocumented, (cls.__name__, undocumented)
+    shown = subprocess.run([sys.executable, "train.py", "--stages.help", "StageConfig"], cwd=ROOT, capture_output=True,
+                           text=True, timeout=120).stdout
+    for doc in ("target width of every expert", "teacher logits kept per token", "peak learning rate"):
+        assert doc in " ".join(shown.split()), doc
+
+
 def test_nothing_points_outside_the_repository():
     offenders = []
     for path in [ROOT / "README.md", *(ROOT / "docs").glob("*.md"), *(ROOT / "conf").rglob("*.yaml"),
