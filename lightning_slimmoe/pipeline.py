@@ -48,7 +48,7 @@ from lightning_slimmoe.run_dir import RunDir, StageDir
 from lightning_slimmoe.slimming import widths_of
 from lightning_slimmoe.sources import (check_tokenizers_match, check_weight_files, load_config, load_model,
                                        tokenizer_signature)
-from lightning_slimmoe.strategies import checkpoint_global_step, latest_complete_checkpoint
+from lightning_slimmoe.strategies import checkpoint_global_step, is_complete_checkpoint, latest_complete_checkpoint
 from lightning_slimmoe.tb import ContinuousTensorBoardLogger
 from lightning_slimmoe.teacher_cache import TeacherCache, TeacherCacheError, cache_key
 
@@ -129,6 +129,8 @@ class Pipeline:
         for stage_plan, stage_dir in zip(plan.stages, run_dir.stages):
             if stage_dir.is_complete():
                 rank_zero_info(f"[{stage_plan.stage.name}] complete, skipped (resume)")
+                if rank_zero_only.rank == 0:  # a kill may have come between its completion and this
+                    keep_one_checkpoint(stage_dir)
                 results.append(StageResult(stage_dir.read_meta()["summary"]))
                 continue
             if stage_plan.distils and teacher is None:
@@ -249,10 +251,17 @@ def run_stage(ctx: RunContext, stage_plan: StagePlan, stage_dir: StageDir, stude
         stage_dir.record_complete(widths=widths_of(module.student.config), steps=span.steps, tokens=tokens,
                                   fit_s=round(fit_s, 3), summary=summary, teacher_cache_build_s=round(build_s, 3),
                                   **({"resumed_with_data_change": list(ctx.data_change)} if ctx.data_change else {}))
+        keep_one_checkpoint(stage_dir)  # only now: hf/ is verified and meta.json says complete
     trainer.strategy.barrier()
     rank_zero_info(f"[{stage.name}] done: val ppl {summary['val_ppl']:.3f}, "
                    f"{counts.total:,} params ({counts.active:,} active)")
     return StageResult(summary, build_s)
+
+
+def keep_one_checkpoint(stage_dir: StageDir) -> None:
+    """A complete stage keeps ``last.ckpt`` alone (StageDir.remove_step_checkpoints), if it is complete."""
+    if is_complete_checkpoint(stage_dir.last_checkpoint):
+        stage_dir.remove_step_checkpoints()
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -317,3 +318,42 @@ def test_hparams_are_the_runs_configuration_logged_once(tb_run):
     assert hp["stages/0/optimizer/betas"].string_value == "[0.9, 0.95]"
     saved = yaml.safe_load((tb / "hparams.yaml").read_text())
     assert saved["stages"][1]["name"] == "slim2" and "kd" not in saved  # the run's, not a stage module's
+
+
+def test_a_finished_stage_keeps_one_checkpoint(tb_run, tmp_path):
+    """Once a stage's hf/ is verified and it is recorded complete, checkpoints/ holds last.ckpt alone (its
+    stepNNNNNNN.ckpt was the same state); a --resume of the finished run still skips every stage."""
+    for k, name in enumerate(["slim1", "slim2"]):
+        checkpoints = tb_run["dir"] / f"stage_{k}_{name}" / "checkpoints"
+        assert [p.name for p in checkpoints.iterdir()] == ["last.ckpt"]
+        assert torch.load(checkpoints / "last.ckpt", weights_only=True)["global_step"] == [6, 4][k]
+    copy = tmp_path / "run"
+    shutil.copytree(tb_run["dir"], copy)
+    assert main(["--config", tb_run["recipe"], "--output_dir", str(copy), "--resume", "true"]) == \
+        json.loads(json.dumps(tb_run["summary"] | {"final_dir": str(copy / "final")}))
+
+
+def test_a_finished_sharded_stage_keeps_one_checkpoint_directory(tmp_path):
+    """A sharded checkpoint is a directory: the complete stage's step directory goes, its complete last.ckpt stays;
+    while last.ckpt is not complete (a kill between the renames of a sharded save), nothing is removed."""
+    from lightning_slimmoe.pipeline import keep_one_checkpoint
+    from lightning_slimmoe.run_dir import StageDir
+    from lightning_slimmoe.strategies import DCP_METADATA, LIGHTNING_META, checkpoint_global_step
+
+    stage = StageDir(tmp_path / "stage_0_a", "a")
+    for name, step in (("step0000004.ckpt", 4), ("last.ckpt", 4), ("last.ckpt.old", 2)):
+        (stage.checkpoints / name).mkdir(parents=True)
+        (stage.checkpoints / name / "__0_0.distcp").write_bytes(b"shard")
+        (stage.checkpoints / name / DCP_METADATA).write_bytes(b"")
+        if name != "last.ckpt":  # last.ckpt incomplete first: its meta.pt is not written yet
+            torch.save({"global_step": step}, stage.checkpoints / name / LIGHTNING_META)
+    keep_one_checkpoint(stage)
+    assert sorted(p.name for p in stage.checkpoints.iterdir()) == ["last.ckpt", "last.ckpt.old", "step0000004.ckpt"]
+    torch.save({"global_step": 4}, stage.checkpoints / "last.ckpt" / LIGHTNING_META)
+    shutil.rmtree(stage.checkpoints / "last.ckpt.old")  # what the strategy does after the second rename
+    keep_one_checkpoint(stage)
+    assert [p.name for p in stage.checkpoints.iterdir()] == ["last.ckpt"]
+    assert checkpoint_global_step(stage.last_checkpoint) == 4
+    single = tmp_path / "single.ckpt"
+    torch.save({"global_step": 7, "state_dict": {"student.w": torch.zeros(3)}}, single)
+    assert checkpoint_global_step(single) == 7
