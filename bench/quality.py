@@ -294,7 +294,7 @@ def val_curve(run_dir: Path, tokens_per_step: int, tag: str = "val/lm_loss") -> 
         return []
     points = {}
     for event in acc.Scalars(tag):
-        points[event.step] = event.value  # the stage-end re-validation repeats the last step: keep the last
+        points[event.step] = event.value  # a stage validated every step has two points at its first step: keep the last
     return [(step * tokens_per_step, value) for step, value in sorted(points.items())]
 
 

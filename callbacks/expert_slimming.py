@@ -38,12 +38,17 @@ def describe_widths(widths: dict) -> str:
 
 
 class ExpertSlimming(Callback):
-    def __init__(self, stage: StageConfig, stage_dir: StageDir, reference_config, seed: int = 0, step_offset: int = 0):
+    def __init__(self, stage: StageConfig, stage_dir: StageDir, reference_config, seed: int = 0, step_offset: int = 0,
+                 log_scores: bool = True):
         self.stage = stage
         self.stage_dir = stage_dir
         self.reference_config = reference_config  # the original teacher's: fractions are of its widths
         self.seed = seed
         self.step_offset = step_offset
+        # The scores' histograms, at the stage's first step; False when the stage resumes from a checkpoint (they
+        # were logged before it). A stage restarted from its first step logs them again, from scores.pt if the slice
+        # is re-applied: the resumed run rewrites the axis from there (tb.ContinuousTensorBoardLogger.resume_at).
+        self.log_scores = log_scores
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         if stage != "fit" or not self.stage.prunes:
@@ -55,6 +60,8 @@ class ExpertSlimming(Callback):
         # One decision for all ranks (rank 0 may already have written keep.pt when another rank looks).
         if trainer.strategy.broadcast(self.stage_dir.has_keep()):
             self._reapply(pl_module, pending)
+            if self.log_scores and trainer.global_rank == 0 and self.stage_dir.scores_file.is_file():
+                self._log_histograms(trainer, ImportanceScores.load(str(self.stage_dir.scores_file)))
             return
         started = time.time()
         target = resolve_target(student.config, expert_width=self.stage.expert_width,
@@ -110,7 +117,8 @@ class ExpertSlimming(Callback):
         keep = select_keep(scores, target)
         if trainer.global_rank == 0:
             self.stage_dir.save_scores(scores)
-            self._log_histograms(trainer, scores)
+            if self.log_scores:
+                self._log_histograms(trainer, scores)
         before = widths_of(student.config)
         if pending is None:
             slim_model_(student, keep)

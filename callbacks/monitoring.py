@@ -1,5 +1,5 @@
-"""What a stage logs besides its losses: parameter counts and widths, token throughput (and MFU on GPUs), and a
-progress bar that names the stage and counts its steps."""
+"""What a stage logs besides its losses: parameter counts and widths, the validation of the sliced student before
+its first step, token throughput (and MFU on GPUs), and a progress bar that names the stage and counts its steps."""
 
 from __future__ import annotations
 
@@ -27,6 +27,8 @@ class ParamAndWidthLogger(Callback):
     """``params/total``, ``params/active`` and the widths of the student, once per stage."""
 
     def on_train_start(self, trainer, pl_module) -> None:
+        if trainer.global_step > 0:  # resumed mid-stage: logged when the stage began, before its first checkpoint
+            return
         student = pl_module.student
         counts = count_params(student)
         family = get_family(student)
@@ -34,6 +36,29 @@ class ParamAndWidthLogger(Callback):
                    "slim/expert_width": float(family.expert_width(student.config)),
                    "slim/num_attention_heads": float(student.config.num_attention_heads),
                    "slim/num_key_value_heads": float(student.config.num_key_value_heads)}
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=trainer.global_step)
+
+
+class ValidateAfterSlicing(Callback):
+    """The held-out metrics of the student a KD stage starts from (just sliced), before its first update: the first
+    point of the stage's ``val/`` curves, at its first step, so that the curve shows what the slice cost and then the
+    recovery. Lightning's sanity check is that validation: it runs after ``setup`` (where ExpertSlimming slices) and
+    before the first step, leaves the random state as it was (so training is unchanged), and is skipped when a stage
+    resumes from a checkpoint (its point was logged then). The pipeline asks for all of it (``num_sanity_val_steps=-1``:
+    every batch ``limit_val_batches`` allows); Lightning does not log a sanity check's metrics, so this callback
+    does. ``seconds``: what it took (not counted in the stage's throughput)."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+        self._started = None
+
+    def on_sanity_check_start(self, trainer, pl_module) -> None:
+        self._started = time.perf_counter()
+
+    def on_sanity_check_end(self, trainer, pl_module) -> None:
+        self.seconds = time.perf_counter() - self._started
+        metrics = {name: float(value) for name, value in trainer.callback_metrics.items() if name.startswith("val/")}
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=trainer.global_step)
 
@@ -82,6 +107,10 @@ class StageProgressBar(TQDMProgressBar):
     @property
     def train_description(self) -> str:
         return f"[{self.stage_name}]"
+
+    @property
+    def sanity_check_description(self) -> str:  # ValidateAfterSlicing: no sanity check, the stage's first point
+        return f"[{self.stage_name}] validation before the first step"
 
     def on_train_epoch_start(self, trainer, *_) -> None:  # one "epoch" of an endless stream: the whole stage
         self.train_progress_bar.reset(total=self.steps)

@@ -86,6 +86,10 @@ class SlimMoECLI(LightningCLI):
         self.run_config = RunConfig.from_parsed(self.config_init)
         self.seed = int(self.config_init["seed_everything"])
 
+    def run_hparams(self) -> dict:
+        """The run's configuration as parsed (what ``--print_config`` prints): TensorBoard's hparams of the run."""
+        return yaml.safe_load(self.parser.dump(self.config))
+
     def make_trainer(self, extra_callbacks=(), progress_bar: ProgressBar | None = None, **overrides) -> Trainer:
         """A fresh Trainer from the ``trainer`` section (user callbacks copied), with per-stage overrides and,
         unless the section turns the bar off or brings its own, the stage's ``progress_bar``."""
@@ -234,7 +238,7 @@ def main(args: list[str] | None = None) -> dict:
     quiet_lightning()
     cli = SlimMoECLI(args=with_default_config(args))
     summary = Pipeline(cli.run_config, cli.datamodule, cli.make_trainer, seed=cli.seed,
-                       resume_command=resume_command(args)).run()
+                       resume_command=resume_command(args), hparams=cli.run_hparams()).run()
     if rank_zero_only.rank == 0:
         print(format_summary(summary))
     return summary

@@ -132,8 +132,8 @@ class StageModule(pl.LightningModule):
             self.teacher_fingerprint = None
         self.save_hyperparameters({"kd": asdict(self.kd), "optimizer": asdict(self.optim_cfg),
                                    "model_type": student.config.model_type, "has_teacher": teacher is not None})
-        self.val_loss = MeanMetric()
         self.val_lm_loss = MeanMetric()
+        self.val_kd_loss = MeanMetric()
         self.val_agreement = MeanMetric()
         # A TeacherCacheReader (lightning_slimmoe/teacher_cache.py), attached for a fit by
         # callbacks/teacher_cache.py: training batches then read the teacher's top-k from disk.
@@ -223,8 +223,11 @@ class StageModule(pl.LightningModule):
             self._drop_gradients = True
             return out.loss.nan_to_num(0.0, 0.0, 0.0) * 0.0
         mean_3 = losses_W3.mean(0) if losses_W3.shape[0] > 1 else losses_3  # the global mean, not rank 0's share
+        # train/loss is what is optimised: LM loss in a pretrain stage, the KD mix in a KD stage. Its two parts keep
+        # their own tags so that each reads as one curve across stages (the KD term only where there is a teacher).
         self.log("train/loss", mean_3[0], prog_bar=True)
-        self.log("train/kd_loss", mean_3[1])
+        if self.teacher is not None:
+            self.log("train/kd_loss", mean_3[1])
         self.log("train/lm_loss", mean_3[2])
         return out.loss
 
@@ -266,19 +269,23 @@ class StageModule(pl.LightningModule):
 
     def validation_step(self, batch, batch_idx):
         out = self.forward_loss(batch)
-        self.val_loss.update(out.loss.detach(), weight=out.num_tokens)
         self.val_lm_loss.update(out.lm_loss, weight=out.num_tokens)
         if self.teacher is not None:
+            self.val_kd_loss.update(out.kd_loss, weight=out.num_tokens)
             self.val_agreement.update(out.agreement, weight=out.num_tokens)
 
     def on_validation_epoch_end(self):
+        # val/loss is the held-out LM cross-entropy in every stage (what val/ppl exponentiates and summary.json's
+        # val_loss records), so that one curve compares the teacher's pretraining with every student; the KD loss
+        # has its own tag. val/lm_loss is the same number under its earlier name (bench/quality.py reads it).
         lm = self.val_lm_loss.compute()
-        self.log("val/loss", self.val_loss.compute(), prog_bar=True)
+        self.log("val/loss", lm, prog_bar=True)
         self.log("val/lm_loss", lm)
         self.log("val/ppl", torch.exp(lm))
         if self.teacher is not None:
+            self.log("val/kd_loss", self.val_kd_loss.compute())
             self.log("val/teacher_agreement", self.val_agreement.compute())
-        for metric in (self.val_loss, self.val_lm_loss, self.val_agreement):
+        for metric in (self.val_lm_loss, self.val_kd_loss, self.val_agreement):
             metric.reset()
 
     # --- optimizer: AdamW (fused where available) or bitsandbytes AdamW8bit, warm-up + cosine -------
@@ -342,6 +349,10 @@ class StageModule(pl.LightningModule):
 
     # --- checkpoints hold the student only ----------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # What was logged so far reaches the disk before the checkpoint does: a resume continues the TensorBoard
+        # curves from the checkpoint's step and writes nothing below it (tb.ContinuousTensorBoardLogger.resume_at).
+        for logger in self.loggers:
+            logger.save()
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith(TEACHER_PREFIX)}
         checkpoint["teacher_fingerprint"] = self.teacher_fingerprint
         checkpoint["nonfinite_skips"] = self.nonfinite_skips

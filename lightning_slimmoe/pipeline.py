@@ -32,7 +32,8 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from callbacks import ExpertSlimming, ParamAndWidthLogger, StageProgressBar, StudentConfigWriter, TokenThroughput
+from callbacks import (ExpertSlimming, ParamAndWidthLogger, StageProgressBar, StudentConfigWriter, TokenThroughput,
+                       ValidateAfterSlicing)
 from callbacks.preemption import CheckpointOnSignal
 from callbacks.teacher_cache import TeacherCacheCallback
 from lightning_slimmoe import corpora
@@ -47,7 +48,7 @@ from lightning_slimmoe.run_dir import RunDir, StageDir
 from lightning_slimmoe.slimming import widths_of
 from lightning_slimmoe.sources import (check_tokenizers_match, check_weight_files, load_config, load_model,
                                        tokenizer_signature)
-from lightning_slimmoe.strategies import latest_complete_checkpoint
+from lightning_slimmoe.strategies import checkpoint_global_step, is_complete_checkpoint, latest_complete_checkpoint
 from lightning_slimmoe.tb import ContinuousTensorBoardLogger
 from lightning_slimmoe.teacher_cache import TeacherCache, TeacherCacheError, cache_key
 
@@ -89,12 +90,15 @@ class StageResult:
 
 class Pipeline:
     def __init__(self, config: RunConfig, datamodule: TextDataModule, make_trainer: Callable[..., pl.Trainer],
-                 seed: int = 0, resume_command: str | None = None):
+                 seed: int = 0, resume_command: str | None = None, hparams: dict | None = None):
+        """``hparams``: the run's whole configuration as the user gave it (the CLI's parsed config: trainer, data,
+        stages, ...), logged once per run to TensorBoard; None = this RunConfig and the data module's arguments."""
         self.config = config
         self.dm = datamodule
         self.make_trainer = make_trainer
         self.seed = seed
         self.resume_command = resume_command
+        self.hparams = hparams
 
     def run(self) -> dict:
         config, dm = self.config, self.dm
@@ -120,6 +124,10 @@ class Pipeline:
                              tokenizer=tokenizer, probe_ids=dm.val_blocks[:1, : min(32, plan.seq_len)].clone(),
                              teacher_cache=cache, data_change=tuple(data_change),
                              resume_command=self.resume_command)
+            if not config.resume:  # once per run: a resume continues the run that logged them (run.json: the same run)
+                hparams = self.hparams if self.hparams is not None else {
+                    "seed_everything": self.seed, **dataclasses.asdict(config), "data": dict(dm.hparams)}
+                ctx.logger.log_hyperparams(hparams)
             return self._run_stages(ctx, eval_trainer)
         except BaseException:
             # A new run that fails before any stage has written a file (a width that only resolves wrongly once the
@@ -139,6 +147,8 @@ class Pipeline:
         for stage_plan, stage_dir in zip(plan.stages, run_dir.stages):
             if stage_dir.is_complete():
                 rank_zero_info(f"[{stage_plan.stage.name}] complete, skipped (resume)")
+                if rank_zero_only.rank == 0:  # a kill may have come between its completion and this
+                    keep_one_checkpoint(stage_dir)
                 results.append(StageResult(stage_dir.read_meta()["summary"]))
                 continue
             if stage_plan.distils and teacher is None:
@@ -173,13 +183,19 @@ def run_stage(ctx: RunContext, stage_plan: StagePlan, stage_dir: StageDir, stude
     resume_from = (latest_complete_checkpoint(stage_dir.checkpoints)
                    if ctx.config.resume and stage_dir.checkpoints.is_dir() else None)
     ckpt_path = str(resume_from) if resume_from else None
+    start_step = checkpoint_global_step(resume_from) if resume_from else 0  # this stage's, where the fit starts
     val_every = min(span.steps, stage.val_every_n_steps or max(1, span.steps // 4))
     ckpt_every = min(span.steps, stage.checkpoint_every_n_steps or val_every)
     ctx.logger.step_offset = span.step_offset
+    if ctx.config.resume:  # the first stage this process runs: the TensorBoard curves continue from here
+        ctx.logger.resume_at(span.step_offset + start_step)
     ctx.datamodule.stream_offset = span.first_sample
+    # A KD stage's first val/ point: the sliced student before any update (skipped by Lightning on a resume from a
+    # checkpoint). A pretrain stage's random init has nothing to show.
+    first_validation = ValidateAfterSlicing() if stage_plan.distils else None
     callbacks = [
         ExpertSlimming(stage, stage_dir, reference_config=ctx.plan.teacher_config, seed=ctx.seed,
-                       step_offset=span.step_offset),
+                       step_offset=span.step_offset, log_scores=resume_from is None),
         ParamAndWidthLogger(),
         TokenThroughput(tokens_per_batch=ctx.plan.batch_size * ctx.plan.seq_len),
         LearningRateMonitor(logging_interval="step"),
@@ -189,6 +205,7 @@ def run_stage(ctx: RunContext, stage_plan: StagePlan, stage_dir: StageDir, stude
         # Ctrl-C / SIGTERM: finish the step, write last.ckpt, print the resume command, exit 130 / 143
         CheckpointOnSignal(str(stage_dir.last_checkpoint), ctx.resume_command),
         StudentConfigWriter(stage_dir),  # <stage_dir>/config.json: a sharded checkpoint's architecture
+        *([first_validation] if first_validation is not None else []),
     ]
     cache_callback = None  # KD stages with `teacher_cache:` build it (first one) and read their targets from it
     if teacher is not None and ctx.teacher_cache is not None:
@@ -196,7 +213,9 @@ def run_stage(ctx: RunContext, stage_plan: StagePlan, stage_dir: StageDir, stude
         callbacks.append(cache_callback)
     trainer = ctx.make_trainer(default_root_dir=str(stage_dir.path), logger=ctx.logger, max_steps=span.steps,
                                val_check_interval=val_every, check_val_every_n_epoch=None, extra_callbacks=callbacks,
-                               progress_bar=StageProgressBar(stage.name, span.steps))
+                               progress_bar=StageProgressBar(stage.name, span.steps),
+                               enable_autolog_hparams=False,  # the run's are logged once (Pipeline.run), not the stage's
+                               **({"num_sanity_val_steps": -1} if first_validation is not None else {}))
     module = StageModule(student, teacher, kd=stage.kd, optimizer=stage.optimizer, parallel=ctx.config.parallel,
                          max_nonfinite_skips=stage.max_nonfinite_skips,
                          experts_implementation=ctx.config.experts_implementation,
@@ -214,9 +233,18 @@ def run_stage(ctx: RunContext, stage_plan: StagePlan, stage_dir: StageDir, stude
     trainer.fit(module, datamodule=ctx.datamodule, ckpt_path=ckpt_path)
     fit_s = time.time() - fit_started
     build_s = cache_callback.build_s if cache_callback is not None else 0.0
+    first_validation_s = first_validation.seconds if first_validation is not None else 0.0
     if trainer.interrupted:
         raise KeyboardInterrupt(f"[{stage.name}] interrupted; continue with --resume true")
+    # The stage's result (summary.json) is a validation of the weights the fit's last step left. Lightning would log
+    # this stand-alone validation one step late, on the next stage's first step, where that stage's first point
+    # goes; so it is logged here, at the last step, unless the fit validated there already (the same numbers) or
+    # the stage resumed from its last step's checkpoint (the killed run logged it).
+    trainer.loggers = []
     metrics = trainer.validate(module, datamodule=ctx.datamodule, verbose=False)[0]
+    if span.steps % val_every and start_step < span.steps:
+        ctx.logger.log_metrics({k: v for k, v in metrics.items() if k.startswith("val/")}, step=span.steps - 1)
+        ctx.logger.save()
     sharded = is_sharded(module.student)
     if is_fsdp1_sharded(module.student):  # collective: rank 0 gets a plain copy, gathered unit by unit
         student = gather_fsdp1_model(module.student)
@@ -229,7 +257,8 @@ def run_stage(ctx: RunContext, stage_plan: StagePlan, stage_dir: StageDir, stude
         "total_params": counts.total, "active_params": counts.active,
         "tokens": tokens, "val_loss": metrics["val/loss"], "val_ppl": metrics["val/ppl"],
         "teacher_top1_agreement": metrics.get("val/teacher_agreement"),
-        "tokens_per_s": round(tokens / max(fit_s - build_s, 1e-9), 1) if ckpt_path is None else None,
+        "tokens_per_s": (round(tokens / max(fit_s - build_s - first_validation_s, 1e-9), 1)
+                         if ckpt_path is None else None),
         "wall_s": round(time.time() - started + meta.get("scoring_s", 0.0), 3),
         "kept_index_hash": meta.get("kept_index_hash"), "criterion": stage.criterion if stage.prunes else None,
     }
@@ -241,10 +270,17 @@ def run_stage(ctx: RunContext, stage_plan: StagePlan, stage_dir: StageDir, stude
         stage_dir.record_complete(widths=widths_of(module.student.config), steps=span.steps, tokens=tokens,
                                   fit_s=round(fit_s, 3), summary=summary, teacher_cache_build_s=round(build_s, 3),
                                   **({"resumed_with_data_change": list(ctx.data_change)} if ctx.data_change else {}))
+        keep_one_checkpoint(stage_dir)  # only now: hf/ is verified and meta.json says complete
     trainer.strategy.barrier()
     rank_zero_info(f"[{stage.name}] done: val ppl {summary['val_ppl']:.3f}, "
                    f"{counts.total:,} params ({counts.active:,} active)")
     return StageResult(summary, build_s)
+
+
+def keep_one_checkpoint(stage_dir: StageDir) -> None:
+    """A complete stage keeps ``last.ckpt`` alone (StageDir.remove_step_checkpoints), if it is complete."""
+    if is_complete_checkpoint(stage_dir.last_checkpoint):
+        stage_dir.remove_step_checkpoints()
 
 
 # ---------------------------------------------------------------------------------------------------

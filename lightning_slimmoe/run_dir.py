@@ -4,7 +4,8 @@
       run.json                      RunDir.start (checked by RunDir.check on --resume)
       tokenizer/                    a pretrain run's trained tokenizer (RunDir.start)
       stage_<k>_<name>/             StageDir
-        checkpoints/                Lightning checkpoints (written by Lightning through strategies.py)
+        checkpoints/                Lightning checkpoints (written by Lightning through strategies.py); once the
+                                    stage is complete only last.ckpt (StageDir.remove_step_checkpoints)
         scores.pt                   StageDir.save_scores
         keep.pt                     StageDir.save_keep (re-applied on resume: StageDir.load_keep)
         meta.json                   StageDir.record_slimmed, then StageDir.record_complete
@@ -70,6 +71,24 @@ class StageDir:
     def record_complete(self, **fields) -> None:
         """The stage is done and exported: what ``record_slimmed`` wrote plus the stage's result."""
         self._write_meta({**(self.read_meta() or {"stage": self.name}), "status": "complete", **fields})
+
+    # --- checkpoints/ --------------------------------------------------------------------------------
+    def step_checkpoints(self) -> list[Path]:
+        """ModelCheckpoint's ``stepNNNNNNN.ckpt`` (files, or directories when sharded)."""
+        return sorted(self.checkpoints.glob("step*.ckpt")) if self.checkpoints.is_dir() else []
+
+    def remove_step_checkpoints(self) -> list[Path]:
+        """A complete stage keeps one checkpoint, ``last.ckpt`` (what ``--resume`` and ``export`` read): its
+        ``stepNNNNNNN.ckpt`` is the same state (ModelCheckpoint keeps only its latest, written with ``last.ckpt``),
+        and keeping both doubles what the stage's checkpoints take on disk. The caller checks that the stage is
+        complete and that ``last.ckpt`` is. Returns what was removed."""
+        removed = self.step_checkpoints()
+        for path in removed:
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+        return removed
 
     # --- keep.pt / scores.pt / config.json ---------------------------------------------------------
     def has_keep(self) -> bool:

@@ -64,6 +64,14 @@ def is_complete_checkpoint(path: Path) -> bool:
 _STEP = re.compile(r"step(\d+)\.ckpt$")
 
 
+def checkpoint_global_step(path: Path) -> int:
+    """The ``global_step`` a complete checkpoint was saved at, without reading its tensors: a sharded one's from
+    Lightning's ``meta.pt``, a single file memory-mapped (its tensors stay on disk)."""
+    path = Path(path)
+    source = path / LIGHTNING_META if path.is_dir() else path
+    return int(torch.load(source, map_location="cpu", weights_only=True, mmap=True)["global_step"])
+
+
 def latest_complete_checkpoint(ckpt_dir: Path) -> Path | None:
     """The checkpoint ``--resume true`` continues from: ``last.ckpt`` when complete; else (a kill between
     the two renames of a sharded save) ``last.ckpt.old``; else the newest complete ``step*.ckpt``."""

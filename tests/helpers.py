@@ -10,7 +10,8 @@ What is here:
   layout), ``tiny_recipe`` (a tiny 2-stage recipe YAML), ``read_summary`` (a run's summary.json);
 * running ``train.py`` in a child process, e.g. with 2 gloo ranks: ``ROOT``, ``MODEL_PARALLEL``, ``FSDP1``
   (``--trainer.strategy`` values), ``train``, ``train_torchrun_many`` (several runs in one torchrun launch) and
-  ``scalars`` (a TensorBoard scalar series).
+  ``scalars`` (a TensorBoard scalar series, one value per step), ``tensorboard_view`` / ``scalar_events`` (a run's
+  events as TensorBoard shows them, every point).
 
 Tests import these with ``from helpers import ...`` (``tests/`` is on ``sys.path`` under pytest's rootdir
 conftest; the torchrun workers put it there themselves). The library is imported lazily, inside the
@@ -417,6 +418,22 @@ def scalars(tb_dir: Path, tag: str) -> dict[int, float]:
         if tag in acc.Tags()["scalars"]:
             values.update({e.step: e.value for e in acc.Scalars(tag)})
     return values
+
+
+def tensorboard_view(tb_dir: Path):
+    """A run's events as TensorBoard shows them: every events file, in order, with the events a resumed run superseded
+    (``purge_step``) left out. Its ``Scalars(tag)`` lists every point, a step written twice twice."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(tb_dir), size_guidance={"scalars": 0, "histograms": 0})
+    acc.Reload()
+    return acc
+
+
+def scalar_events(tb_dir: Path, tag: str) -> list[tuple[int, float]]:
+    """(step, value) of every point of ``tag`` that TensorBoard shows (:func:`tensorboard_view`)."""
+    acc = tensorboard_view(tb_dir)
+    return [(e.step, e.value) for e in acc.Scalars(tag)] if tag in acc.Tags()["scalars"] else []
 
 
 def train(recipe: str, out: Path, *extra: str) -> None:

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from helpers import FAMILIES, make_teacher_dir, read_summary, tiny_config, tiny_recipe
+from helpers import FAMILIES, make_teacher_dir, read_summary, scalar_events, tiny_config, tiny_recipe
 from lightning_slimmoe.cli import main
 from lightning_slimmoe.families import get_family
 
@@ -226,3 +228,132 @@ def test_lr_schedule_run_is_one_curve_and_resumes_exactly(tmp_path, phimoe_teach
     run("c", [per_stage], "stage")
     for key, lr in per_stage.lrs.items():
         assert lr == pytest.approx(curve(key[1], 4 if key[0] == 16 else 6), rel=1e-12), (key, lr)
+
+
+# ---------------------------------------------------------------------------------------------------
+# What a run leaves in TensorBoard and checkpoints/: one 2-stage run, read by the tests below
+# ---------------------------------------------------------------------------------------------------
+# slim1: 6 steps, validated after step 4 of 6 (its last step is no validation step); slim2: 4 steps from run step 6,
+# validated every 2 (its last step is one).
+TB_STAGES = [
+    {"name": "slim1", "expert_width": 16, "calibration_tokens": 256, "max_tokens": 6 * 4 * 32,
+     "val_every_n_steps": 4, "checkpoint_every_n_steps": 2, "optimizer": {"lr": 1e-3}},
+    {"name": "slim2", "expert_width": 8, "attention_groups": 1, "calibration_tokens": 256, "max_tokens": 4 * 4 * 32,
+     "val_every_n_steps": 2, "optimizer": {"lr": 1e-3}},
+]
+TB_OFFSETS = {"slim1": 0, "slim2": 6}
+
+
+@pytest.fixture(scope="module")
+def tb_run(tmp_path_factory, phimoe_teacher, corpus_file):
+    work = tmp_path_factory.mktemp("tb_run")
+    recipe = tiny_recipe(work, phimoe_teacher, corpus_file, stages=TB_STAGES)
+    main(["--config", recipe])
+    return {"dir": work / "run", "recipe": recipe, "summary": read_summary(work / "run")}
+
+
+def test_val_loss_is_the_held_out_lm_loss_in_every_stage(tb_run):
+    """val/loss (and summary.json's val_loss) is the LM cross-entropy in every stage: val_ppl = exp(val_loss); the KD
+    losses are on their own tags; each stage's result is its curve's point at its last step."""
+    import math
+
+    tb = tb_run["dir"] / "tb"
+    val_loss, val_kd = dict(scalar_events(tb, "val/loss")), dict(scalar_events(tb, "val/kd_loss"))
+    for stage, last_step in zip(tb_run["summary"]["stages"], (5, 9)):
+        assert math.exp(stage["val_loss"]) == pytest.approx(stage["val_ppl"], rel=1e-5)
+        assert val_loss[last_step] == pytest.approx(stage["val_loss"], rel=1e-6)
+        assert dict(scalar_events(tb, "val/ppl"))[last_step] == pytest.approx(stage["val_ppl"], rel=1e-6)
+        assert abs(val_kd[last_step] - val_loss[last_step]) > 0.1  # another quantity (KD over the teacher's top-8)
+    for tag in ("train/loss", "train/kd_loss", "train/lm_loss", "lr"):
+        assert [s for s, _ in scalar_events(tb, tag)] == list(range(10)), tag  # every step of both stages, once
+    kd, lm = dict(scalar_events(tb, "train/kd_loss")), dict(scalar_events(tb, "train/lm_loss"))
+    assert dict(scalar_events(tb, "train/loss")) == kd  # lm_weight 0: the objective is the KD term
+    assert all(abs(lm[s] - kd[s]) > 0.1 for s in kd)
+
+
+def test_each_kd_stage_starts_with_a_validation_of_the_sliced_student(tb_run, phimoe_teacher, corpus_file):
+    """At each stage's first step of the run's axis, val/ holds the incoming student after the slice and before any
+    update (validated here independently); no validation step shows twice."""
+    from lightning import Trainer
+    from transformers import AutoTokenizer
+
+    from lightning_slimmoe.data import TextDataModule
+    from lightning_slimmoe.module import StageModule
+    from lightning_slimmoe.run_dir import StageDir
+    from lightning_slimmoe.slimming import slim_model_
+
+    run, tb = tb_run["dir"], tb_run["dir"] / "tb"
+    dm = TextDataModule(files=[corpus_file], seq_len=32, batch_size=4, val_fraction=0.05)
+    dm.set_tokenizer(AutoTokenizer.from_pretrained(phimoe_teacher))
+    dm.setup("fit")
+    teacher = AutoModelForCausalLM.from_pretrained(phimoe_teacher)
+    val = {tag: dict(scalar_events(tb, tag)) for tag in ("val/loss", "val/kd_loss", "val/teacher_agreement")}
+    for k, (name, incoming) in enumerate([("slim1", phimoe_teacher), ("slim2", run / "stage_0_slim1" / "hf")]):
+        student = AutoModelForCausalLM.from_pretrained(incoming)
+        slim_model_(student, StageDir(run / f"stage_{k}_{name}", name).load_keep()[0])
+        trainer = Trainer(accelerator="cpu", logger=False, limit_val_batches=2, enable_progress_bar=False,
+                          enable_model_summary=False)
+        want = trainer.validate(StageModule(student, teacher), datamodule=dm, verbose=False)[0]
+        for tag, points in val.items():
+            assert points[TB_OFFSETS[name]] == pytest.approx(want[tag], rel=1e-6), (name, tag)
+    for tag in ("val/loss", "val/ppl", "val/kd_loss", "val/teacher_agreement"):
+        # slim1: before its first step, after step 4 (run step 3), after its last (5); slim2 likewise, then every 2
+        assert [s for s, _ in scalar_events(tb, tag)] == [0, 3, 5, 6, 7, 9], tag
+
+
+def test_hparams_are_the_runs_configuration_logged_once(tb_run):
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    tb = tb_run["dir"] / "tb"
+    starts = [plugin_data_pb2.HParamsPluginData.FromString(v.metadata.plugin_data.content).session_start_info
+              for f in sorted(tb.glob("events.out.tfevents*")) for e in EventFileLoader(str(f)).Load()
+              if e.HasField("summary") for v in e.summary.value if v.tag == "_hparams_/session_start_info"]
+    assert len(starts) == 1  # once per run, not once per stage
+    hp = starts[0].hparams
+    assert [hp[f"stages/{k}/name"].string_value for k in range(2)] == ["slim1", "slim2"]
+    assert hp["stages/1/expert_width"].number_value == 8 and hp["stages/1/kd/top_k"].number_value == 8
+    assert hp["trainer/limit_val_batches"].number_value == 2 and hp["data/init_args/seq_len"].number_value == 32
+    assert hp["output_dir"].string_value == str(tb_run["dir"])
+    assert hp["stages/0/optimizer/betas"].string_value == "[0.9, 0.95]"
+    saved = yaml.safe_load((tb / "hparams.yaml").read_text())
+    assert saved["stages"][1]["name"] == "slim2" and "kd" not in saved  # the run's, not a stage module's
+
+
+def test_a_finished_stage_keeps_one_checkpoint(tb_run, tmp_path):
+    """Once a stage's hf/ is verified and it is recorded complete, checkpoints/ holds last.ckpt alone (its
+    stepNNNNNNN.ckpt was the same state); a --resume of the finished run still skips every stage."""
+    for k, name in enumerate(["slim1", "slim2"]):
+        checkpoints = tb_run["dir"] / f"stage_{k}_{name}" / "checkpoints"
+        assert [p.name for p in checkpoints.iterdir()] == ["last.ckpt"]
+        assert torch.load(checkpoints / "last.ckpt", weights_only=True)["global_step"] == [6, 4][k]
+    copy = tmp_path / "run"
+    shutil.copytree(tb_run["dir"], copy)
+    assert main(["--config", tb_run["recipe"], "--output_dir", str(copy), "--resume", "true"]) == \
+        json.loads(json.dumps(tb_run["summary"] | {"final_dir": str(copy / "final")}))
+
+
+def test_a_finished_sharded_stage_keeps_one_checkpoint_directory(tmp_path):
+    """A sharded checkpoint is a directory: the complete stage's step directory goes, its complete last.ckpt stays;
+    while last.ckpt is not complete (a kill between the renames of a sharded save), nothing is removed."""
+    from lightning_slimmoe.pipeline import keep_one_checkpoint
+    from lightning_slimmoe.run_dir import StageDir
+    from lightning_slimmoe.strategies import DCP_METADATA, LIGHTNING_META, checkpoint_global_step
+
+    stage = StageDir(tmp_path / "stage_0_a", "a")
+    for name, step in (("step0000004.ckpt", 4), ("last.ckpt", 4), ("last.ckpt.old", 2)):
+        (stage.checkpoints / name).mkdir(parents=True)
+        (stage.checkpoints / name / "__0_0.distcp").write_bytes(b"shard")
+        (stage.checkpoints / name / DCP_METADATA).write_bytes(b"")
+        if name != "last.ckpt":  # last.ckpt incomplete first: its meta.pt is not written yet
+            torch.save({"global_step": step}, stage.checkpoints / name / LIGHTNING_META)
+    keep_one_checkpoint(stage)
+    assert sorted(p.name for p in stage.checkpoints.iterdir()) == ["last.ckpt", "last.ckpt.old", "step0000004.ckpt"]
+    torch.save({"global_step": 4}, stage.checkpoints / "last.ckpt" / LIGHTNING_META)
+    shutil.rmtree(stage.checkpoints / "last.ckpt.old")  # what the strategy does after the second rename
+    keep_one_checkpoint(stage)
+    assert [p.name for p in stage.checkpoints.iterdir()] == ["last.ckpt"]
+    assert checkpoint_global_step(stage.last_checkpoint) == 4
+    single = tmp_path / "single.ckpt"
+    torch.save({"global_step": 7, "state_dict": {"student.w": torch.zeros(3)}}, single)
+    assert checkpoint_global_step(single) == 7

@@ -246,6 +246,44 @@ def test_sigkill_at_random_step_resumes_exactly(tmp_path, baseline, expected_str
     assert_matches_baseline(baseline, expected_stream, tmp_path / "run", committed(first, resumed))
 
 
+@pytest.mark.slow
+def test_resumed_runs_show_every_step_once_in_tensorboard(tmp_path, baseline, phimoe_teacher, corpus_file):
+    """Killed after slicing stage 2 (before its first step; its first validation logged), resumed and killed at its
+    step 5 (after the step-4 checkpoint; steps 4-5 logged), resumed again: TensorBoard shows the uninterrupted run's
+    curves, every step once with the same values, its score histograms and its hparams once. Each resume continues
+    the axis where its stage restarts, and TensorBoard hides what the killed run wrote from there on."""
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+
+    from helpers import tensorboard_view
+
+    recipe = recipe_in(tmp_path, phimoe_teacher, corpus_file)
+    killed(tmp_path, recipe, {"kind": "train_start", "stage": "slim2"})
+    second = killed(tmp_path, recipe, {"kind": "step", "stage": "slim2", "step": 5}, "--resume", "true")
+    assert second.events("train_start", stage="slim2")[0]["step"] == 0  # no checkpoint yet: from the stage's start
+    third = run(tmp_path, recipe, "--resume", "true")
+    assert third.events("train_start", stage="slim2")[0]["step"] == 4
+    got, want = tensorboard_view(tmp_path / "run" / "tb"), tensorboard_view(baseline["dir"] / "tb")
+    assert got.Tags()["scalars"] and sorted(got.Tags()["scalars"]) == sorted(want.Tags()["scalars"])
+    for tag in want.Tags()["scalars"]:
+        points = [(e.step, e.value) for e in got.Scalars(tag)]
+        expected = [(e.step, e.value) for e in want.Scalars(tag)]
+        if tag != "epoch":  # Lightning adds `epoch` to every logging call, training's and validation's at one step
+            assert len({step for step, _ in points}) == len(points), (tag, points)  # no step twice
+        if tag.startswith("perf/"):  # timings
+            assert [step for step, _ in points] == [step for step, _ in expected], tag
+        else:
+            assert points == expected, tag
+    assert sorted(got.Tags()["histograms"]) == sorted(want.Tags()["histograms"])
+    assert "scores/slim2/experts" in want.Tags()["histograms"]
+    for tag in want.Tags()["histograms"]:
+        assert [(e.step, e.histogram_value) for e in got.Histograms(tag)] == \
+            [(e.step, e.histogram_value) for e in want.Histograms(tag)], tag
+    hparams = [e for f in sorted((tmp_path / "run" / "tb").glob("events.out.tfevents*"))
+               for e in EventFileLoader(str(f)).Load()
+               if e.HasField("summary") and any(v.tag == "_hparams_/session_start_info" for v in e.summary.value)]
+    assert len(hparams) == 1
+
+
 # ---------------------------------------------------------------------------------------------------
 # kill while a checkpoint is half written / while an HF export is not yet renamed
 # ---------------------------------------------------------------------------------------------------
