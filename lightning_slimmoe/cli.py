@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import re
 import sys
 import warnings
@@ -24,8 +25,9 @@ from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities import rank_zero_only
 
 from lightning_slimmoe.checkpoint_io import AtomicCheckpointIO
-from lightning_slimmoe.config import ConfigError, RunConfig, ServingConfig
+from lightning_slimmoe.config import RunConfig, ServingConfig
 from lightning_slimmoe.data import TextDataModule
+from lightning_slimmoe.errors import UserError
 from lightning_slimmoe.quiet import quiet_lightning
 from lightning_slimmoe.sources import resolve_path, shipped_conf_dir
 from lightning_slimmoe.storage import StorageError
@@ -40,6 +42,8 @@ USAGE = """usage: slimmoe {train,plan,eval,export} [--help] ...   (or: python -m
                                   shapes and parameter counts of every stage, from configs alone (no weights)
   eval --model DIR --ppl-file F   held-out perplexity (+ teacher agreement, lm-evaluation-harness tasks)
   export --checkpoint C --out D   a sharded (DCP) stage checkpoint -> a stock HF dir, one tensor at a time
+
+  --debug (or SLIMMOE_DEBUG=1) with any command: an error shows its traceback, not only its one `error:` line
 """
 
 
@@ -77,7 +81,17 @@ class SlimMoECLI(LightningCLI):
         super().parse_arguments(parser, rest)
 
     def instantiate_classes(self) -> None:
-        self.config_init = self.parser.instantiate_classes(self.config)
+        try:
+            self.config_init = self.parser.instantiate_classes(self.config)
+        except ValueError as err:
+            # jsonargparse wraps what a class raised while it was built from the recipe (the data module is one of
+            # a union of subclasses) in a ValueError of its own, listing every subtype: raise the user error inside.
+            cause = err
+            while cause is not None and not isinstance(cause, UserError):
+                cause = cause.__cause__
+            if cause is None:
+                raise
+            raise cause from err
         self.datamodule = self.config_init["data"]
         self.run_config = RunConfig.from_parsed(self.config_init)
         self.seed = int(self.config_init["seed_everything"])
@@ -354,16 +368,30 @@ def dispatch(argv: list[str] | None = None):
     return COMMANDS[argv[0]](argv[1:])
 
 
+DEBUG_FLAG, DEBUG_ENV = "--debug", "SLIMMOE_DEBUG"
+
+
 def run_command(command, argv: list[str]) -> None:
-    """Run ``command(argv)`` as a user's command: a configuration that cannot work (:class:`ConfigError`, raised
-    before any compute) or a failed write (:class:`StorageError`: disk full, quota, read-only disk) ends the process
-    with one line saying what and where, not a traceback. Exit status 2 and 1."""
+    """Run ``command(argv)`` as a user's command: an anticipated error in what the user gave (:class:`UserError`: a
+    recipe value, a corpus, a model dir; raised before any compute, naming the key to change) or a failed write
+    (:class:`StorageError`: disk full, quota, read-only disk) ends the process with one ``error:`` line, not a
+    traceback. Exit status 2 and 1. ``--debug`` (taken out of ``argv`` here, before any parser sees it) or
+    ``SLIMMOE_DEBUG=1`` re-raises them with their traceback."""
+    debug = DEBUG_FLAG in argv or os.environ.get(DEBUG_ENV, "") not in ("", "0")
+    argv = [a for a in argv if a != DEBUG_FLAG]
     try:
         command(argv)
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
+    except UserError as err:
+        if debug:
+            raise
+        # Every rank checks the same recipe, corpus and model dirs and raises the same error: rank 0 says it.
+        if rank_zero_only.rank == 0:
+            print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
     except StorageError as err:
+        if debug:
+            raise
+        # A write fails on the rank that writes (its own disk, its own shards): each says its own.
         print(f"error: {err.strerror or err}", file=sys.stderr)
         sys.exit(1)
 
