@@ -2,7 +2,8 @@
 logs and shows, the stage config, SIGTERM handling."""
 
 from callbacks.expert_slimming import ExpertSlimming
-from callbacks.monitoring import ParamAndWidthLogger, StageProgressBar, TokenThroughput
+from callbacks.monitoring import ParamAndWidthLogger, StageModelSummary, StageProgressBar, TokenThroughput
 from callbacks.student_config import StudentConfigWriter
 
-__all__ = ["ExpertSlimming", "ParamAndWidthLogger", "StageProgressBar", "StudentConfigWriter", "TokenThroughput"]
+__all__ = ["ExpertSlimming", "ParamAndWidthLogger", "StageModelSummary", "StageProgressBar", "StudentConfigWriter",
+           "TokenThroughput"]

@@ -15,12 +15,13 @@ import os
 import re
 import sys
 import warnings
+from pathlib import Path
 from typing import Literal, Optional
 
 import yaml
 from jsonargparse import ArgumentParser, set_docstring_parse_options
 from lightning.pytorch import Trainer
-from lightning.pytorch.callbacks import ProgressBar
+from lightning.pytorch.callbacks import ModelSummary, ProgressBar, TQDMProgressBar
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities import rank_zero_only
 
@@ -29,6 +30,7 @@ from lightning_slimmoe.config import RunConfig, ServingConfig
 from lightning_slimmoe.data import TextDataModule
 from lightning_slimmoe.errors import UserError
 from lightning_slimmoe.quiet import quiet_lightning
+from lightning_slimmoe.run_dir import RunDir
 from lightning_slimmoe.sources import resolve_path, shipped_conf_dir
 from lightning_slimmoe.storage import StorageError
 from lightning_slimmoe.strategies import with_atomic_checkpoints
@@ -98,35 +100,55 @@ class SlimMoECLI(LightningCLI):
 
     def make_trainer(self, extra_callbacks=(), progress_bar: ProgressBar | None = None, **overrides) -> Trainer:
         """A fresh Trainer from the ``trainer`` section (user callbacks copied), with per-stage overrides and,
-        unless the section turns the bar off or brings its own, the stage's ``progress_bar``."""
+        unless the section turns them off or brings its own, the stage's ``progress_bar`` (else a plain tqdm bar:
+        Lightning's default is a rich bar, a second style beside the stages' tqdm ones) and the module summary
+        without its always-zero FLOPs (:class:`~callbacks.monitoring.StageModelSummary`)."""
+        from callbacks.monitoring import StageModelSummary
+
         config = copy.deepcopy(dict(self.config_init["trainer"]))
         callbacks = config.pop("callbacks", None) or []
         plugins = config.pop("plugins", None) or []
         plugins = plugins if isinstance(plugins, list) else [plugins]
         config.update(overrides)
         config["strategy"] = with_atomic_checkpoints(config.get("strategy", "auto"))
-        if (progress_bar is not None and config.get("enable_progress_bar") is not False
-                and not any(isinstance(c, ProgressBar) for c in callbacks)):
-            callbacks = [*callbacks, progress_bar]
+        if config.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in callbacks):
+            callbacks = [*callbacks, progress_bar or TQDMProgressBar()]
+        if config.get("enable_model_summary") is not False and not any(isinstance(c, ModelSummary) for c in callbacks):
+            callbacks = [*callbacks, StageModelSummary()]
         return Trainer(**config, callbacks=[*callbacks, *extra_callbacks], plugins=[*plugins, AtomicCheckpointIO()])
 
 
 class PlanCLI(SlimMoECLI):
-    """``plan``: the recipe's options plus what to print."""
+    """``plan``: the recipe's options plus what to print. Its ``--help`` shows the plan's own options first and the
+    recipe's (every Trainer, data and run key, some 500 lines) after them, under their own heading."""
+
+    USAGE = ("slimmoe plan --config RECIPE [--json] [--memory [--gpus N] [--gpu-memory-gib G]]\n"
+             "                    [--serve-tp N [--serve-dtype {bf16,fp8}] [--strict]] [--debug] [recipe keys ...]")
+    DESCRIPTION = ("Shapes and parameter counts of every stage of RECIPE, from configs alone (no weights). Any key of "
+                   "the recipe can be set or overridden as for `train` (recipe options below). --debug (or "
+                   "SLIMMOE_DEBUG=1): an error shows its traceback.")
+
+    def init_parser(self, **kwargs):
+        return super().init_parser(**{**kwargs, "usage": self.USAGE, "description": self.DESCRIPTION})
 
     def add_arguments_to_parser(self, parser) -> None:
         super().add_arguments_to_parser(parser)
-        parser.add_argument("--json", action="store_true", help="print the plan as JSON")
-        parser.add_argument("--memory", action="store_true", help="add a per-GPU memory plan of every stage")
-        parser.add_argument("--gpus", type=int, default=64, help="GPUs of the memory plan")
-        parser.add_argument("--gpu-memory-gib", type=float, default=80.0, help="memory of one GPU (GiB)")
-        parser.add_argument("--serve-tp", type=Optional[int], default=None,
-                            help="check every stage serves at this tensor-parallel size (vLLM / SGLang); "
-                                 "overrides serving.tp")
-        parser.add_argument("--serve-dtype", type=Optional[Literal["bf16", "fp8"]], default=None,
-                            help="served weights: bf16 or fp8 (block-quantized 128x128); overrides serving.dtype")
-        parser.add_argument("--strict", action="store_true",
-                            help="exit with status 2 when the final stage does not serve (also serving.strict)")
+        group = parser.add_argument_group("plan options")
+        group.add_argument("--json", action="store_true", help="print the plan as JSON")
+        group.add_argument("--memory", action="store_true", help="add a per-GPU memory plan of every stage")
+        group.add_argument("--gpus", type=int, default=64, help="GPUs of the memory plan")
+        group.add_argument("--gpu-memory-gib", type=float, default=80.0, help="memory of one GPU (GiB)")
+        group.add_argument("--serve-tp", type=Optional[int], default=None,
+                           help="check every stage serves at this tensor-parallel size (vLLM / SGLang); "
+                                "overrides serving.tp")
+        group.add_argument("--serve-dtype", type=Optional[Literal["bf16", "fp8"]], default=None,
+                           help="served weights: bf16 or fp8 (block-quantized 128x128); overrides serving.dtype")
+        group.add_argument("--strict", action="store_true",
+                           help="exit with status 2 when the final stage does not serve (also serving.strict)")
+        # argparse prints its groups in order: the plan's first, then the recipe's under one heading
+        parser._action_groups.remove(group)
+        parser._action_groups.insert(0, group)
+        parser._optionals.title = "recipe options (as for `train`: the recipe, then any key of it)"
 
 
 _STAGE_OVERRIDE = re.compile(r"^--stages\.(\d+)\.([A-Za-z_][\w.]*)(?:=(.*))?$")
@@ -187,7 +209,11 @@ def format_summary(summary: dict) -> str:
                      f"{s['total_params']:,}", f"{s['active_params']:,}", f"{s['tokens']:,}", f"{s['val_ppl']:.3f}",
                      "-" if agree is None else f"{agree:.3f}",
                      "-" if s.get("tokens_per_s") is None else f"{s['tokens_per_s']:,.0f}"))
-    return _table(rows, rule=True) + f"\nfinal model: {summary['final_dir']}"
+    # where to look next: the run's files (run_dir.py names them) and its TensorBoard run
+    run_dir = RunDir(Path(summary["final_dir"]).parent)
+    return _table(rows, rule=True) + (f"\nfinal model: {summary['final_dir']}"
+                                      f"\nsummary:     {run_dir.summary_file}"
+                                      f"\nmonitor:     tensorboard --logdir {run_dir.tb_dir}")
 
 
 def _table(rows: list[tuple[str, ...]], rule: bool = False) -> str:

@@ -96,7 +96,8 @@ class Pipeline:
 
     def run(self) -> dict:
         config, dm = self.config, self.dm
-        pl.seed_everything(self.seed, workers=True)
+        # The CLI seeded already and said so; seeded again here (quietly) for a Pipeline run without the CLI
+        pl.seed_everything(self.seed, workers=True, verbose=False)
         shapes = plan_shapes(config)  # configs, targets, scores files: no weights
         for field in ("teacher", "student_init"):
             check_weight_files(field, getattr(config, field))
@@ -340,7 +341,7 @@ def incoming_student(ctx: RunContext, stage_plan: StagePlan):
         model_config.vocab_size = len(ctx.tokenizer)
         for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
             setattr(model_config, name, getattr(ctx.tokenizer, name))
-        pl.seed_everything(ctx.seed + stage_plan.index, workers=True)
+        pl.seed_everything(ctx.seed + stage_plan.index, workers=True, verbose=False)  # the run's seed was said once
         return AutoModelForCausalLM.from_config(model_config, dtype=dtype)
     k = stage_plan.index
     previous = next((d.hf for p, d in zip(reversed(ctx.plan.stages[:k]), reversed(ctx.run_dir.stages[:k]))

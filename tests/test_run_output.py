@@ -1,0 +1,65 @@
+"""What a user reads from a run: the console of ``train.py`` (each thing said once, one progress-bar style, a bar
+with its total, where to look at the end)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import yaml
+
+from helpers import ROOT, tiny_recipe
+
+STAGE = {"name": "slim", "expert_width": 16, "criterion": "activation", "calibration_tokens": 128,
+         "max_tokens": 2 * 4 * 32, "kd": {"top_k": 8, "tail_bucket": True}}
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, phimoe_teacher, corpus_file):
+    """One 1-stage train.py run, as a user starts it, with the progress bar and the module summary on (the tiny
+    recipes turn them off): ``(run_dir, stdout, stderr)``."""
+    root = tmp_path_factory.mktemp("console")
+    recipe = Path(tiny_recipe(root, phimoe_teacher, corpus_file, stages=[STAGE]))
+    config = yaml.safe_load(recipe.read_text())
+    config["trainer"].update(enable_progress_bar=True, enable_model_summary=True)
+    recipe.write_text(yaml.safe_dump(config, sort_keys=False))
+    out = subprocess.run([sys.executable, "train.py", "--config", str(recipe)], cwd=ROOT, capture_output=True,
+                         text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-6000:]
+    return root / "run", out.stdout, out.stderr
+
+
+def test_train_console_says_each_thing_once_and_where_to_look(run):
+    run_dir, stdout, stderr = run
+    console = stdout + stderr
+    lines = console.replace("\r", "\n").splitlines()
+    assert console.count("Seed set to") <= 1, console.count("Seed set to")
+    assert "Loading weights" not in console  # transformers' bar of every from_pretrained
+    assert "Total FLOPs" not in console and "Total Flops" not in console  # always 0: no example_input_array
+    assert "Params" in console  # the module summary itself is still shown
+    assert "TPU available" not in console and "GPU available: False" not in console
+    assert "━" not in console  # no rich bar beside the tqdm ones (teacher validation used Lightning's default)
+    bar = [line for line in lines if line.startswith("[slim]:")]
+    assert bar and all("/2 " in line for line in bar), bar  # every line of the stage's bar has its total
+    tail = [line for line in stdout.splitlines() if line.strip()][-3:]
+    assert tail == [f"final model: {run_dir / 'final'}", f"summary:     {run_dir / 'summary.json'}",
+                    f"monitor:     tensorboard --logdir {run_dir / 'tb'}"], tail
+
+
+def test_resumed_stage_bar_counts_from_its_step_to_its_total(capsys):
+    """A stage resumed mid-way gets no on_train_epoch_start (the "epoch" had begun): the bar is made with the total
+    and the step, where it read ``58/?``."""
+    from callbacks.monitoring import StageProgressBar
+
+    progress = StageProgressBar("slim50", 100)
+    progress._trainer = trainer = SimpleNamespace(global_step=58)
+    progress.on_train_start(trainer, None)  # Lightning makes the bar here; a resumed stage's epoch start never comes
+    bar = progress.train_progress_bar
+    assert (bar.total, bar.n) == (100, 58)
+    progress.on_train_epoch_start(trainer)  # a fresh stage's: the bar stays as it was made
+    assert (bar.total, bar.n) == (100, 58)
+    bar.close()
+    assert "/?" not in capsys.readouterr().out
