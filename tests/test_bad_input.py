@@ -274,3 +274,17 @@ def test_debug_shows_the_traceback(tmp_path, inputs, phimoe_teacher, corpus_file
     monkeypatch.setenv("SLIMMOE_DEBUG", "1")
     with pytest.raises(UserError, match="data.init_args.files"):
         run_command(main, ["--config", str(recipe)])
+
+
+def test_user_error_is_said_by_rank_zero_only(tmp_path, inputs, phimoe_teacher, corpus_file, capsys, monkeypatch):
+    """Every rank checks the same inputs and raises the same error: only rank 0 prints it; every rank exits 2."""
+    from lightning.pytorch.utilities import rank_zero_only
+
+    from lightning_slimmoe.cli import run_command
+
+    recipe = _recipe_for(tmp_path, USER_ERRORS["missing_corpus"][0], inputs, phimoe_teacher, corpus_file)
+    monkeypatch.setattr(rank_zero_only, "rank", 1)
+    with pytest.raises(SystemExit) as exit_:
+        run_command(main, ["--config", str(recipe)])
+    assert exit_.value.code == 2
+    assert "error:" not in capsys.readouterr().err
