@@ -311,14 +311,16 @@ def _refuse_unservable(serving, final_name: str, checks: list) -> None:
 def evaluate(args: list[str]) -> dict:
     """``eval``: perplexity of an HF dir over non-overlapping windows of a text file (and top-1 agreement with a
     teacher), plus lm-evaluation-harness tasks (optional extra: ``pip install -r bench/requirements.txt``)."""
-    from lightning_slimmoe.evaluate import LM_EVAL_MISSING, evaluate_dir, run_lm_eval
+    from lightning_slimmoe.evaluate import LM_EVAL_MISSING, default_seq_len, evaluate_dir, run_lm_eval
 
     parser = ArgumentParser(prog="slimmoe eval", description=evaluate.__doc__)
     parser.add_argument("--model", required=True, help="local HF model dir (weights + tokenizer)")
     parser.add_argument("--ppl-file", default=None, help="text file: perplexity over non-overlapping windows of it")
     parser.add_argument("--tasks", default="", help="comma-separated lm-eval task names or task YAML paths")
     parser.add_argument("--teacher", default=None, help="HF dir of a teacher: also report top-1 agreement")
-    parser.add_argument("--seq-len", type=int, default=512, help="tokens per window")
+    parser.add_argument("--seq-len", type=Optional[int], default=None,
+                        help="tokens per window (default: the seq_len the model was trained at, from its slimmoe.json "
+                             "or its run's run.json; else min(512, max_position_embeddings))")
     parser.add_argument("--batch-size", type=int, default=8, help="windows per forward")
     parser.add_argument("--device", default="cpu", help="torch device")
     parser.add_argument("--max-windows", type=int, default=None, help="score at most this many windows")
@@ -329,6 +331,9 @@ def evaluate(args: list[str]) -> dict:
     tasks = [t for t in opts.tasks.split(",") if t]
     if not opts.ppl_file and not tasks:
         parser.error("give --ppl-file and/or --tasks")
+    if opts.seq_len is None:  # said on stderr, so that --json output stays JSON
+        opts.seq_len, why = default_seq_len(opts.model)
+        print(f"seq_len {opts.seq_len}: {why}", file=sys.stderr)
     result = {"model": opts.model}
     if opts.ppl_file:
         result["perplexity"] = evaluate_dir(opts.model, opts.ppl_file, opts.seq_len, opts.batch_size, opts.device,

@@ -9,6 +9,7 @@ export (if any) untouched.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -24,6 +25,16 @@ from lightning_slimmoe.models import persistent_tensors
 
 class ExportMismatchError(RuntimeError):
     """A saved model did not reload to the same logits."""
+
+
+# Beside the weights of every export (and so in final/, wherever it is copied): how the model was trained, for
+# `slimmoe eval`'s default window. Not in config.json, which transformers owns.
+TRAINING_FILE = "slimmoe.json"
+
+
+def training_file_text(seq_len: int, stage: str) -> str:
+    """The text of :data:`TRAINING_FILE`: the stage that made the weights and the sequence length it trained at."""
+    return json.dumps({"written_by": "lightning_slimmoe", "stage": stage, "seq_len": seq_len}, indent=2) + "\n"
 
 
 @torch.no_grad()

@@ -39,7 +39,7 @@ from lightning_slimmoe import corpora
 from lightning_slimmoe.config import ConfigError, RunConfig
 from lightning_slimmoe.data import TextDataModule
 from lightning_slimmoe.distributed import gather_fsdp1_model, is_fsdp1_sharded, is_sharded
-from lightning_slimmoe.export import export_hf, export_sharded_hf, model_card
+from lightning_slimmoe.export import TRAINING_FILE, export_hf, export_sharded_hf, model_card, training_file_text
 from lightning_slimmoe.module import StageModule, model_fingerprint
 from lightning_slimmoe.params import count_params
 from lightning_slimmoe.planning import RunPlan, StagePlan, lr_window, plan_run, plan_shapes
@@ -215,11 +215,12 @@ def run_stage(ctx: RunContext, stage_plan: StagePlan, stage_dir: StageDir, stude
         "wall_s": round(time.time() - started + meta.get("scoring_s", 0.0), 3),
         "kept_index_hash": meta.get("kept_index_hash"), "criterion": stage.criterion if stage.prunes else None,
     }
+    extra_files = {TRAINING_FILE: training_file_text(ctx.plan.seq_len, stage.name)}  # eval's default window
     if sharded:  # collective, streamed tensor by tensor: no rank gathers the whole student
-        export_sharded_hf(module.student, stage_dir.hf, tokenizer=ctx.tokenizer)
+        export_sharded_hf(module.student, stage_dir.hf, tokenizer=ctx.tokenizer, extra_files=extra_files)
     if trainer.global_rank == 0:
         if not sharded:
-            export_hf(student, stage_dir.hf, tokenizer=ctx.tokenizer, probe_ids=ctx.probe_ids)
+            export_hf(student, stage_dir.hf, tokenizer=ctx.tokenizer, probe_ids=ctx.probe_ids, extra_files=extra_files)
         stage_dir.record_complete(widths=widths_of(module.student.config), steps=span.steps, tokens=tokens,
                                   fit_s=round(fit_s, 3), summary=summary, teacher_cache_build_s=round(build_s, 3),
                                   **({"resumed_with_data_change": list(ctx.data_change)} if ctx.data_change else {}))

@@ -1,8 +1,11 @@
 """What a user reads from a run: the console of ``train.py`` (each thing said once, one progress-bar style, a bar
-with its total, where to look at the end)."""
+with its total, where to look at the end) and ``eval``'s default window (the seq_len the model was trained at,
+carried by the export)."""
 
 from __future__ import annotations
 
+import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -63,3 +66,36 @@ def test_resumed_stage_bar_counts_from_its_step_to_its_total(capsys):
     assert (bar.total, bar.n) == (100, 58)
     bar.close()
     assert "/?" not in capsys.readouterr().out
+
+
+def test_every_export_carries_its_training_seq_len(run):
+    run_dir = run[0]
+    for directory in (run_dir / "stage_0_slim" / "hf", run_dir / "final"):
+        record = json.loads((directory / "slimmoe.json").read_text())
+        assert record["seq_len"] == 32 and record["stage"] == "slim", directory
+
+
+def test_eval_defaults_to_the_training_seq_len(run, tmp_path, corpus_file, capsys):
+    """`eval` scores with the window the model trained at: from the slimmoe.json in a copied final/, from run.json for
+    a final/ in its run that has none (exported before the file existed), else min(512, max_position_embeddings) -
+    and says which on stderr."""
+    from lightning_slimmoe.cli import evaluate
+
+    run_dir = run[0]
+    copied = tmp_path / "elsewhere" / "model"
+    shutil.copytree(run_dir / "final", copied)
+    old_run = tmp_path / "old_run"
+    shutil.copytree(run_dir / "final", old_run / "final")
+    shutil.copy(run_dir / "run.json", old_run / "run.json")
+    (old_run / "final" / "slimmoe.json").unlink()
+    bare = tmp_path / "bare"
+    shutil.copytree(copied, bare)
+    (bare / "slimmoe.json").unlink()
+    for model, seq_len, why in ((copied, 32, "slimmoe.json"), (old_run / "final", 32, "run.json"),
+                                (bare, 128, "max_position_embeddings=128")):
+        result = evaluate(["--model", str(model), "--ppl-file", corpus_file, "--max-windows", "2", "--json"])
+        err = capsys.readouterr().err
+        assert result["perplexity"]["seq_len"] == seq_len, model
+        assert f"seq_len {seq_len}: " in err and why in err, err
+    assert evaluate(["--model", str(copied), "--ppl-file", corpus_file, "--max-windows", "2", "--seq-len", "16",
+                     "--json"])["perplexity"]["seq_len"] == 16
