@@ -1,6 +1,6 @@
 """What a user reads from a run: the console of ``train.py`` (each thing said once, one progress-bar style, a bar
-with its total, where to look at the end) and ``eval``'s default window (the seq_len the model was trained at,
-carried by the export)."""
+with its total, where to look at the end), the model card in ``final/`` and ``eval``'s default window (the
+seq_len the model was trained at, carried by the export)."""
 
 from __future__ import annotations
 
@@ -99,3 +99,29 @@ def test_eval_defaults_to_the_training_seq_len(run, tmp_path, corpus_file, capsy
         assert f"seq_len {seq_len}: " in err and why in err, err
     assert evaluate(["--model", str(copied), "--ppl-file", corpus_file, "--max-windows", "2", "--seq-len", "16",
                      "--json"])["perplexity"]["seq_len"] == 16
+
+
+def test_model_card_carries_the_run_numbers():
+    """The card of final/ rounds agreement and holds the recipe's facts itself (final/ is often copied away from
+    summary.json): seq_len, tokens, each stage's criterion and KD settings."""
+    from lightning_slimmoe.config import PretrainConfig, StageConfig
+    from lightning_slimmoe.distill import KDConfig
+    from lightning_slimmoe.export import model_card
+
+    widths = dict(num_attention_heads=8, num_key_value_heads=4, total_params=4_402_944, active_params=2_043_648)
+    summary = {"teacher": {"source": "teacher-dir", "expert_width": 256, "val_ppl": 29.6, **widths},
+               "stages": [{"name": "pretrain", "expert_width": 256, "tokens": 1_601_536, "val_ppl": 29.638,
+                           "teacher_top1_agreement": None, "model_type": "phimoe", **widths},
+                          {"name": "slim50", "expert_width": 128, "tokens": 321_536, "val_ppl": 31.224,
+                           "teacher_top1_agreement": 0.8802490234375, "model_type": "phimoe", **widths}]}
+    stages = [StageConfig(name="pretrain", pretrain=PretrainConfig(model_config="demo.json")),
+              StageConfig(name="slim50", expert_width=0.5, criterion="activation", calibration_tokens=32_768,
+                          kd=KDConfig(top_k=8, temperature=2.0, lm_weight=0.25, tail_bucket=True))]
+    card = model_card(summary, stages, seq_len=128)
+    assert "0.880 |" in card and "0.8802490234375" not in card
+    assert "beside this directory" not in card
+    assert "Sequences of 128 tokens" in card and "1,601,536" in card and "321,536" in card
+    slim_row = next(line for line in card.splitlines() if line.startswith("| slim50 | activation"))
+    assert slim_row.split(" | ")[1:] == ["activation on 32,768 tokens", "KD from the teacher + 0.25 LM", "8", "2",
+                                         "yes", "0.0003 |"], slim_row
+    assert "| pretrain | - | from scratch, LM loss |" in card
