@@ -2,8 +2,9 @@
 logs and shows, the stage config, Ctrl-C / SIGTERM handling."""
 
 from callbacks.expert_slimming import ExpertSlimming
-from callbacks.monitoring import ParamAndWidthLogger, StageProgressBar, TokenThroughput, ValidateAfterSlicing
+from callbacks.monitoring import (ParamAndWidthLogger, StageModelSummary, StageProgressBar, TokenThroughput,
+                                 ValidateAfterSlicing)
 from callbacks.student_config import StudentConfigWriter
 
-__all__ = ["ExpertSlimming", "ParamAndWidthLogger", "StageProgressBar", "StudentConfigWriter", "TokenThroughput",
-           "ValidateAfterSlicing"]
+__all__ = ["ExpertSlimming", "ParamAndWidthLogger", "StageModelSummary", "StageProgressBar", "StudentConfigWriter",
+           "TokenThroughput", "ValidateAfterSlicing"]

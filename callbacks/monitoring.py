@@ -1,13 +1,18 @@
 """What a stage logs besides its losses: parameter counts and widths, the validation of the sliced student before
-its first step, token throughput (and MFU on GPUs), and a progress bar that names the stage and counts its steps."""
+its first step, token throughput (and MFU on GPUs), a progress bar that names the stage and counts its steps, and the
+module summary without its FLOPs."""
 
 from __future__ import annotations
 
+import logging
+import sys
 import time
 
 import torch
 from lightning.pytorch import Callback
-from lightning.pytorch.callbacks import TQDMProgressBar
+from lightning.pytorch.callbacks import ModelSummary, TQDMProgressBar
+from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm
+from lightning.pytorch.utilities.model_summary.model_summary import _format_summary_table
 
 from lightning_slimmoe.families import get_family
 from lightning_slimmoe.params import count_params
@@ -112,9 +117,17 @@ class StageProgressBar(TQDMProgressBar):
     def sanity_check_description(self) -> str:  # ValidateAfterSlicing: no sanity check, the stage's first point
         return f"[{self.stage_name}] validation before the first step"
 
-    def on_train_epoch_start(self, trainer, *_) -> None:  # one "epoch" of an endless stream: the whole stage
-        self.train_progress_bar.reset(total=self.steps)
-        self.train_progress_bar.n = self.train_progress_bar.initial = trainer.global_step  # a resumed stage
+    def init_train_tqdm(self) -> Tqdm:
+        """Lightning's bar, made with the stage's total and (a resumed stage) its step: a bar made without them
+        prints ``0/?`` first, and a stage resumed mid-"epoch" gets no ``on_train_epoch_start`` to set them, so it
+        counted ``58/?`` to the end."""
+        return Tqdm(desc=self.train_description, position=2 * self.process_position, disable=self.is_disabled,
+                    leave=True, dynamic_ncols=True, file=sys.stdout, smoothing=0, bar_format=self.BAR_FORMAT,
+                    total=self.steps, initial=self.trainer.global_step)
+
+    def on_train_epoch_start(self, trainer, *_) -> None:
+        """Nothing: the bar was made for the whole stage (one "epoch" of an endless stream); Lightning's would reset
+        it to the epoch's unknown length."""
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if self._should_update(trainer.global_step, self.steps):
@@ -126,3 +139,19 @@ class StageProgressBar(TQDMProgressBar):
         metrics = super().get_metrics(trainer, pl_module)
         metrics.pop("v_num", None)
         return metrics
+
+
+class StageModelSummary(ModelSummary):
+    """Lightning's plain-text module summary (the same style as the progress bars) without the FLOPs column and its
+    "Total Flops" line: Lightning counts FLOPs only for a module with an ``example_input_array``, which a stage's
+    has not, so they always read 0. Shown where they are counted."""
+
+    @staticmethod
+    def summarize(summary_data, total_parameters, trainable_parameters, model_size, total_training_modes,
+                  total_flops, **summarize_kwargs) -> None:
+        columns = summary_data if total_flops else [c for c in summary_data if c[0] != "FLOPs"]
+        table = _format_summary_table(total_parameters, trainable_parameters, model_size, total_training_modes,
+                                      total_flops, *columns)
+        if not total_flops:
+            table = table.rsplit("\n", 1)[0]  # "0  Total Flops", the table's last line
+        logging.getLogger("lightning.pytorch.callbacks.model_summary").info("\n" + table)

@@ -16,19 +16,22 @@ import re
 import shlex
 import sys
 import warnings
+from pathlib import Path
 from typing import Literal, Optional
 
 import yaml
 from jsonargparse import ArgumentParser, set_docstring_parse_options
 from lightning.pytorch import Trainer
-from lightning.pytorch.callbacks import ProgressBar
+from lightning.pytorch.callbacks import ModelSummary, ProgressBar, TQDMProgressBar
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities import rank_zero_only
 
 from lightning_slimmoe.checkpoint_io import AtomicCheckpointIO
-from lightning_slimmoe.config import ConfigError, RunConfig, ServingConfig
+from lightning_slimmoe.config import RunConfig, ServingConfig
 from lightning_slimmoe.data import TextDataModule
+from lightning_slimmoe.errors import UserError
 from lightning_slimmoe.quiet import quiet_lightning
+from lightning_slimmoe.run_dir import RunDir
 from lightning_slimmoe.sources import resolve_path, shipped_conf_dir
 from lightning_slimmoe.storage import StorageError
 from lightning_slimmoe.strategies import resolve_strategy, with_atomic_checkpoints
@@ -42,6 +45,8 @@ USAGE = """usage: slimmoe {train,plan,eval,export} [--help] ...   (or: python -m
                                   shapes and parameter counts of every stage, from configs alone (no weights)
   eval --model DIR --ppl-file F   held-out perplexity (+ teacher agreement, lm-evaluation-harness tasks)
   export --checkpoint C --out D   a stage checkpoint (sharded DCP dir or single file) -> a stock HF dir
+
+  --debug (or SLIMMOE_DEBUG=1) with any command: an error shows its traceback, not only its one `error:` line
 """
 
 
@@ -79,7 +84,17 @@ class SlimMoECLI(LightningCLI):
         super().parse_arguments(parser, rest)
 
     def instantiate_classes(self) -> None:
-        self.config_init = self.parser.instantiate_classes(self.config)
+        try:
+            self.config_init = self.parser.instantiate_classes(self.config)
+        except ValueError as err:
+            # jsonargparse wraps what a class raised while it was built from the recipe (the data module is one of
+            # a union of subclasses) in a ValueError of its own, listing every subtype: raise the user error inside.
+            cause = err
+            while cause is not None and not isinstance(cause, UserError):
+                cause = cause.__cause__
+            if cause is None:
+                raise
+            raise cause from err
         trainer = self.config_init["trainer"]  # a strategy named by its class becomes that class, once, for every use
         trainer["strategy"] = resolve_strategy(trainer.get("strategy", "auto"))
         self.datamodule = self.config_init["data"]
@@ -92,35 +107,55 @@ class SlimMoECLI(LightningCLI):
 
     def make_trainer(self, extra_callbacks=(), progress_bar: ProgressBar | None = None, **overrides) -> Trainer:
         """A fresh Trainer from the ``trainer`` section (user callbacks copied), with per-stage overrides and,
-        unless the section turns the bar off or brings its own, the stage's ``progress_bar``."""
+        unless the section turns them off or brings its own, the stage's ``progress_bar`` (else a plain tqdm bar:
+        Lightning's default is a rich bar, a second style beside the stages' tqdm ones) and the module summary
+        without its always-zero FLOPs (:class:`~callbacks.monitoring.StageModelSummary`)."""
+        from callbacks.monitoring import StageModelSummary
+
         config = copy.deepcopy(dict(self.config_init["trainer"]))
         callbacks = config.pop("callbacks", None) or []
         plugins = config.pop("plugins", None) or []
         plugins = plugins if isinstance(plugins, list) else [plugins]
         config.update(overrides)
         config["strategy"] = with_atomic_checkpoints(config.get("strategy", "auto"))
-        if (progress_bar is not None and config.get("enable_progress_bar") is not False
-                and not any(isinstance(c, ProgressBar) for c in callbacks)):
-            callbacks = [*callbacks, progress_bar]
+        if config.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in callbacks):
+            callbacks = [*callbacks, progress_bar or TQDMProgressBar()]
+        if config.get("enable_model_summary") is not False and not any(isinstance(c, ModelSummary) for c in callbacks):
+            callbacks = [*callbacks, StageModelSummary()]
         return Trainer(**config, callbacks=[*callbacks, *extra_callbacks], plugins=[*plugins, AtomicCheckpointIO()])
 
 
 class PlanCLI(SlimMoECLI):
-    """``plan``: the recipe's options plus what to print."""
+    """``plan``: the recipe's options plus what to print. Its ``--help`` shows the plan's own options first and the
+    recipe's (every Trainer, data and run key, some 500 lines) after them, under their own heading."""
+
+    USAGE = ("slimmoe plan --config RECIPE [--json] [--memory [--gpus N] [--gpu-memory-gib G]]\n"
+             "                    [--serve-tp N [--serve-dtype {bf16,fp8}] [--strict]] [--debug] [recipe keys ...]")
+    DESCRIPTION = ("Shapes and parameter counts of every stage of RECIPE, from configs alone (no weights). Any key of "
+                   "the recipe can be set or overridden as for `train` (recipe options below). --debug (or "
+                   "SLIMMOE_DEBUG=1): an error shows its traceback.")
+
+    def init_parser(self, **kwargs):
+        return super().init_parser(**{**kwargs, "usage": self.USAGE, "description": self.DESCRIPTION})
 
     def add_arguments_to_parser(self, parser) -> None:
         super().add_arguments_to_parser(parser)
-        parser.add_argument("--json", action="store_true", help="print the plan as JSON")
-        parser.add_argument("--memory", action="store_true", help="add a per-GPU memory plan of every stage")
-        parser.add_argument("--gpus", type=int, default=64, help="GPUs of the memory plan")
-        parser.add_argument("--gpu-memory-gib", type=float, default=80.0, help="memory of one GPU (GiB)")
-        parser.add_argument("--serve-tp", type=Optional[int], default=None,
-                            help="check every stage serves at this tensor-parallel size (vLLM / SGLang); "
-                                 "overrides serving.tp")
-        parser.add_argument("--serve-dtype", type=Optional[Literal["bf16", "fp8"]], default=None,
-                            help="served weights: bf16 or fp8 (block-quantized 128x128); overrides serving.dtype")
-        parser.add_argument("--strict", action="store_true",
-                            help="exit with status 2 when the final stage does not serve (also serving.strict)")
+        group = parser.add_argument_group("plan options")
+        group.add_argument("--json", action="store_true", help="print the plan as JSON")
+        group.add_argument("--memory", action="store_true", help="add a per-GPU memory plan of every stage")
+        group.add_argument("--gpus", type=int, default=64, help="GPUs of the memory plan")
+        group.add_argument("--gpu-memory-gib", type=float, default=80.0, help="memory of one GPU (GiB)")
+        group.add_argument("--serve-tp", type=Optional[int], default=None,
+                           help="check every stage serves at this tensor-parallel size (vLLM / SGLang); "
+                                "overrides serving.tp")
+        group.add_argument("--serve-dtype", type=Optional[Literal["bf16", "fp8"]], default=None,
+                           help="served weights: bf16 or fp8 (block-quantized 128x128); overrides serving.dtype")
+        group.add_argument("--strict", action="store_true",
+                           help="exit with status 2 when the final stage does not serve (also serving.strict)")
+        # argparse prints its groups in order: the plan's first, then the recipe's under one heading
+        parser._action_groups.remove(group)
+        parser._action_groups.insert(0, group)
+        parser._optionals.title = "recipe options (as for `train`: the recipe, then any key of it)"
 
 
 _STAGE_OVERRIDE = re.compile(r"^--stages\.(\d+)\.([A-Za-z_][\w.]*)(?:=(.*))?$")
@@ -216,7 +251,11 @@ def format_summary(summary: dict) -> str:
                      f"{s['total_params']:,}", f"{s['active_params']:,}", f"{s['tokens']:,}", f"{s['val_ppl']:.3f}",
                      "-" if agree is None else f"{agree:.3f}",
                      "-" if s.get("tokens_per_s") is None else f"{s['tokens_per_s']:,.0f}"))
-    return _table(rows, rule=True) + f"\nfinal model: {summary['final_dir']}"
+    # where to look next: the run's files (run_dir.py names them) and its TensorBoard run
+    run_dir = RunDir(Path(summary["final_dir"]).parent)
+    return _table(rows, rule=True) + (f"\nfinal model: {summary['final_dir']}"
+                                      f"\nsummary:     {run_dir.summary_file}"
+                                      f"\nmonitor:     tensorboard --logdir {run_dir.tb_dir}")
 
 
 def _table(rows: list[tuple[str, ...]], rule: bool = False) -> str:
@@ -315,14 +354,16 @@ def _refuse_unservable(serving, final_name: str, checks: list) -> None:
 def evaluate(args: list[str]) -> dict:
     """``eval``: perplexity of an HF dir over non-overlapping windows of a text file (and top-1 agreement with a
     teacher), plus lm-evaluation-harness tasks (optional extra: ``pip install -r bench/requirements.txt``)."""
-    from lightning_slimmoe.evaluate import LM_EVAL_MISSING, evaluate_dir, run_lm_eval
+    from lightning_slimmoe.evaluate import LM_EVAL_MISSING, default_seq_len, evaluate_dir, run_lm_eval
 
     parser = ArgumentParser(prog="slimmoe eval", description=evaluate.__doc__)
     parser.add_argument("--model", required=True, help="local HF model dir (weights + tokenizer)")
     parser.add_argument("--ppl-file", default=None, help="text file: perplexity over non-overlapping windows of it")
     parser.add_argument("--tasks", default="", help="comma-separated lm-eval task names or task YAML paths")
     parser.add_argument("--teacher", default=None, help="HF dir of a teacher: also report top-1 agreement")
-    parser.add_argument("--seq-len", type=int, default=512, help="tokens per window")
+    parser.add_argument("--seq-len", type=Optional[int], default=None,
+                        help="tokens per window (default: the seq_len the model was trained at, from its slimmoe.json "
+                             "or its run's run.json; else min(512, max_position_embeddings))")
     parser.add_argument("--batch-size", type=int, default=8, help="windows per forward")
     parser.add_argument("--device", default="cpu", help="torch device")
     parser.add_argument("--max-windows", type=int, default=None, help="score at most this many windows")
@@ -333,6 +374,9 @@ def evaluate(args: list[str]) -> dict:
     tasks = [t for t in opts.tasks.split(",") if t]
     if not opts.ppl_file and not tasks:
         parser.error("give --ppl-file and/or --tasks")
+    if opts.seq_len is None:  # said on stderr, so that --json output stays JSON
+        opts.seq_len, why = default_seq_len(opts.model)
+        print(f"seq_len {opts.seq_len}: {why}", file=sys.stderr)
     result = {"model": opts.model}
     if opts.ppl_file:
         result["perplexity"] = evaluate_dir(opts.model, opts.ppl_file, opts.seq_len, opts.batch_size, opts.device,
@@ -399,16 +443,30 @@ def dispatch(argv: list[str] | None = None):
     return COMMANDS[argv[0]](argv[1:])
 
 
+DEBUG_FLAG, DEBUG_ENV = "--debug", "SLIMMOE_DEBUG"
+
+
 def run_command(command, argv: list[str]) -> None:
-    """Run ``command(argv)`` as a user's command: a configuration that cannot work (:class:`ConfigError`, raised
-    before any compute) or a failed write (:class:`StorageError`: disk full, quota, read-only disk) ends the process
-    with one line saying what and where, not a traceback. Exit status 2 and 1."""
+    """Run ``command(argv)`` as a user's command: an anticipated error in what the user gave (:class:`UserError`: a
+    recipe value, a corpus, a model dir; raised before any compute, naming the key to change) or a failed write
+    (:class:`StorageError`: disk full, quota, read-only disk) ends the process with one ``error:`` line, not a
+    traceback. Exit status 2 and 1. ``--debug`` (taken out of ``argv`` here, before any parser sees it) or
+    ``SLIMMOE_DEBUG=1`` re-raises them with their traceback."""
+    debug = DEBUG_FLAG in argv or os.environ.get(DEBUG_ENV, "") not in ("", "0")
+    argv = [a for a in argv if a != DEBUG_FLAG]
     try:
         command(argv)
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
+    except UserError as err:
+        if debug:
+            raise
+        # Every rank checks the same recipe, corpus and model dirs and raises the same error: rank 0 says it.
+        if rank_zero_only.rank == 0:
+            print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
     except StorageError as err:
+        if debug:
+            raise
+        # A write fails on the rank that writes (its own disk, its own shards): each says its own.
         print(f"error: {err.strerror or err}", file=sys.stderr)
         sys.exit(1)
 

@@ -14,17 +14,14 @@ from typing import Literal, Optional, Union
 import torch
 
 from lightning_slimmoe.distill import KDConfig
+from lightning_slimmoe.errors import ConfigError
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
-class ConfigError(ValueError):
-    """A run configuration that cannot work, found before any compute."""
-
-
 def _check(cond: bool, name: str, value, rule: str) -> None:
     if not cond:
-        raise ValueError(f"{name}={value!r}: {rule}")
+        raise ConfigError(f"{name}={value!r}: {rule}")
 
 
 @dataclass
@@ -147,7 +144,7 @@ class ParallelConfig:
         for name in ("param_dtype", "reduce_dtype"):
             value = getattr(self, name)
             if value is not None and value not in _DTYPES:
-                raise ValueError(f"parallel.{name}={value!r}: must be one of {sorted(_DTYPES)} or null")
+                raise ConfigError(f"parallel.{name}={value!r}: must be one of {sorted(_DTYPES)} or null")
 
     def dtype(self, name: str) -> torch.dtype | None:
         value = getattr(self, name)

@@ -29,6 +29,8 @@ from typing import Any, Literal
 
 from lightning.pytorch.utilities import rank_zero_warn
 
+from lightning_slimmoe.errors import ConfigError, InputNotFoundError, UserError
+
 SUPPORTED_EXTENSIONS = (".txt", ".json", ".jsonl", ".parquet")
 ENCODING_ERRORS = ("replace", "strict", "ignore")
 
@@ -38,8 +40,11 @@ ENCODING_ERRORS = ("replace", "strict", "ignore")
 # stays far below it, while replacing more would quietly train on U+FFFD soup.
 MAX_UNDECODABLE_FRACTION = 0.01
 
+# What to change when the records hold their text under another key (the recipe's key, as a user writes it).
+TEXT_FIELD_HINT = "set data.init_args.text_field to the key that holds the text"
 
-class CorpusError(ValueError):
+
+class CorpusError(UserError, ValueError):
     """A corpus file (or hub dataset) whose data cannot be used; the message is ``"<file>: <where>: <problem>"``."""
 
     def __init__(self, source: str | Path, where: str, problem: str) -> None:
@@ -137,12 +142,12 @@ def expand_files(files: list[str]) -> list[Path]:
     for entry in files:
         path = Path(entry).expanduser()
         if not path.exists():
-            raise FileNotFoundError(f"data file or directory not found: {entry!r}")
+            raise InputNotFoundError(f"data.init_args.files: {entry!r}: no such file or directory")
         if path.is_dir():
             found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in SUPPORTED_EXTENSIONS)
             if not found:
-                raise ValueError(
-                    f"directory {entry!r} in files contains no files with a supported extension "
+                raise ConfigError(
+                    f"data.init_args.files: directory {entry!r} contains no files with a supported extension "
                     f"{', '.join(SUPPORTED_EXTENSIONS)}"
                 )
             paths.extend(found)
@@ -163,8 +168,8 @@ def read_file_documents(path: Path, text_field: str = "text", policy: ReadPolicy
     elif extension == ".parquet":
         yield from read_parquet(path, text_field, policy)
     else:
-        raise ValueError(
-            f"unsupported file extension {path.suffix!r} for data file {str(path)!r}; "
+        raise ConfigError(
+            f"data.init_args.files: unsupported file extension {path.suffix!r} for data file {str(path)!r}; "
             f"supported extensions: {', '.join(SUPPORTED_EXTENSIONS)}"
         )
 
@@ -218,7 +223,7 @@ def read_parquet(path: Path, text_field: str = "text", policy: ReadPolicy = Read
         raise CorpusError(path, "file metadata", reason) from None
     columns = parquet_file.schema_arrow.names
     if text_field not in columns:
-        raise CorpusError(path, "columns", f"no column text_field={text_field!r}; its columns are {columns}")
+        raise CorpusError(path, "columns", f"no column text_field={text_field!r}; its columns are {columns} ({TEXT_FIELD_HINT})")
 
     def column_batches() -> Iterator[list[Any]]:
         # Reading batch by batch lets max_chars stop early on large files.
@@ -265,7 +270,7 @@ def _record_text(record: Any, text_field: str) -> str | _BadRecord:
     if not isinstance(record, dict):
         return _BadRecord(f"must be an object with a {text_field!r} key, got {type(record).__name__}")
     if text_field not in record:
-        return _BadRecord(f"no key text_field={text_field!r}; its keys are {list(record)}")
+        return _BadRecord(f"no key text_field={text_field!r}; its keys are {list(record)} ({TEXT_FIELD_HINT})")
     return _checked_text(record[text_field], text_field)
 
 
@@ -437,8 +442,8 @@ def iter_hub_documents(
     dataset = datasets.load_dataset(name, config, split=split)
     if text_field not in dataset.column_names:
         raise CorpusError(
-            source, "columns", f"no column text_field={text_field!r}; its columns are {dataset.column_names}"
-        )
+            source, "columns",
+            f"no column text_field={text_field!r}; its columns are {dataset.column_names} ({TEXT_FIELD_HINT})")
     batches = (batch[text_field] for batch in dataset.select_columns([text_field]).iter(batch_size=1000))
     yield from _good_documents(source, _row_texts(batches, text_field), policy)
 

@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_in
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from lightning_slimmoe import corpora
+from lightning_slimmoe.errors import ConfigError
 from lightning_slimmoe.tokenizer import check_vocab_size, train_bpe_tokenizer
 
 # Documents are handed to the tokenizer in chunks so that peak memory stays bounded on large corpora while the
@@ -37,7 +38,7 @@ def _require_at_least(name: str, value: int | None, minimum: int = 1, none_means
         return
     if value < minimum:
         alternative = f" (or None for {none_means})" if none_means is not None else ""
-        raise ValueError(f"{name} must be >= {minimum}{alternative}, got {value}")
+        raise ConfigError(f"{name} must be >= {minimum}{alternative}, got {value}")
 
 
 def _block_to_sample(block: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -193,26 +194,26 @@ class TextDataModule(pl.LightningDataModule):
         self.save_hyperparameters()
         self.stream_offset = 0  # global samples consumed by earlier pipeline stages (set by the pipeline)
         if files is not None and hub_dataset is not None:
-            raise ValueError(
+            raise ConfigError(
                 f"files={files!r} and hub_dataset={hub_dataset!r} were both given; configure exactly one corpus source"
             )
         if files is not None and len(files) == 0:
-            raise ValueError("files=[] is empty; give at least one path, or leave files unset to use another source")
+            raise ConfigError("files=[] is empty; give at least one path, or leave files unset to use another source")
         _require_at_least("max_chars", max_chars, none_means="no cap")
         _require_at_least("seq_len", seq_len)
         _require_at_least("batch_size", batch_size)
         _require_at_least("val_batch_size", val_batch_size, none_means="batch_size")
         if not 0.0 <= val_fraction < 1.0:
-            raise ValueError(f"val_fraction must satisfy 0 <= val_fraction < 1, got {val_fraction}")
+            raise ConfigError(f"val_fraction must satisfy 0 <= val_fraction < 1, got {val_fraction}")
         try:
             codecs.lookup(encoding)
             b"x".decode(encoding, "ignore")  # lookup() also knows bytes-to-bytes codecs such as base64
         except LookupError as error:
-            raise ValueError(
+            raise ConfigError(
                 f"data.encoding={encoding!r} is not a text encoding ({error}); e.g. 'utf-8', 'latin-1', 'cp1252'"
             ) from None
         if encoding_errors not in corpora.ENCODING_ERRORS:
-            raise ValueError(
+            raise ConfigError(
                 f"data.encoding_errors must be one of {', '.join(corpora.ENCODING_ERRORS)}, got {encoding_errors!r}"
             )
 
@@ -306,11 +307,11 @@ class TextDataModule(pl.LightningDataModule):
         num_tokens = token_ids.shape[0]
         num_blocks = num_tokens // block_len
         if num_blocks < 2:
-            raise ValueError(
+            raise ConfigError(
                 f"the corpus from {self.describe_source()} has {num_tokens} tokens in {len(documents)} document(s), "
                 f"which packs into {num_blocks} blocks of seq_len + 1 = {block_len} tokens; at least 2 blocks "
-                f"({2 * block_len} tokens) are needed for one train and one validation block. Add data, raise "
-                f"max_chars, or lower seq_len"
+                f"({2 * block_len} tokens) are needed for one train and one validation block. Add data "
+                f"(data.init_args.files), raise data.init_args.max_chars, or lower data.init_args.seq_len"
             )
         # The tail that does not fill a whole block is dropped; it is less than one sample's worth of tokens.
         blocks = token_ids[: num_blocks * block_len].view(num_blocks, block_len)
@@ -318,8 +319,8 @@ class TextDataModule(pl.LightningDataModule):
         val_fraction = self.hparams.val_fraction
         num_val = max(1, round(val_fraction * num_blocks))
         if num_val >= num_blocks:
-            raise ValueError(
-                f"val_fraction={val_fraction} holds out {num_val} of {num_blocks} blocks, leaving none for "
+            raise ConfigError(
+                f"data.init_args.val_fraction={val_fraction} holds out {num_val} of {num_blocks} blocks, leaving none for "
                 f"training; lower val_fraction or add data"
             )
         permutation = torch.randperm(num_blocks, generator=torch.Generator().manual_seed(self.hparams.seed))

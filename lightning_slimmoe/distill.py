@@ -45,6 +45,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from lightning_slimmoe.errors import ConfigError
+
 IGNORE_INDEX = -100
 # log1p(-Q) of the student's top-k mass Q is taken at min(Q, 1 - 1e-7) (tail bucket): finite when Q rounds to 1.
 REST_CLAMP = 1.0 - 1e-7
@@ -79,17 +81,17 @@ class KDConfig:
 
     def __post_init__(self) -> None:
         if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 1:
-            raise ValueError(f"KDConfig.top_k={self.top_k!r} is invalid: must be an integer >= 1")
+            raise ConfigError(f"kd.top_k={self.top_k!r} is invalid: must be an integer >= 1")
         if isinstance(self.chunk_tokens, bool) or not isinstance(self.chunk_tokens, int) or self.chunk_tokens < 1:
-            raise ValueError(
-                f"KDConfig.chunk_tokens={self.chunk_tokens!r} is invalid: must be an integer >= 1"
+            raise ConfigError(
+                f"kd.chunk_tokens={self.chunk_tokens!r} is invalid: must be an integer >= 1"
             )
         if not (isinstance(self.temperature, (int, float)) and math.isfinite(self.temperature) and self.temperature > 0):
-            raise ValueError(
-                f"KDConfig.temperature={self.temperature!r} is invalid: must be a finite number > 0"
+            raise ConfigError(
+                f"kd.temperature={self.temperature!r} is invalid: must be a finite number > 0"
             )
         if not (isinstance(self.lm_weight, (int, float)) and 0.0 <= self.lm_weight <= 1.0):
-            raise ValueError(f"KDConfig.lm_weight={self.lm_weight!r} is invalid: must satisfy 0 <= lm_weight <= 1")
+            raise ConfigError(f"kd.lm_weight={self.lm_weight!r} is invalid: must satisfy 0 <= lm_weight <= 1")
 
 
 @dataclass

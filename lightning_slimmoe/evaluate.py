@@ -204,6 +204,38 @@ def run_lm_eval(model_dir: str, tasks: list[str] | str = (), ppl_file: str | Non
                                            "device": device, "dtype": dtype, "max_length": max_length}}
 
 
+DEFAULT_SEQ_LEN = 512  # the window of a model whose training seq_len is not recorded (capped by its context)
+
+
+def default_seq_len(model_dir: str) -> tuple[int, str]:
+    """The window ``eval`` scores with when none is given, and where it comes from: the seq_len the model was trained
+    at (perplexity depends on the window: a model trained at 128 and scored at 512 reads much worse), from the
+    ``slimmoe.json`` every export carries, else from ``run.json`` when the dir still sits in its run (``final/``,
+    ``stage_<k>_<name>/hf/`` of a run exported before that file existed); else ``min(512,
+    max_position_embeddings)``."""
+    from transformers import AutoConfig
+
+    from lightning_slimmoe.export import TRAINING_FILE
+
+    directory = Path(model_dir)
+    record = directory / TRAINING_FILE
+    if record.is_file():
+        seq_len = json.loads(record.read_text()).get("seq_len")
+        if seq_len:
+            return int(seq_len), f"the seq_len it was trained at ({record})"
+    run_dir = (directory.parent if directory.name == "final"
+               else directory.parent.parent if directory.name == "hf" and directory.parent.name.startswith("stage_")
+               else None)
+    if run_dir is not None and (run_dir / "run.json").is_file():
+        seq_len = json.loads((run_dir / "run.json").read_text()).get("batch", {}).get("seq_len")
+        if seq_len:
+            return int(seq_len), f"the seq_len its run trained at ({run_dir / 'run.json'})"
+    context = getattr(AutoConfig.from_pretrained(model_dir).get_text_config(), "max_position_embeddings", None)
+    seq_len = min(DEFAULT_SEQ_LEN, context) if context else DEFAULT_SEQ_LEN
+    return seq_len, (f"min({DEFAULT_SEQ_LEN}, max_position_embeddings={context}): the training seq_len is not "
+                     f"recorded (no {TRAINING_FILE} in {model_dir}); give --seq-len to choose")
+
+
 def evaluate_dir(model_dir: str, ppl_file: str, seq_len: int = 512, batch_size: int = 8, device: str = "cpu",
                  max_windows: int | None = None, teacher_dir: str | None = None) -> dict:
     """Our perplexity (and optional teacher agreement) of a local HF dir on a text file."""

@@ -9,6 +9,7 @@ export (if any) untouched.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -24,6 +25,16 @@ from lightning_slimmoe.models import persistent_tensors
 
 class ExportMismatchError(RuntimeError):
     """A saved model did not reload to the same logits."""
+
+
+# Beside the weights of every export (and so in final/, wherever it is copied): how the model was trained, for
+# `slimmoe eval`'s default window. Not in config.json, which transformers owns.
+TRAINING_FILE = "slimmoe.json"
+
+
+def training_file_text(seq_len: int, stage: str) -> str:
+    """The text of :data:`TRAINING_FILE`: the stage that made the weights and the sequence length it trained at."""
+    return json.dumps({"written_by": "lightning_slimmoe", "stage": stage, "seq_len": seq_len}, indent=2) + "\n"
 
 
 @torch.no_grad()
@@ -182,13 +193,46 @@ def _export_notes(summary: dict) -> str:
     return "".join(f"\n{note}\n" for note in notes)
 
 
-def model_card(summary: dict) -> str:
-    """README.md of ``final/``: where it came from, the stage table, how to load it."""
+def _training_section(stages, seq_len: int | None) -> str:
+    """How each stage was pruned and trained (the recipe's settings), for a card that travels without the run."""
+    if not stages:
+        return ""
+    rows = []
+    for stage in stages:
+        if stage.pretrain is not None:
+            how = "from scratch, LM loss | - | - | -"
+        else:
+            kd = stage.kd
+            how = (f"KD from the teacher{f' + {kd.lm_weight:g} LM' if kd.lm_weight else ''} | {kd.top_k} | "
+                   f"{kd.temperature:g} | {'yes' if kd.tail_bucket else 'no'}")
+        pruned = (f"{stage.criterion} on {stage.calibration_tokens:,} tokens" if stage.prunes and not stage.scores_file
+                  else f"{stage.criterion} (saved scores)" if stage.prunes else "-")
+        rows.append(f"| {stage.name} | {pruned} | {how} | {stage.optimizer.lr:g} |")
+    return f"""
+## How it was trained
+Sequences of {seq_len if seq_len else '?'} tokens. The stages ran in order; a pruning stage cut the model once at
+its start (its criterion picked the neurons and KV groups to keep), then trained as its row says (KD from the
+original teacher's top-k; the rest-mass bucket adds the teacher's probability outside its top-k as one more class):
+
+| stage | pruned by | training | KD top-k | temperature | rest-mass bucket | lr |
+|---|---|---|---|---|---|---|
+""" + "\n".join(rows) + "\n"
+
+
+def model_card(summary: dict, stages=None, seq_len: int | None = None) -> str:
+    """README.md of ``final/``: where it came from, the stage table, how each stage was trained (``stages``: the
+    recipe's stage configs; ``seq_len``: the training sequence length), how to load it. Everything it says is in the
+    card itself: ``final/`` is often copied away from its run (and its summary.json)."""
     teacher = summary["teacher"]
+
+    def agreement(stage: dict) -> str:
+        value = stage.get("teacher_top1_agreement")
+        return "-" if value is None else f"{value:.3f}"
+
     rows = "\n".join(
         f"| {s['name']} | {s['expert_width']} | {s['num_attention_heads']}/{s['num_key_value_heads']} | "
         f"{_fmt(s['total_params'])} | {_fmt(s['active_params'])} | {s['tokens']:,} | "
-        f"{s['val_ppl']:.3f} | {s.get('teacher_top1_agreement') if s.get('teacher_top1_agreement') is not None else '-'} |"
+        f"{s['val_ppl']:.3f} | {agreement(s)} |"
         for s in summary["stages"])
     return f"""---
 library_name: transformers
@@ -203,7 +247,7 @@ distillation from the teacher `{teacher.get('source')}` ({_fmt(teacher['total_pa
 | stage | expert width | heads (q/kv) | total | active | tokens | val ppl | teacher top-1 agreement |
 |---|---|---|---|---|---|---|---|
 {rows}
-
+{_training_section(stages, seq_len)}
 ## Load
 ```python
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -211,6 +255,4 @@ model = AutoModelForCausalLM.from_pretrained("path/to/final")
 tokenizer = AutoTokenizer.from_pretrained("path/to/final")
 ```
 The checkpoint is a stock `{summary['stages'][-1].get('model_type', '')}` model: no custom code is needed.
-{_export_notes(summary)}
-Run configuration: see `summary.json` beside this directory.
-"""
+{_export_notes(summary)}"""

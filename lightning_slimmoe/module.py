@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
-from torchmetrics import MeanMetric
+from torchmetrics import MeanMetric, Metric
 
 from lightning_slimmoe.config import OptimizerConfig, ParallelConfig
 from lightning_slimmoe.distill import DistillOutput, KDConfig, distill_loss, frozen_forward, teacher_topk
@@ -342,8 +342,8 @@ class StageModule(pl.LightningModule):
         super()._apply(keeping_fixed_dtypes(self, fn), recurse)
         # torchmetrics' states follow a `.to(dtype)` too: the validation means would accumulate in bf16 (a val loss
         # of 5.79 read back as 5.78125, every stage's perplexity rounded to the same 324.0). They stay fp32.
-        for metric in (getattr(self, name, None) for name in ("val_loss", "val_lm_loss", "val_agreement")):
-            if metric is not None:
+        for metric in self.modules():
+            if isinstance(metric, Metric):
                 metric.set_dtype(torch.float32)
         return self
 

@@ -40,7 +40,7 @@ from lightning_slimmoe import corpora
 from lightning_slimmoe.config import ConfigError, RunConfig
 from lightning_slimmoe.data import TextDataModule
 from lightning_slimmoe.distributed import gather_fsdp1_model, is_fsdp1_sharded, is_sharded
-from lightning_slimmoe.export import export_hf, export_sharded_hf, model_card
+from lightning_slimmoe.export import TRAINING_FILE, export_hf, export_sharded_hf, model_card, training_file_text
 from lightning_slimmoe.module import StageModule, model_fingerprint
 from lightning_slimmoe.params import count_params
 from lightning_slimmoe.planning import RunPlan, StagePlan, lr_window, plan_run, plan_shapes
@@ -102,7 +102,8 @@ class Pipeline:
 
     def run(self) -> dict:
         config, dm = self.config, self.dm
-        pl.seed_everything(self.seed, workers=True)
+        # The CLI seeded already and said so; seeded again here (quietly) for a Pipeline run without the CLI
+        pl.seed_everything(self.seed, workers=True, verbose=False)
         shapes = plan_shapes(config, seq_len=dm.hparams.seq_len)  # configs, targets, scores files: no weights
         for field in ("teacher", "student_init"):
             check_weight_files(field, getattr(config, field))
@@ -166,7 +167,7 @@ class Pipeline:
         if cache is not None:
             summary["teacher_cache"] = {**cache.info(), "build_s": round(sum(r.cache_build_s for r in results), 3)}
         if eval_trainer.global_rank == 0:
-            run_dir.write_final(run_dir.stages[-1].hf, model_card(summary))
+            run_dir.write_final(run_dir.stages[-1].hf, model_card(summary, config.stages, plan.seq_len))
             run_dir.write_summary(summary)
         ctx.logger.finalize("success")
         return summary
@@ -262,11 +263,12 @@ def run_stage(ctx: RunContext, stage_plan: StagePlan, stage_dir: StageDir, stude
         "wall_s": round(time.time() - started + meta.get("scoring_s", 0.0), 3),
         "kept_index_hash": meta.get("kept_index_hash"), "criterion": stage.criterion if stage.prunes else None,
     }
+    extra_files = {TRAINING_FILE: training_file_text(ctx.plan.seq_len, stage.name)}  # eval's default window
     if sharded:  # collective, streamed tensor by tensor: no rank gathers the whole student
-        export_sharded_hf(module.student, stage_dir.hf, tokenizer=ctx.tokenizer)
+        export_sharded_hf(module.student, stage_dir.hf, tokenizer=ctx.tokenizer, extra_files=extra_files)
     if trainer.global_rank == 0:
         if not sharded:
-            export_hf(student, stage_dir.hf, tokenizer=ctx.tokenizer, probe_ids=ctx.probe_ids)
+            export_hf(student, stage_dir.hf, tokenizer=ctx.tokenizer, probe_ids=ctx.probe_ids, extra_files=extra_files)
         stage_dir.record_complete(widths=widths_of(module.student.config), steps=span.steps, tokens=tokens,
                                   fit_s=round(fit_s, 3), summary=summary, teacher_cache_build_s=round(build_s, 3),
                                   **({"resumed_with_data_change": list(ctx.data_change)} if ctx.data_change else {}))
@@ -403,7 +405,7 @@ def incoming_student(ctx: RunContext, stage_plan: StagePlan):
         model_config.vocab_size = len(ctx.tokenizer)
         for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
             setattr(model_config, name, getattr(ctx.tokenizer, name))
-        pl.seed_everything(ctx.seed + stage_plan.index, workers=True)
+        pl.seed_everything(ctx.seed + stage_plan.index, workers=True, verbose=False)  # the run's seed was said once
         return AutoModelForCausalLM.from_config(model_config, dtype=dtype)
     k = stage_plan.index
     previous = next((d.hf for p, d in zip(reversed(ctx.plan.stages[:k]), reversed(ctx.run_dir.stages[:k]))

@@ -11,6 +11,7 @@ Pure: nothing is written and no weight is read, so every bad target, shape or co
 from __future__ import annotations
 
 import pickle
+import re
 from dataclasses import dataclass
 
 import torch
@@ -171,24 +172,25 @@ def _slimmed(k: int, stage: StageConfig, model, teacher_config):
     if stage.remove_experts_to is not None:
         family = get_family(model)
         if not 0 < stage.remove_experts_to <= family.num_experts(model):
-            raise ConfigError(f"stages[{stage.name}].remove_experts_to={stage.remove_experts_to}: must lie "
-                              f"in [1, {family.num_experts(model)}]")
+            raise ConfigError(f"stages.{k}.remove_experts_to={stage.remove_experts_to}: must lie "
+                              f"in [1, {family.num_experts(model)}] [stage {stage.name!r}]")
         try:
             check_expert_count(model, stage.remove_experts_to)
         except ValueError as err:
-            raise ConfigError(f"stages[{stage.name}].remove_experts_to: {err}") from err
+            raise ConfigError(f"stages.{k}.remove_experts_to: {err} [stage {stage.name!r}]") from err
         model = with_num_experts(model, stage.remove_experts_to)
     if stage.scores_file:  # read weights_only and shape-checked against the planned model, now
         try:
             ImportanceScores.load(stage.scores_file, model)
         except (OSError, ValueError, KeyError, RuntimeError, pickle.UnpicklingError) as err:
-            raise ConfigError(f"stages[{k}] ({stage.name}).scores_file={stage.scores_file!r}: {err}") from err
+            raise ConfigError(f"stages.{k}.scores_file={stage.scores_file!r}: {err} [stage {stage.name!r}]") from err
     try:
         target = resolve_target(model, expert_width=stage.expert_width, attention_groups=stage.attention_groups,
                                 shared_expert_width=stage.shared_expert_width, round_to=stage.round_to,
                                 reference_config=teacher_config)
-    except ValueError as err:
-        raise ConfigError(f"stages[{k}] ({stage.name}): {err}") from err
+    except ValueError as err:  # "<key>=<value>: <rule>": named as the recipe key to change (stages.<k>.<key>)
+        where = f"stages.{k}." if re.match(r"[a-z_]+=", str(err)) else f"stages.{k}: "
+        raise ConfigError(f"{where}{err} [stage {stage.name!r}]") from err
     return slim_config(model, target)
 
 

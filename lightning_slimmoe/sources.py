@@ -21,7 +21,8 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from lightning_slimmoe.config import ConfigError
 from lightning_slimmoe.dequantize import (Fp8Blocks, Mxfp4Experts, UnsupportedQuantizationError, checkpoint_fp8,
                                           checkpoint_mxfp4, hub_quantization, without_quantization)
-from lightning_slimmoe.families import get_family
+from lightning_slimmoe.errors import InputNotFoundError
+from lightning_slimmoe.families import UnsupportedModelError, get_family
 from lightning_slimmoe.loading import materialize_, meta_model
 from lightning_slimmoe.storage import model_weights_problem
 
@@ -51,7 +52,7 @@ def _check_source(field: str, source: str) -> None:
             raise ConfigError(f"{field}={source!r}: directory has no config.json (not a Hugging Face model dir)")
         return
     if source.startswith((".", "/", "~")) or not _HUB_ID.match(source):
-        raise FileNotFoundError(f"{field}={source!r}: no such local path, and not a hub id of the form 'org/name'")
+        raise InputNotFoundError(f"{field}={source!r}: no such local path, and not a hub id of the form 'org/name'")
 
 
 def load_config(field: str, source: str, trust_remote_code: bool = False, local_files_only: bool = False):
@@ -60,7 +61,7 @@ def load_config(field: str, source: str, trust_remote_code: bool = False, local_
     if source.endswith(".json"):
         source = resolve_path(source)
         if not os.path.isfile(source):
-            raise FileNotFoundError(f"{field}={source!r}: config file not found")
+            raise InputNotFoundError(f"{field}={source!r}: config file not found")
     else:
         _check_source(field, source)
     try:
@@ -73,7 +74,10 @@ def load_config(field: str, source: str, trust_remote_code: bool = False, local_
                 "do); loading it runs that code, so it is off by default. Set `trust_remote_code: true` in the "
                 "YAML only if you trust the source.") from err
         raise
-    get_family(config)  # unsupported / dense model_type fails here
+    try:  # unsupported / dense model_type fails here, naming the key that points at it
+        get_family(config)
+    except UnsupportedModelError as err:
+        raise UnsupportedModelError(f"{field}={source!r}: {err}") from None
     quantization_of(field, source, config)
     # Block FP8 is dequantized on load: every shape planned from here on, and every config written from it (stage
     # dirs, exports), describes the dequantized model.

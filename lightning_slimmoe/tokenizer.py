@@ -11,6 +11,8 @@ from collections.abc import Sequence
 
 from transformers import PreTrainedTokenizerFast
 
+from lightning_slimmoe.errors import ConfigError
+
 END_OF_TEXT = "<|endoftext|>"
 
 
@@ -20,7 +22,7 @@ def check_vocab_size(vocab_size: int) -> None:
 
     minimum_vocab = len(pre_tokenizers.ByteLevel.alphabet()) + 1
     if vocab_size < minimum_vocab:
-        raise ValueError(
+        raise ConfigError(
             f"vocab_size must be >= {minimum_vocab} (256 byte symbols + {END_OF_TEXT}) for a byte-level BPE "
             f"tokenizer, got {vocab_size}"
         )
@@ -37,7 +39,7 @@ def train_bpe_tokenizer(
 
     check_vocab_size(vocab_size)
     if not documents:
-        raise ValueError(f"cannot train a tokenizer: {corpus_name} has no text")
+        raise ConfigError(f"cannot train a tokenizer: {corpus_name} has no text")
 
     backend = Tokenizer(models.BPE())
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)

@@ -78,9 +78,9 @@ def stage(**kw) -> list[dict]:
 #        exception type, substrings the message must hold: field, value, rule)
 ROWS = {
     "width_above_current": (dict(stages=stage(expert_width=64)), [], pipeline.ConfigError,
-                            ["stages[0]", "expert_width=64", "larger than the current width 32", "only shrink"]),
+                            ["stages.0.expert_width=64", "larger than the current width 32", "only shrink"]),
     "width_zero": (dict(stages=stage(expert_width=0)), [], pipeline.ConfigError,
-                   ["stages[0]", "expert_width=0", "must be > 0"]),
+                   ["stages.0.expert_width=0", "must be > 0"]),
     "width_negative": (dict(stages=stage(expert_width=-8)), [], pipeline.ConfigError,
                        ["expert_width=-8", "must be > 0"]),
     "width_not_multiple_of_round_to": (dict(stages=stage(expert_width=20, round_to=16)), [], pipeline.ConfigError,
@@ -109,7 +109,7 @@ ROWS = {
                              ["teacher='/nonexistent/teacher'", "no such local path"]),
     "scores_file_of_another_model": (dict(stages=stage(scores_file="scores", criterion="magnitude")), [],
                                      pipeline.ConfigError,
-                                     ["stages[0] (s).scores_file=", "other_scores.pt", "another model",
+                                     ["stages.0.scores_file=", "other_scores.pt", "another model",
                                       "expert_width"]),
     "fsdp1_sharded_checkpoints": ({}, ["--trainer.strategy", json.dumps({
         "class_path": "lightning.pytorch.strategies.FSDPStrategy", "init_args": {"state_dict_type": "sharded"}})],
@@ -360,3 +360,83 @@ def test_seq_len_above_max_position_embeddings_is_refused(tmp_path, corpus_file,
     plan_shapes(cli.run_config, seq_len=128)  # the limit itself is fine
     with pytest.raises(pipeline.ConfigError, match=r"already scales RoPE \(yarn\)"):
         check_seq_len(256, "teacher='x'", tiny_config("gpt_oss"))
+
+
+# ---------------------------------------------------------------------------------------------------
+# What the user sees: one `error:` line naming the key to change, exit status 2, no traceback
+# ---------------------------------------------------------------------------------------------------
+# id -> (recipe edits as in ROWS, extra args, the key the line must name)
+USER_ERRORS = {
+    "missing_teacher": (dict(teacher="/nonexistent/teacher"), [], "teacher='/nonexistent/teacher'"),
+    "dense_teacher": (dict(teacher="llama"), [], "teacher="),
+    "missing_corpus": (dict(data={"files": ["/nonexistent/corpus.txt"]}), [], "data.init_args.files"),
+    "text_field_missing": (dict(data={"files": ["records"]}), [], "data.init_args.text_field"),
+    # 0.75 of the teacher's 32, rounded to 64, is wider than the model
+    "width_resolves_wider": (dict(stages=stage(expert_width=0.75, round_to=64)), [], "stages.0.expert_width=0.75"),
+    "width_not_aligned": ({}, ["--stages.0.expert_width", "20"], "stages.0.expert_width=20"),
+}
+
+
+def _recipe_for(tmp_path, row, inputs, phimoe_teacher, corpus_file) -> Path:
+    edits = _resolve(dict(row), {**inputs, "records": str(tmp_path / "records.jsonl")})
+    (tmp_path / "records.jsonl").write_text("\n".join(json.dumps({"content": f"line {i}"}) for i in range(50)))
+    recipe = Path(tiny_recipe(tmp_path, edits.pop("teacher", phimoe_teacher), corpus_file,
+                              stages=edits.pop("stages", stage()), **{k: v for k, v in edits.items() if k != "data"}))
+    if "data" in edits:
+        config = yaml.safe_load(recipe.read_text())
+        config["data"]["init_args"].update(edits["data"])
+        recipe.write_text(yaml.safe_dump(config, sort_keys=False))
+    return recipe
+
+
+@pytest.mark.parametrize("case", list(USER_ERRORS))
+def test_user_error_is_one_line_naming_the_key(case, tmp_path, inputs, phimoe_teacher, corpus_file, capsys):
+    """train.py's path (`run_command(main, argv)`): exit status 2 and exactly one `error:` line on stderr, naming
+    the key to change; no traceback."""
+    from lightning_slimmoe.cli import run_command
+
+    edits, args, key = USER_ERRORS[case]
+    recipe = _recipe_for(tmp_path, edits, inputs, phimoe_teacher, corpus_file)
+    with pytest.raises(SystemExit) as exit_:
+        run_command(main, ["--config", str(recipe), *args])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2, err
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, err
+    assert key in lines[0], lines[0]
+    assert "Traceback" not in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_debug_shows_the_traceback(tmp_path, inputs, phimoe_teacher, corpus_file, monkeypatch):
+    """`--debug` (taken out before the parser sees it) and SLIMMOE_DEBUG=1 re-raise the error with its traceback."""
+    import subprocess
+    import sys
+
+    from helpers import ROOT
+    from lightning_slimmoe.cli import run_command
+    from lightning_slimmoe.errors import UserError
+
+    recipe = _recipe_for(tmp_path, USER_ERRORS["missing_corpus"][0], inputs, phimoe_teacher, corpus_file)
+    out = subprocess.run([sys.executable, str(ROOT / "train.py"), "--config", str(recipe), "--debug"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 1, out.stderr
+    assert "Traceback (most recent call last)" in out.stderr
+    assert "InputNotFoundError: data.init_args.files" in out.stderr
+    monkeypatch.setenv("SLIMMOE_DEBUG", "1")
+    with pytest.raises(UserError, match="data.init_args.files"):
+        run_command(main, ["--config", str(recipe)])
+
+
+def test_user_error_is_said_by_rank_zero_only(tmp_path, inputs, phimoe_teacher, corpus_file, capsys, monkeypatch):
+    """Every rank checks the same inputs and raises the same error: only rank 0 prints it; every rank exits 2."""
+    from lightning.pytorch.utilities import rank_zero_only
+
+    from lightning_slimmoe.cli import run_command
+
+    recipe = _recipe_for(tmp_path, USER_ERRORS["missing_corpus"][0], inputs, phimoe_teacher, corpus_file)
+    monkeypatch.setattr(rank_zero_only, "rank", 1)
+    with pytest.raises(SystemExit) as exit_:
+        run_command(main, ["--config", str(recipe)])
+    assert exit_.value.code == 2
+    assert "error:" not in capsys.readouterr().err

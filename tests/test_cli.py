@@ -33,6 +33,21 @@ def test_plan_help_lists_every_option():
     assert "everything the run writes" in out.stdout  # RunConfig's attribute docstrings are the help text
 
 
+def test_plan_help_shows_the_plan_options_first():
+    """`plan --help` starts with the plan's own options (it was ~60 lines of usage and the Trainer's flags first);
+    the recipe's options follow under their own heading."""
+    out = run_module("plan", "--help")
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert lines[0].startswith("usage: slimmoe plan --config RECIPE") and len(lines[0]) < 120
+    options = [line.split()[0] for line in lines if line.startswith("  -")]
+    assert options[:7] == ["--json", "--memory", "--gpus", "--gpu-memory-gib", "--serve-tp", "--serve-dtype",
+                           "--strict"], options[:8]
+    headings = [line for line in lines if line and not line.startswith(" ") and line.endswith(":")]
+    assert headings[0] == "plan options:" and headings[1].startswith("recipe options"), headings[:3]
+    assert out.stdout.index("recipe options") < out.stdout.index("--trainer.devices")
+
+
 @pytest.mark.parametrize("command, options", [
     ("eval", ["--model", "--ppl-file", "--tasks", "--teacher", "--seq-len", "--batch-size", "--max-windows", "--json"]),
     ("export", ["--checkpoint", "--out", "--config", "--tokenizer", "--no-tokenizer", "--max-shard-gib", "--no-verify"]),

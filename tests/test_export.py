@@ -29,7 +29,7 @@ def test_bf16_true_conversion_keeps_what_from_pretrained_keeps_and_the_export_re
     module = StageModule(student, teacher).to(torch.bfloat16)  # what HalfPrecision.convert_module does
     assert _dtypes(module.student) == loaded  # rotary inv_freq and the fp32-kept router biases stay fp32
     assert _dtypes(module.teacher) == loaded
-    assert module.val_loss.mean_value.dtype == torch.float32  # validation means accumulate in fp32
+    assert module.val_lm_loss.mean_value.dtype == torch.float32  # validation means accumulate in fp32
     export_hf(module.student, tmp_path / "hf", probe_ids=random_batch()["input_ids"])  # raises on any difference
 
 

@@ -27,8 +27,10 @@ from typing import Iterator
 
 from torch import nn
 
+from lightning_slimmoe.errors import UserError
 
-class UnsupportedModelError(ValueError):
+
+class UnsupportedModelError(UserError, ValueError):
     """The model is not a Mixture-of-Experts family this project knows how to slim."""
 
 
