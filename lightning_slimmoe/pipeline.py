@@ -167,7 +167,7 @@ class Pipeline:
         if cache is not None:
             summary["teacher_cache"] = {**cache.info(), "build_s": round(sum(r.cache_build_s for r in results), 3)}
         if eval_trainer.global_rank == 0:
-            run_dir.write_final(run_dir.stages[-1].hf, model_card(summary, config.stages, plan.seq_len))
+            run_dir.write_final(run_dir.stages[-1].hf, model_card(summary, ctx.config.stages, plan.seq_len))
             run_dir.write_summary(summary)
         ctx.logger.finalize("success")
         return summary
