@@ -439,7 +439,7 @@ def dispatch(argv: list[str] | None = None):
         print(USAGE)
         sys.exit(0 if argv and argv[0] in ("-h", "--help") else 2)
     # sys.argv stays as it is (Lightning's script launcher re-runs it to start the other ranks).
-    warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
+    quiet_lightning()  # eval and export load and save whole models too: no per-load progress bars there either
     return COMMANDS[argv[0]](argv[1:])
 
 

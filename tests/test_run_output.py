@@ -125,3 +125,13 @@ def test_model_card_carries_the_run_numbers():
     assert slim_row.split(" | ")[1:] == ["activation on 32,768 tokens", "KD from the teacher + 0.25 LM", "8", "2",
                                          "yes", "0.0003 |"], slim_row
     assert "| pretrain | - | from scratch, LM loss |" in card
+
+
+def test_eval_and_export_print_no_per_load_progress_bars(run, corpus_file):
+    """`slimmoe eval` and `export` load whole models as `train` does: no transformers 'Loading weights' bars."""
+    run_dir = run[0]
+    done = subprocess.run([sys.executable, "-m", "lightning_slimmoe", "eval", "--model", str(run_dir / "final"),
+                           "--ppl-file", corpus_file, "--max-windows", "2"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "perplexity" in done.stdout and "Loading weights" not in done.stdout + done.stderr
