@@ -671,6 +671,28 @@ def test_two_ranks_kill_mid_sharded_checkpoint_keeps_previous(tmp_path, baseline
     assert_sharded_checkpoints_complete(run_dir, tmp_path)
 
 
+def assert_signal_stopped_both_ranks(r, run_dir, tmp_path, signum, send) -> None:
+    """``send()`` the signal to a 2-rank run paused mid stage 2 (step 3): both ranks stop within the grace period (a
+    deadlock fails here; the watchdog kills the whole group) with 128 + ``signum``, having written exactly one new
+    complete sharded checkpoint, last.ckpt at step 3, beside the step-2 one, and changed nothing else."""
+    before = sharded_checkpoint_files(run_dir)
+    signalled = time.time()
+    send()
+    rc = r.wait(timeout=30)
+    assert time.time() - signalled < 30
+    assert rc == 128 + signum, r.output()
+    exits = {e["rank"]: e for e in r.events("exit")}
+    assert set(exits) == {0, 1} and all(e["code"] == 128 + signum for e in exits.values()), r.records
+    after = sharded_checkpoint_files(run_dir)
+    changed = {k for k in after if before.get(k) != after[k]}
+    assert changed and all(k.startswith("stage_1_slim2/checkpoints/last.ckpt/") for k in changed), changed
+    assert set(before) - set(after) <= {k for k in before if k.startswith("stage_1_slim2/checkpoints/last.ckpt/")}
+    assert sorted(p.name for p in (run_dir / "stage_1_slim2/checkpoints").iterdir()) == \
+        ["last.ckpt", "step0000002.ckpt"]
+    assert_sharded_checkpoints_complete(run_dir, tmp_path)
+    assert torch.load(run_dir / "stage_1_slim2/checkpoints/last.ckpt/meta.pt", weights_only=True)["global_step"] == 3
+
+
 @pytest.mark.slow
 @pytest.mark.distributed
 def test_sigterm_to_one_rank_stops_all_ranks(tmp_path, baseline2, expected_stream, phimoe_teacher, corpus_file):
@@ -686,22 +708,7 @@ def test_sigterm_to_one_rank_stops_all_ranks(tmp_path, baseline2, expected_strea
     assert r.events("ready"), r.output()
     (ready,) = r.events("ready")
     assert ready["rank"] == 1 and ready["pid"] != r.proc.pid  # the signal goes to the child rank only
-    before = sharded_checkpoint_files(run_dir)
-    signalled = time.time()
-    os.kill(ready["pid"], signal.SIGTERM)
-    rc = r.wait(timeout=30)  # the grace period; a deadlock fails here (the watchdog kills the whole group)
-    assert time.time() - signalled < 30
-    assert rc == 128 + signal.SIGTERM, r.output()
-    exits = {e["rank"]: e for e in r.events("exit")}
-    assert set(exits) == {0, 1} and all(e["code"] == 128 + signal.SIGTERM for e in exits.values()), r.records
-    after = sharded_checkpoint_files(run_dir)
-    changed = {k for k in after if before.get(k) != after[k]}
-    assert changed and all(k.startswith("stage_1_slim2/checkpoints/last.ckpt/") for k in changed), changed
-    assert set(before) - set(after) <= {k for k in before if k.startswith("stage_1_slim2/checkpoints/last.ckpt/")}
-    assert sorted(p.name for p in (run_dir / "stage_1_slim2/checkpoints").iterdir()) == \
-        ["last.ckpt", "step0000002.ckpt"]
-    assert_sharded_checkpoints_complete(run_dir, tmp_path)
-    assert torch.load(run_dir / "stage_1_slim2/checkpoints/last.ckpt/meta.pt", weights_only=True)["global_step"] == 3
+    assert_signal_stopped_both_ranks(r, run_dir, tmp_path, signal.SIGTERM, lambda: os.kill(ready["pid"], signal.SIGTERM))
     resumed = run(tmp_path, recipe, "--resume", "true", *TWO_RANKS)
     assert sorted((x["stage"], x["step"]) for x in resumed.events("train_start")) == [("slim2", 3)] * 2
     assert_two_ranks_match(baseline2, expected_stream, run_dir, committed_ranks(r.events("step"), resumed))
@@ -718,21 +725,8 @@ def test_two_ranks_ctrl_c_stops_all_ranks_and_resumes(tmp_path, baseline2, expec
     run_dir = tmp_path / "run"
     r = start(tmp_path, recipe, *TWO_RANKS, fault={"kind": "await_signal", "stage": "slim2", "step": 3})
     assert sorted(e["rank"] for e in wait_for(r, "ready", 2)) == [0, 1]
-    before = sharded_checkpoint_files(run_dir)
-    signalled = time.time()
-    os.killpg(r.proc.pid, signal.SIGINT)  # every rank (the driver leads its own process group)
-    rc = r.wait(timeout=30)
-    assert time.time() - signalled < 30
-    assert rc == 128 + signal.SIGINT, r.output()
-    exits = {e["rank"]: e for e in r.events("exit")}
-    assert set(exits) == {0, 1} and all(e["code"] == 128 + signal.SIGINT for e in exits.values()), r.records
-    after = sharded_checkpoint_files(run_dir)
-    changed = {k for k in after if before.get(k) != after[k]}
-    assert changed and all(k.startswith("stage_1_slim2/checkpoints/last.ckpt/") for k in changed), changed
-    assert sorted(p.name for p in (run_dir / "stage_1_slim2/checkpoints").iterdir()) == \
-        ["last.ckpt", "step0000002.ckpt"]
-    assert_sharded_checkpoints_complete(run_dir, tmp_path)
-    assert torch.load(run_dir / "stage_1_slim2/checkpoints/last.ckpt/meta.pt", weights_only=True)["global_step"] == 3
+    # every rank (the driver leads its own process group)
+    assert_signal_stopped_both_ranks(r, run_dir, tmp_path, signal.SIGINT, lambda: os.killpg(r.proc.pid, signal.SIGINT))
     command = printed_resume_command(r, signal.SIGINT)
     assert command == [sys.executable, str(DRIVER), "--config", recipe, *TWO_RANKS, "--resume", "true"]
     resumed = start(tmp_path, recipe, command=command)
