@@ -18,7 +18,7 @@ from transformers import AutoModelForCausalLM
 from lightning_slimmoe import storage
 from lightning_slimmoe.distributed import local_rows
 from lightning_slimmoe.families import family_of_type, get_family
-from lightning_slimmoe.hf_dir import HFDirWriter, read_back_problem
+from lightning_slimmoe.hf_dir import HFDirWriter, export_architecture, read_back_problem, write_serving_fields
 from lightning_slimmoe.models import persistent_tensors
 
 
@@ -72,8 +72,10 @@ def export_hf(model: nn.Module, out_dir: str | Path, tokenizer=None, probe_ids: 
               extra_files: dict[str, str] | None = None) -> Path:
     """Write ``model`` (+ tokenizer, + extra text files) as an HF dir at ``out_dir``, verified, atomically."""
     out_dir = Path(out_dir)
+    architecture = export_architecture(model)  # before save_pretrained overwrites config.architectures
     with storage.atomic_dir(out_dir, what="HF export") as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
+        write_serving_fields(tmp, architecture)  # as vLLM / llama.cpp take a hub config (hf_dir.py)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         for name, text in (extra_files or {}).items():
