@@ -22,9 +22,10 @@
    (``lightning_slimmoe/engines.py``) expects: every ``serves`` cell must decode identically, every ``refuses`` cell
    must fail to load, every ``differs`` cell must load and decode otherwise.
 
-Writes ``serving.json`` (every cell: expected, verdict, agreement, the check's details and wall time) and
-``serving.md`` (the matrix) under ``--out``. Cells already in ``serving.json`` are reused (``--redo`` runs them
-again). The environments' paths for ``pytest -m serving``: ``SLIMMOE_VLLM_PYTHON=<cache>/vllm-venv/bin/python``,
+Writes ``serving-<engines>.json`` (every cell: expected, verdict, agreement, the check's details and wall time) and
+``serving.md`` (the matrix of every ``serving-*.json`` there) under ``--out``. Cells already in the JSON are reused
+(``--redo`` runs them again). One run per engine may go side by side (``--engines vllm`` and ``--engines
+llamacpp``): a family is exported once, by whichever comes first. The environments' paths for ``pytest -m serving``: ``SLIMMOE_VLLM_PYTHON=<cache>/vllm-venv/bin/python``,
 ``SLIMMOE_LLAMA_CPP=<cache>/llamacpp/build``.
 """
 
@@ -165,6 +166,10 @@ def bench_config(family: str, vocab_size: int):
                          v_head_dim=64)
     if family == "gpt_oss":
         overrides["sliding_window"] = 8
+    if family == "phimoe":  # as Phi-3.5-MoE's config: vLLM's sparsemixer hardcodes jitter_eps 0.01 (transformers reads
+        # router_jitter_noise), and llama.cpp's converter reads rope_scaling.original_max_position_embeddings
+        overrides.update(router_jitter_noise=0.01, rope_parameters={
+            "rope_type": "default", "rope_theta": 10000.0, "original_max_position_embeddings": 512})
     return tiny_config(family, **overrides)
 
 
@@ -196,9 +201,18 @@ def corpus(cache: Path) -> Path:
 
 def export_family(family: str, cache: Path, tokenizer_dir: Path) -> dict[str, Path]:
     """The family's exports, variant -> HF dir, from one train.py run (reused when finished)."""
-    from lightning_slimmoe.families import get_family
+    import fcntl
 
     base = cache / "exports" / family
+    base.mkdir(parents=True, exist_ok=True)
+    with open(base / ".lock", "w") as lock:  # one bench per engine may run at once: one of them exports, once
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return _export_family(family, base, cache, tokenizer_dir)
+
+
+def _export_family(family: str, base: Path, cache: Path, tokenizer_dir: Path) -> dict[str, Path]:
+    from lightning_slimmoe.families import get_family
+
     teacher = make_teacher(family, base / "teacher", tokenizer_dir)
     config = bench_config(family, 8)
     prunable = get_family(config).attention_prunable and int(config.num_key_value_heads) >= 2
@@ -274,7 +288,8 @@ def markdown(cells: list[dict], engines: list[str]) -> str:
             if cell is None:
                 out.append("not run")
                 continue
-            mark = "" if cell["agrees"] else " **(table: " + cell["expected"] + ")**"
+            mark = ("" if cell["verdict"] == cell["expected"] else f" (table: {cell['expected']})" if cell["agrees"]
+                    else f" **(table: {cell['expected']})**")
             detail = (f" ({cell['identical']}/{cell['prompts']}, {cell['max_logprob_diff']:.0e})"
                       if cell["verdict"] in ("serves", "differs") and "identical" in cell else "")
             out.append(cell["verdict"] + detail + mark)
@@ -305,7 +320,7 @@ def main(argv: list[str] | None = None) -> dict:
     if "llamacpp" in engines:
         envs["llamacpp"] = llama_cpp_build(cache, opts.jobs)
     tokenizer_dir = qwen_tokenizer(cache)
-    results_path = out / "serving.json"
+    results_path = out / f"serving-{'+'.join(engines)}.json"  # one file per engine set: benches may run side by side
     previous = json.loads(results_path.read_text()) if results_path.exists() else {"cells": []}
     cells = {(c["engine"], c["family"], c["variant"]): c for c in previous["cells"]}
     work = cache / "work"
@@ -320,8 +335,11 @@ def main(argv: list[str] | None = None) -> dict:
                 want, why = expected(engine, family, variant)
                 log(f"{engine} x {family} x {variant}: expecting {want}")
                 got = check(engine, dirs[variant], envs, work)
+                # both directions: a cell the table serves must decode identically; one it does not must not serve
+                # (an engine that refuses what the table says differs, or the reverse, is recorded as such)
+                agrees = got["verdict"] == want or (want != "serves" and got["verdict"] in ("refuses", "differs"))
                 cell = {"engine": engine, "family": family, "variant": variant, "expected": want,
-                        "expected_reason": why, "agrees": got["verdict"] == want, **got}
+                        "expected_reason": why, "agrees": agrees, **got}
                 cells[key] = cell
                 log(f"  -> {got['verdict']} ({'as the table says' if cell['agrees'] else 'NOT as the table says'}; "
                     f"{got.get('reason', '')[:200]}) in {got.get('wall_s')}s")
@@ -331,9 +349,20 @@ def main(argv: list[str] | None = None) -> dict:
                           "transformers": __import__("transformers").__version__,
                           "cells": list(cells.values())}
                 results_path.write_text(json.dumps(record, indent=2))
-                (out / "serving.md").write_text(markdown(list(cells.values()), engines) + "\n")
-    print(markdown(list(cells.values()), engines))
+                write_matrix(out)
     return {"cells": list(cells.values())}
+
+
+def write_matrix(out: Path) -> str:
+    """``serving.md`` from every ``serving-*.json`` under ``out`` (the engines' runs, side by side)."""
+    from lightning_slimmoe.engines import ENGINES
+
+    cells = [c for path in sorted(out.glob("serving-*.json")) for c in json.loads(path.read_text())["cells"]]
+    engines = [e for e in ENGINES if any(c["engine"] == e for c in cells)]
+    text = markdown(cells, engines)
+    (out / "serving.md").write_text(text + "\n")
+    print(text)
+    return text
 
 
 if __name__ == "__main__":

@@ -178,6 +178,28 @@ def prunings(config, reference) -> list[str]:
     return done or ["none"]
 
 
+def config_problems(engine: str, config) -> list[str]:
+    """Config values an engine's model code does not read, where the export's differ from what it assumes."""
+    family = get_family(config).model_type
+    config = language_config(config)
+    problems = []
+    if engine == "vllm" and family == "phimoe":
+        if float(getattr(config, "router_jitter_noise", 0.01)) != 0.01:
+            problems.append(f"PhiMoE router_jitter_noise={config.router_jitter_noise}: vLLM's sparsemixer uses "
+                            "jitter_eps 0.01 whatever the config says (transformers reads it), so routing differs "
+                            f"[differs; {_read(engine, _VLLM + 'phimoe.py')}]")
+        if not (getattr(config, "attention_bias", False) and getattr(config, "lm_head_bias", False)):
+            problems.append("PhiMoE without attention / lm_head biases: vLLM builds q/k/v/o and lm_head with biases "
+                            f"whatever the config says [refuses; {_read(engine, _VLLM + 'phimoe.py')}]")
+    if engine == "llamacpp" and family == "phimoe":
+        rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+        if "original_max_position_embeddings" not in rope:
+            problems.append("PhiMoE without rope_parameters.original_max_position_embeddings (Phi-3.5-MoE's longrope "
+                            "config has it): llama.cpp's converter requires it [refuses; "
+                            f"{_read(engine, 'conversion/phi.py')}]")
+    return problems
+
+
 def dtype_problems(engine: str, config, dtype: str) -> list[str]:
     """What the served ``dtype`` rules out on ``engine`` (the width rules of vLLM / SGLang are in serving.py)."""
     if dtype not in ENGINE_DTYPES[engine]:
@@ -200,7 +222,7 @@ def engine_problems(engine: str, config, reference, dtype: str = "bf16") -> list
         cell = support(engine, family, pruning)
         if not cell.ok and cell.status != "n/a" and cell.reason not in problems:
             problems.append(f"{cell.reason} [{cell.status}; {cell.source}]")
-    return problems + dtype_problems(engine, config, dtype)
+    return problems + config_problems(engine, config) + dtype_problems(engine, config, dtype)
 
 
 def markdown_table(engines: tuple[str, ...] = ENGINES) -> str:

@@ -93,6 +93,18 @@ def test_engine_problems_and_dtypes():
                            tiny_config("qwen3_moe", moe_intermediate_size=64), "q8_0") == []
 
 
+def test_phimoe_config_values_vllm_and_llamacpp_do_not_read():
+    hub_like = tiny_config("phimoe", router_jitter_noise=0.01, rope_parameters={
+        "rope_type": "default", "rope_theta": 10000.0, "original_max_position_embeddings": 128})
+    assert engine_problems("vllm", hub_like, hub_like) == []
+    assert engine_problems("llamacpp", hub_like, hub_like)[0].startswith("PhiMoE in llama.cpp: its routing")
+    jitter = tiny_config("phimoe", router_jitter_noise=0.0)  # the tests' (and the demo's) value
+    assert any("vLLM's sparsemixer uses jitter_eps 0.01" in p for p in engine_problems("vllm", jitter, jitter))
+    no_bias = tiny_config("phimoe", router_jitter_noise=0.01, attention_bias=False)
+    assert any("vLLM builds q/k/v/o and lm_head with biases" in p for p in engine_problems("vllm", no_bias, no_bias))
+    assert any("original_max_position_embeddings" in p for p in engine_problems("llamacpp", jitter, jitter))
+
+
 def test_check_engine_adds_the_width_rules_for_vllm_and_sglang_only():
     teacher = tiny_config("mixtral", intermediate_size=48)
     slim = _slim(teacher, width=40)  # 40 / 16 per rank: not an integer
