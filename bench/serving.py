@@ -167,8 +167,9 @@ def bench_config(family: str, vocab_size: int):
     if family == "gpt_oss":
         overrides["sliding_window"] = 8
     if family == "phimoe":  # as Phi-3.5-MoE's config: vLLM's sparsemixer hardcodes jitter_eps 0.01 (transformers reads
-        # router_jitter_noise), and llama.cpp's converter reads rope_scaling.original_max_position_embeddings
-        overrides.update(router_jitter_noise=0.01, rope_parameters={
+        # router_jitter_noise), and llama.cpp's converter reads rope_scaling.original_max_position_embeddings; but no
+        # lm_head bias, which vLLM never adds (engines.py: that combination differs, measured)
+        overrides.update(router_jitter_noise=0.01, lm_head_bias=False, rope_parameters={
             "rope_type": "default", "rope_theta": 10000.0, "original_max_position_embeddings": 512})
     return tiny_config(family, **overrides)
 

@@ -6,8 +6,9 @@ engine can serve the stage's export, and why not. Three things decide it:
 * the engine's support table (:data:`TABLE`): whether the engine registers the family at all, and whether its model
   code takes the export after each kind of pruning (:data:`PRUNINGS`: expert widths, KV groups, whole experts). Each
   row says how it is known (:attr:`Support.source`): ``checked`` by ``bench/serving.py`` (the real engine decoded a
-  tiny export of the family through our own pipeline and compared it with transformers, ``docs/results.md``), or
-  ``read`` from the engine's code (the file named);
+  tiny export of the family through our own pipeline and compared it with transformers, ``docs/results.md``),
+  ``read`` from the engine's code (the file named), or ``assumed`` (said why: SGLang's files other than qwen2_moe.py
+  are taken to be as vLLM's, which they port);
 * the served dtype (:data:`ENGINE_DTYPES`): llama.cpp has no block-FP8 type, SGLang no fp32 path, and q8_0 blocks
   are 32 wide;
 * for vLLM and SGLang, the fused-MoE and tensor-parallel width rules of :mod:`lightning_slimmoe.serving`.
@@ -112,18 +113,21 @@ def _support(engine: str, family: str, pruning: str) -> Support:
             return cell("differs", f"{name} (MLA) in vLLM: runs only with kv_lora_rank + qk_rope_head_dim = 576, and "
                                    "then decodes differently from transformers even unpruned (vLLM-CPU, seen with "
                                    "DeepSeek-V2; V3 and GLM-4.7-Flash run the same MLA code)",
-                        _read(engine, _VLLM + "deepseek_v2.py"))
+                        "assumed: DeepSeek-V2's behaviour (bench); V3 and GLM-4.7-Flash run the same MLA code, "
+                        "vllm/model_executor/models/deepseek_v2.py")
         if pruning == "kv_groups" and family in _HEAD_DIM_DERIVED[engine]:
             return cell("refuses", f"{name} with pruned KV groups: {ENGINE_NAMES[engine]} derives the head size from "
                                    "hidden_size / num_attention_heads and ignores head_dim",
                         _read(engine, _HEAD_DIM_DERIVED[engine][family]))
+        if engine == "sglang" and not (pruning == "kv_groups" and family == "qwen2_moe"):
+            # only qwen2_moe.py was read; SGLang's other MoE model files are ports of vLLM's
+            return cell("serves", read="assumed: as vLLM (SGLang's model files are ports of vLLM's; not read one "
+                                       "by one, not run)")
         if pruning == "kv_groups":
-            return cell("serves", read=_read(engine, f"{_VLLM if engine == 'vllm' else 'python/sglang/srt/models/'}"
-                                                     "<family>.py reads head_dim from the config"))
+            return cell("serves", read=_read(engine, f"{_VLLM}<family>.py reads head_dim from the config"))
         if pruning == "experts_removed":
             return cell("serves", read=_read(engine, "FusedMoE: num_experts read from the config"))
-        return cell("serves", read=_read(engine, f"{_VLLM}registry.py" if engine == "vllm"
-                                         else "python/sglang/srt/models/ (EntryClass)"))
+        return cell("serves", read=_read(engine, f"{_VLLM}registry.py"))
     # llama.cpp
     if family == "phimoe":
         if pruning == "kv_groups":
@@ -188,15 +192,24 @@ def config_problems(engine: str, config) -> list[str]:
             problems.append(f"PhiMoE router_jitter_noise={config.router_jitter_noise}: vLLM's sparsemixer uses "
                             "jitter_eps 0.01 whatever the config says (transformers reads it), so routing differs "
                             f"[differs; {_read(engine, _VLLM + 'phimoe.py')}]")
-        if not (getattr(config, "attention_bias", False) and getattr(config, "lm_head_bias", False)):
-            problems.append("PhiMoE without attention / lm_head biases: vLLM builds q/k/v/o and lm_head with biases "
-                            f"whatever the config says [refuses; {_read(engine, _VLLM + 'phimoe.py')}]")
+        if getattr(config, "lm_head_bias", False):
+            # measured: a PhiMoE export with lm_head_bias decodes otherwise in vLLM (top-5 log-probs 0.13 apart);
+            # with the bias zeroed in transformers the two agree to 1e-6 (docs/results.md "Serving")
+            problems.append("PhiMoE with lm_head_bias: vLLM loads lm_head.bias but never adds it (phimoe.py calls "
+                            "logits_processor(lm_head, hidden_states) without the bias), so its logits differ "
+                            "unless the bias is zero (Phi-3.5-MoE has one) "
+                            f"[differs; {_read(engine, _VLLM + 'phimoe.py')}, checked: bench/serving.py]")
+        if not getattr(config, "attention_bias", False):
+            problems.append("PhiMoE without attention biases: vLLM builds q/k/v/o with biases whatever the config "
+                            f"says [refuses; {_read(engine, _VLLM + 'phimoe.py')}]")
     if engine == "llamacpp" and family == "phimoe":
         rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
         if "original_max_position_embeddings" not in rope:
             problems.append("PhiMoE without rope_parameters.original_max_position_embeddings (Phi-3.5-MoE's longrope "
                             "config has it): llama.cpp's converter requires it [refuses; "
                             f"{_read(engine, 'conversion/phi.py')}]")
+        # the converter reads a PhiMoE vocabulary from tokenizer.model (SentencePiece) unless tokenizer_config says
+        # GPT2Tokenizer: the export carries the teacher's tokenizer.model (export.py), a run's own BPE one has none
     return problems
 
 
@@ -236,3 +249,15 @@ def markdown_table(engines: tuple[str, ...] = ENGINES) -> str:
         rows.append(f"| {FAMILY_NAMES[family]} | "
                     + " | ".join(c.status + ("*" if c.source == BENCH else "") for c in cells) + " |")
     return "\n".join(rows)
+
+
+def serves_in(family: str) -> str:
+    """The README family table's "serves in" cell: per engine, what of this family's exports it serves (``full``,
+    ``width`` = slimmed experts, ``KV`` = and pruned KV groups); a * marks what bench/serving.py checked."""
+    labels = {"none": "full", "expert_width": "width", "kv_groups": "KV"}
+    parts = []
+    for engine in ("vllm", "llamacpp", "sglang"):
+        cells = [support(engine, family, p) for p in labels]
+        served = [labels[c.pruning] + ("*" if c.source == BENCH else "") for c in cells if c.ok]
+        parts.append(f"{ENGINE_NAMES[engine]}: {', '.join(served) if served else 'no (' + cells[0].status + ')'}")
+    return "; ".join(parts)

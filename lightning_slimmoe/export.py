@@ -18,7 +18,8 @@ from transformers import AutoModelForCausalLM
 from lightning_slimmoe import storage
 from lightning_slimmoe.distributed import local_rows
 from lightning_slimmoe.families import family_of_type, get_family
-from lightning_slimmoe.hf_dir import HFDirWriter, export_architecture, read_back_problem, write_serving_fields
+from lightning_slimmoe.hf_dir import (HFDirWriter, export_architecture, read_back_problem, save_tokenizer,
+                                      write_serving_fields)
 from lightning_slimmoe.models import persistent_tensors
 
 
@@ -77,7 +78,7 @@ def export_hf(model: nn.Module, out_dir: str | Path, tokenizer=None, probe_ids: 
         model.save_pretrained(tmp, safe_serialization=True)
         write_serving_fields(tmp, architecture)  # as vLLM / llama.cpp take a hub config (hf_dir.py)
         if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
+            save_tokenizer(tokenizer, tmp)  # with the vocabulary files GGUF converters read (hf_dir.py)
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text)
         if probe_ids is not None:

@@ -49,6 +49,20 @@ def is_mla(config: dict) -> bool:
     return all(config.get(k) is not None for k in ("qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"))
 
 
+def save_tokenizer(tokenizer, directory: str | Path) -> None:
+    """``tokenizer.save_pretrained(directory)``, plus the vocabulary files it was read from that the save did not
+    write again (a SentencePiece ``tokenizer.model`` beside a ``tokenizer.json``): llama.cpp's GGUF converter reads
+    some families' vocabularies (PhiMoE, Llama) only from ``tokenizer.model``."""
+    import shutil
+
+    directory = Path(directory)
+    tokenizer.save_pretrained(directory)
+    for attribute, name in (getattr(tokenizer, "vocab_files_names", None) or {}).items():
+        source = getattr(tokenizer, attribute, None)
+        if isinstance(source, (str, Path)) and Path(source).is_file() and not (directory / name).exists():
+            shutil.copyfile(source, directory / name)
+
+
 def write_serving_fields(directory: str | Path, architecture: str) -> dict:
     """Rewrite ``<directory>/config.json`` as serving engines take a hub config: ``architectures`` spelled as their
     registries spell it (:func:`export_architecture`); ``head_dim`` always written for multi-head attention (vLLM and
@@ -98,7 +112,7 @@ class HFDirWriter:
             if self.model.can_generate():
                 self.model.generation_config.save_pretrained(self.tmp)
             if tokenizer is not None:
-                tokenizer.save_pretrained(self.tmp)
+                save_tokenizer(tokenizer, self.tmp)
             for name, text in (extra_files or {}).items():
                 (self.tmp / name).write_text(text)
         return self.tmp

@@ -76,8 +76,8 @@ def _export(tmp_path, family: str, groups: int | None, tokenizer_dir: str):
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     extra = {"qwen2_moe": dict(moe_intermediate_size=32, shared_expert_intermediate_size=32),
              "qwen3_moe": dict(moe_intermediate_size=32),
-             # as Phi-3.5-MoE's config: vLLM's sparsemixer uses jitter_eps 0.01 whatever router_jitter_noise says
-             "phimoe": dict(intermediate_size=32, router_jitter_noise=0.01)}[family]
+             # vLLM's sparsemixer uses jitter_eps 0.01 whatever router_jitter_noise says, and adds no lm_head bias
+             "phimoe": dict(intermediate_size=32, router_jitter_noise=0.01, lm_head_bias=False)}[family]
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(tiny_config(
         family, vocab_size=len(tokenizer), hidden_size=128, head_dim=32, max_position_embeddings=512, **extra)).eval()

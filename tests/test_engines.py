@@ -39,7 +39,7 @@ def test_every_cell_of_every_engine_says_how_it_is_known():
     assert set(FAMILY_NAMES) == set(FAMILIES)  # every family this project slims has a row
     for cell in cells:
         assert cell.status in ("serves", "refuses", "differs", "n/a")
-        assert cell.source == BENCH or cell.source.startswith("read: ") or (
+        assert cell.source == BENCH or cell.source.startswith(("read: ", "assumed: ")) or (
             cell.status == "n/a" and cell.source.startswith("n/a: ")), cell
         assert cell.ok or cell.reason, cell  # anything but "serves" says why
 
@@ -94,14 +94,16 @@ def test_engine_problems_and_dtypes():
 
 
 def test_phimoe_config_values_vllm_and_llamacpp_do_not_read():
-    hub_like = tiny_config("phimoe", router_jitter_noise=0.01, rope_parameters={
+    hub_like = tiny_config("phimoe", router_jitter_noise=0.01, lm_head_bias=False, rope_parameters={
         "rope_type": "default", "rope_theta": 10000.0, "original_max_position_embeddings": 128})
     assert engine_problems("vllm", hub_like, hub_like) == []
     assert engine_problems("llamacpp", hub_like, hub_like)[0].startswith("PhiMoE in llama.cpp: its routing")
     jitter = tiny_config("phimoe", router_jitter_noise=0.0)  # the tests' (and the demo's) value
     assert any("vLLM's sparsemixer uses jitter_eps 0.01" in p for p in engine_problems("vllm", jitter, jitter))
-    no_bias = tiny_config("phimoe", router_jitter_noise=0.01, attention_bias=False)
-    assert any("vLLM builds q/k/v/o and lm_head with biases" in p for p in engine_problems("vllm", no_bias, no_bias))
+    no_bias = tiny_config("phimoe", router_jitter_noise=0.01, attention_bias=False, lm_head_bias=False)
+    assert any("vLLM builds q/k/v/o with biases" in p for p in engine_problems("vllm", no_bias, no_bias))
+    head_bias = tiny_config("phimoe", router_jitter_noise=0.01, lm_head_bias=True)  # Phi-3.5-MoE's
+    assert [p for p in engine_problems("vllm", head_bias, head_bias) if "lm_head.bias but never adds it" in p]
     assert any("original_max_position_embeddings" in p for p in engine_problems("llamacpp", jitter, jitter))
 
 

@@ -118,3 +118,18 @@ def test_a_slimmed_phimoe_keeps_the_hub_spelling_and_a_teachers_own_spelling_is_
     mixtral.config.architectures = ["MixtralForSequenceClassification"]  # another class: not ours to write
     export_hf(mixtral, tmp_path / "mixtral2")
     assert json.loads((tmp_path / "mixtral2" / "config.json").read_text())["architectures"] == ["MixtralForCausalLM"]
+
+
+def test_the_export_carries_the_vocabulary_files_the_tokenizer_was_read_from(tmp_path):
+    """A SentencePiece ``tokenizer.model`` that ``save_pretrained`` does not write again is copied beside the saved
+    tokenizer: llama.cpp's converter reads PhiMoE's and Llama's vocabularies from it."""
+    from transformers import PreTrainedTokenizerFast
+    from tokenizers import Tokenizer, models
+
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({"a": 0, "<unk>": 1}, "<unk>")))
+    (tmp_path / "tokenizer.model").write_bytes(b"sentencepiece model bytes")
+    tokenizer.vocab_files_names = {**tokenizer.vocab_files_names, "vocab_file": "tokenizer.model"}
+    tokenizer.vocab_file = str(tmp_path / "tokenizer.model")
+    export_hf(tiny_model("mixtral"), tmp_path / "hf", tokenizer=tokenizer)
+    assert (tmp_path / "hf" / "tokenizer.model").read_bytes() == b"sentencepiece model bytes"
+    assert (tmp_path / "hf" / "tokenizer.json").exists()
