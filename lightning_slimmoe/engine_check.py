@@ -163,28 +163,41 @@ def run_llamacpp(model_dir: Path, request: dict, build_dir: str, python: str, wo
 # ---------------------------------------------------------------------------------------------------
 # the comparison and the verdict
 # ---------------------------------------------------------------------------------------------------
-def compare(reference: dict, engine: dict) -> dict:
+def compare(reference: dict, engine: dict, tie: float = 1e-4) -> dict:
     """Verdict of ``engine``'s decode against ``reference``'s: ``verdict``, ``reason``, ``identical`` prompts, the
-    ``first_divergence`` and the largest |difference| of the reference's top-k log-probabilities that the engine
-    also reports, over the steps both decoded from the same prefix."""
+    ``first_divergence``, ``near_ties`` and the largest |difference| of the reference's top-k log-probabilities that
+    the engine also reports, over the steps both decoded from the same prefix.
+
+    Greedy decoding is ill-posed at a tie: where the engine picks another token whose reference log-probability is
+    within ``max(tie, 2 x the largest log-prob difference at the steps where both agree)`` of the reference's pick, the two disagree by no more
+    than their measured numerical difference. Such a prompt is a near tie (not compared past it: the prefixes differ
+    from there on), not a divergence; every other differing token is."""
     if not engine.get("loaded") or "tokens" not in engine:
         return {"verdict": "refuses", "reason": engine.get("reason") or engine.get("error", "did not load")}
-    identical, first, worst = 0, None, 0.0
+    identical, first, worst, agreeing, ties, split = 0, None, 0.0, 0.0, [], []
     for p, (want, got) in enumerate(zip(reference["tokens"], engine["tokens"])):
         for step, (ref_step, eng_step) in enumerate(zip(reference["logprobs"][p], engine["logprobs"][p])):
             shared = ref_step.keys() & eng_step.keys()
-            worst = max([worst, *(abs(ref_step[t] - eng_step[t]) for t in shared)])
-            if want[step] != got[step]:
+            gaps = [abs(ref_step[t] - eng_step[t]) for t in shared]
+            worst = max([worst, *gaps])
+            if step >= len(got) or want[step] != got[step]:
+                split.append((p, step))
                 break
+            agreeing = max([agreeing, *gaps])  # the numerical difference, where both still pick alike
         if want == got:
             identical += 1
+    for p, step in split:
+        want, got = reference["tokens"][p], engine["tokens"][p]
+        theirs = got[step] if step < len(got) else None
+        ref_step = reference["logprobs"][p][step]
+        gap = (ref_step[str(want[step])] - ref_step[str(theirs)]) if str(theirs) in ref_step else None
+        if gap is not None and gap <= max(tie, 2 * agreeing):
+            ties.append({"prompt": p, "step": step, "transformers": want[step], "engine": theirs, "gap": gap})
         elif first is None:
-            step = next((i for i, (a, b) in enumerate(zip(want, got)) if a != b), min(len(want), len(got)))
-            got = [*got, None]  # an engine that stopped early: None at the step it did not decode
-            first = {"prompt": p, "step": step, "transformers": want[step], "engine": got[step]}
+            first = {"prompt": p, "step": step, "transformers": want[step], "engine": theirs, "gap": gap}
     result = {"identical": identical, "prompts": len(reference["tokens"]), "max_logprob_diff": worst,
-              "first_divergence": first}
-    if first is None and identical == len(reference["tokens"]):
+              "first_divergence": first, "near_ties": ties}
+    if first is None:
         return {"verdict": "serves", "reason": "", **result}
     return {"verdict": "differs", "reason": (f"prompt {first['prompt']} step {first['step']}: transformers "
                                              f"{first['transformers']}, engine {first['engine']}"), **result}
@@ -222,9 +235,12 @@ def verdict_line(result: dict) -> str:
     name = {"vllm": "vLLM", "llamacpp": "llama.cpp"}[result["engine"]]
     where = f"{name} {result['verdict']} {result['model']}"
     if result["verdict"] == "serves":
+        ties = result.get("near_ties") or []
+        tie = (f"; {len(ties)} stopped at a near tie (log-prob gap {max(t['gap'] for t in ties):.1e})" if ties
+               else "")
         return (f"check-serving: {where}: {result['identical']}/{result['prompts']} prompts x "
-                f"{result['max_new_tokens']} tokens identical to transformers (top-{result['top_k']} log-probs max "
-                f"|diff| {result['max_logprob_diff']:.2e})")
+                f"{result['max_new_tokens']} tokens identical to transformers{tie} (top-{result['top_k']} log-probs "
+                f"max |diff| {result['max_logprob_diff']:.2e})")
     if result["verdict"] == "differs":
         return (f"check-serving: {where}: {result['identical']}/{result['prompts']} prompts identical; "
                 f"{result['reason']} (top-{result['top_k']} log-probs max |diff| {result['max_logprob_diff']:.2e})")

@@ -37,9 +37,25 @@ def test_a_divergence_is_named_and_logprobs_after_it_are_not_compared():
            "logprobs": [[{"1": -1.0}, {"2": -1.0}, {"3": -1.0}], [{"4": -1.0}, {"5": -1.5, "9": -1.2}, {"6": -99.0}]]}
     got = compare(ref, eng)
     assert got["verdict"] == "differs" and got["identical"] == 1
-    assert got["first_divergence"] == {"prompt": 1, "step": 1, "transformers": 5, "engine": 9}
+    assert got["first_divergence"] == {"prompt": 1, "step": 1, "transformers": 5, "engine": 9, "gap": None}
     assert got["max_logprob_diff"] == pytest.approx(0.5)  # step 1 compared, step 2 (another prefix) not
     assert "prompt 1 step 1: transformers 5, engine 9" in got["reason"]
+
+
+def test_a_near_tie_within_the_measured_difference_is_not_a_divergence():
+    ref = {"tokens": [[1, 2], [4, 5]],
+           "logprobs": [[{"1": -1.0}, {"2": -1.0}], [{"4": -1.0}, {"5": -2.0, "9": -2.00003}]]}
+    eng = {"loaded": True, "tokens": [[1, 2], [4, 9]],
+           "logprobs": [[{"1": -1.00002}, {"2": -1.0}], [{"4": -1.0}, {"5": -2.00001, "9": -1.99999}]]}
+    got = compare(ref, eng)
+    assert got["verdict"] == "serves" and got["identical"] == 1 and got["first_divergence"] is None
+    assert got["near_ties"] == [{"prompt": 1, "step": 1, "transformers": 5, "engine": 9, "gap": pytest.approx(3e-5)}]
+    line = verdict_line({"engine": "llamacpp", "model": "m", "max_new_tokens": 2, "top_k": 2, **got})
+    assert "1/2 prompts x 2 tokens identical to transformers; 1 stopped at a near tie (log-prob gap 3.0e-05)" in line
+    far = compare(ref, {**eng, "logprobs": eng["logprobs"]}, tie=1e-6)
+    assert far["verdict"] == "serves"  # 2 x the measured 2e-5 still covers a 3e-5 gap
+    ref["logprobs"][1][1]["9"] = -2.5  # a real margin: a divergence
+    assert compare(ref, eng)["verdict"] == "differs"
 
 
 def test_an_engine_that_does_not_load_refuses_with_its_reason():

@@ -191,3 +191,12 @@ def test_serve_engine_warns_before_any_weight_and_strict_refuses(tmp_path, qwen2
     assert seen, "the run stopped before loading the teacher"
     serving = [m for m in seen[0] if m.startswith("serving:")]
     assert len(serving) == 1 and "'slim2'" in serving[0] and "vLLM derives the head size" in serving[0]
+
+
+def test_readme_family_table_says_where_each_family_serves():
+    from lightning_slimmoe.engines import serves_in
+
+    rows = {line.split("`")[1]: line for line in (ROOT / "README.md").read_text().splitlines()
+            if line.startswith("| `") and line.count(" | ") >= 8}
+    for family in FAMILY_NAMES:
+        assert rows[family].endswith(f" {serves_in(family)} |"), family
