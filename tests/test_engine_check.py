@@ -110,7 +110,7 @@ def _check(model_dir, engine: str) -> dict:
     from lightning_slimmoe.engine_check import check_served
 
     envs = serving_envs()
-    return check_served(model_dir, engine, python=envs.get("vllm") if engine == "vllm" else None,
+    return check_served(model_dir, engine, python=envs.get("vllm") if engine == "vllm" else envs.get("llamacpp_python"),
                         llama_cpp=envs.get("llamacpp"), max_new_tokens=8)
 
 
