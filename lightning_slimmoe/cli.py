@@ -38,13 +38,15 @@ from lightning_slimmoe.strategies import resolve_strategy, with_atomic_checkpoin
 
 set_docstring_parse_options(attribute_docstrings=True)  # RunConfig's attribute docstrings are its --help
 
-USAGE = """usage: slimmoe {train,plan,eval,export} [--help] ...   (or: python -m lightning_slimmoe ...)
+USAGE = """usage: slimmoe {train,plan,eval,export,check-serving} [--help] ...   (or: python -m lightning_slimmoe ...)
 
   train --config X [overrides]    the stage pipeline (the same as `python train.py`)
-  plan --config X [--json] [--memory] [--serve-tp N [--serve-dtype fp8] [--strict]]
+  plan --config X [--json] [--memory] [--serve vllm|sglang|llamacpp] [--serve-tp N] [--serve-dtype fp8] [--strict]
                                   shapes and parameter counts of every stage, from configs alone (no weights)
   eval --model DIR --ppl-file F   held-out perplexity (+ teacher agreement, lm-evaluation-harness tasks)
   export --checkpoint C --out D   a stage checkpoint (sharded DCP dir or single file) -> a stock HF dir
+  check-serving --model DIR --engine vllm|llamacpp [--python PY] [--llama-cpp BUILD]
+                                  run the real engine on an export; greedy tokens vs transformers, one verdict line
 
   --debug (or SLIMMOE_DEBUG=1) with any command: an error shows its traceback, not only its one `error:` line
 """
@@ -145,11 +147,15 @@ class PlanCLI(SlimMoECLI):
         group.add_argument("--memory", action="store_true", help="add a per-GPU memory plan of every stage")
         group.add_argument("--gpus", type=int, default=64, help="GPUs of the memory plan")
         group.add_argument("--gpu-memory-gib", type=float, default=80.0, help="memory of one GPU (GiB)")
+        group.add_argument("--serve", type=Optional[Literal["vllm", "sglang", "llamacpp"]], default=None,
+                           help="check every stage against this engine's support table (family x what was pruned x "
+                                "dtype, lightning_slimmoe/engines.py); overrides serving.engine")
         group.add_argument("--serve-tp", type=Optional[int], default=None,
                            help="check every stage serves at this tensor-parallel size (vLLM / SGLang); "
                                 "overrides serving.tp")
-        group.add_argument("--serve-dtype", type=Optional[Literal["bf16", "fp8"]], default=None,
-                           help="served weights: bf16 or fp8 (block-quantized 128x128); overrides serving.dtype")
+        group.add_argument("--serve-dtype", type=Optional[Literal["bf16", "fp16", "fp32", "fp8", "q8_0"]], default=None,
+                           help="served weights: bf16, fp16, fp32, fp8 (block-quantized 128x128) or q8_0 (llama.cpp); "
+                                "overrides serving.dtype")
         group.add_argument("--strict", action="store_true",
                            help="exit with status 2 when the final stage does not serve (also serving.strict)")
         # argparse prints its groups in order: the plan's first, then the recipe's under one heading
@@ -287,13 +293,13 @@ def plan(args: list[str]) -> dict:
     """``plan``: shapes and parameter counts of every stage, on the meta device from configs alone."""
     from lightning_slimmoe.memory import MemoryPlanInputs, memory_plan
     from lightning_slimmoe.planning import plan_shapes, plan_summary
-    from lightning_slimmoe.serving import DOC as SERVING_DOC
-    from lightning_slimmoe.serving import check_serving, format_serving
+    from lightning_slimmoe.serving import format_serving, stage_check
 
     cli = PlanCLI(args=with_default_config(args))
     opts, config = cli.config_init, cli.run_config
     try:  # --serve-* given override the recipe's serving section
-        serving = ServingConfig(tp=config.serving.tp if opts["serve_tp"] is None else opts["serve_tp"],
+        serving = ServingConfig(engine=opts["serve"] or config.serving.engine,
+                                tp=config.serving.tp if opts["serve_tp"] is None else opts["serve_tp"],
                                 dtype=opts["serve_dtype"] or config.serving.dtype,
                                 strict=opts["strict"] or config.serving.strict)
     except ValueError as err:
@@ -301,9 +307,10 @@ def plan(args: list[str]) -> dict:
     shapes = plan_shapes(config, seq_len=cli.datamodule.hparams.seq_len)
     result = plan_summary(shapes, config.stages)
     checks = []
-    if serving.tp is not None:
-        checks = [check_serving(c, serving.tp, serving.dtype, reference=shapes.teacher_config) for c in shapes.configs]
-        result["serving"] = {"tp": serving.tp, "dtype": serving.dtype}
+    if serving.tp is not None or serving.engine is not None:
+        checks = [stage_check(serving, c, shapes.teacher_config) for c in shapes.configs]
+        result["serving"] = {**({"engine": serving.engine} if serving.engine else {}), "tp": serving.tp,
+                             "dtype": serving.dtype}
         for row, check in zip(result["stages"], checks):
             row["serving"] = check.to_json()
     if opts["memory"]:
@@ -332,7 +339,7 @@ def plan(args: list[str]) -> dict:
         print("head_dim of MLA attention: q/k (nope + rope) / v per head")
     if checks:
         lines = [line for stage, check in zip(config.stages, checks) for line in format_serving(stage.name, check)]
-        print(f"\nserving at tp={serving.tp} {serving.dtype} (vLLM / SGLang, {SERVING_DOC}):"
+        print(f"\nserving at {checks[-1].where}:"
               + (" every stage serves" if not lines else "\n" + "\n".join(lines)))
     if opts["memory"]:
         print(f"\nper-GPU memory plan (GiB, {opts['gpus']} GPUs x {opts['gpu_memory_gib']:g} GiB, FSDP2 full shard):")
@@ -429,7 +436,14 @@ def export(args: list[str]):
     return out
 
 
-COMMANDS = {"train": main, "plan": plan, "eval": evaluate, "export": export}
+def check_serving(args: list[str]):
+    """``check-serving``: the real engine on an export, compared with transformers (engine_check.py)."""
+    from lightning_slimmoe.engine_check import command
+
+    return command(args)
+
+
+COMMANDS = {"train": main, "plan": plan, "eval": evaluate, "export": export, "check-serving": check_serving}
 
 
 def dispatch(argv: list[str] | None = None):

@@ -154,12 +154,15 @@ class ParallelConfig:
 @dataclass
 class ServingConfig:
     """The serving check of the final stage (vLLM / SGLang fused-MoE and tensor-parallel rules,
-    ``lightning_slimmoe/serving.py``, docs/families-2026.md "Serving constraints")."""
+    ``lightning_slimmoe/serving.py``, docs/families-2026.md "Serving constraints"; with ``engine``, that engine's
+    support table, ``lightning_slimmoe/engines.py``)."""
 
+    engine: Optional[Literal["vllm", "sglang", "llamacpp"]] = None
+    """the engine to serve with: its support table (family x what was pruned x dtype) is checked too; null = the generic vLLM / SGLang width rules at `tp`"""
     tp: Optional[int] = None
-    """tensor-parallel size the result is to be served at; null = no check"""
-    dtype: Literal["bf16", "fp8"] = "bf16"
-    """served weights: `bf16` (width per rank an integer) or `fp8` block-quantized 128x128 (width per rank a multiple of 128)"""
+    """tensor-parallel size the result is to be served at; null = no check (with `engine`: tp 1)"""
+    dtype: Literal["bf16", "fp16", "fp32", "fp8", "q8_0"] = "bf16"
+    """served weights: `bf16` / `fp16` / `fp32` (width per rank an integer), `fp8` block-quantized 128x128 (width per rank a multiple of 128), `q8_0` (llama.cpp)"""
     strict: bool = False
     """a final stage that does not serve is an error before any compute (default: a warning)"""
 
@@ -167,7 +170,12 @@ class ServingConfig:
         if self.tp is not None:
             _check(not isinstance(self.tp, bool) and isinstance(self.tp, int) and self.tp >= 1, "serving.tp", self.tp,
                    "must be an int >= 1 or null")
-        _check(self.dtype in ("bf16", "fp8"), "serving.dtype", self.dtype, "must be bf16 or fp8")
+        _check(self.dtype in ("bf16", "fp16", "fp32", "fp8", "q8_0"), "serving.dtype", self.dtype,
+               "must be bf16, fp16, fp32, fp8 or q8_0")
+        _check(self.dtype != "q8_0" or self.engine == "llamacpp", "serving.dtype", self.dtype,
+               "q8_0 is llama.cpp's: set serving.engine: llamacpp")
+        _check(self.engine in (None, "vllm", "sglang", "llamacpp"), "serving.engine", self.engine,
+               "must be vllm, sglang, llamacpp or null")
 
 
 @dataclass
@@ -199,7 +207,7 @@ class RunConfig:
     teacher_cache_dtype: Literal["float32", "bfloat16"] = "float32"
     """cached teacher values: `float32` (the live teacher's losses) or `bfloat16` (half the values' size)"""
     serving: ServingConfig = field(default_factory=ServingConfig)
-    """serving check of the final stage: `tp` (tensor-parallel size; null = no check), `dtype` (`bf16`, or `fp8` block-quantized 128x128), `strict` (an error instead of a warning)"""
+    """serving check of the final stage: `engine` (`vllm` / `sglang` / `llamacpp`: that engine's support table of family x pruning x dtype, `lightning_slimmoe/engines.py`), `tp` (tensor-parallel size; null = no TP check), `dtype` (`bf16`, `fp16`, `fp32`, `fp8` block-quantized 128x128, `q8_0`), `strict` (an error instead of a warning)"""
     lr_schedule: Literal["stage", "run"] = "stage"
     """`stage`: every stage warms up and decays over its own steps; `run`: one warm-up at the start of the first KD stage and one cosine decay across all KD stages (each stage's `optimizer.lr` scales the shared curve; a `pretrain` stage keeps its own); `warmup_ratio` / `min_lr_ratio` are read from the first KD stage"""
     experts_implementation: Optional[Literal["grouped_mm", "batched_mm", "eager"]] = None

@@ -19,7 +19,8 @@ from transformers import AutoModelForCausalLM
 from lightning_slimmoe import storage
 from lightning_slimmoe.distributed import local_rows
 from lightning_slimmoe.families import family_of_type, get_family
-from lightning_slimmoe.hf_dir import HFDirWriter, read_back_problem
+from lightning_slimmoe.hf_dir import (HFDirWriter, export_architecture, read_back_problem, save_tokenizer,
+                                      write_serving_fields)
 from lightning_slimmoe.models import persistent_tensors
 
 
@@ -84,11 +85,13 @@ def export_hf(model: nn.Module, out_dir: str | Path, tokenizer=None, probe_ids: 
     """Write ``model`` (+ tokenizer, + extra text files) as an HF dir at ``out_dir``, verified, atomically;
     ``max_shard_bytes``: the size of one safetensors shard (default: transformers')."""
     out_dir = Path(out_dir)
+    architecture = export_architecture(model)  # before save_pretrained overwrites config.architectures
     with storage.atomic_dir(out_dir, what="HF export") as tmp:
         model.save_pretrained(tmp, safe_serialization=True,
                               **({} if max_shard_bytes is None else {"max_shard_size": max_shard_bytes}))
+        write_serving_fields(tmp, architecture)  # as vLLM / llama.cpp take a hub config (hf_dir.py)
         if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
+            save_tokenizer(tokenizer, tmp)  # with the vocabulary files GGUF converters read (hf_dir.py)
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text)
         if probe_ids is not None:

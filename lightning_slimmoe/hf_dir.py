@@ -13,6 +13,7 @@ it into place. Peak extra memory: one tensor plus one output shard.
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
 from typing import Iterable
 
@@ -20,12 +21,64 @@ import torch
 from torch import Tensor, nn
 
 from lightning_slimmoe import storage
+from lightning_slimmoe.families import family_of_type
 from lightning_slimmoe.loading import CheckpointReader
 
 
 def hf_architecture(model: nn.Module) -> str:
     """The class name ``save_pretrained`` records (FSDP2 renames a sharded model's class to ``FSDP<name>``)."""
     return type(model).__name__.removeprefix("FSDP")
+
+
+def export_architecture(model: nn.Module) -> str:
+    """The ``architectures`` entry an export records: the family's spelling as the hub and the serving engines'
+    registries have it (PhiMoE: ``PhiMoEForCausalLM``), else the teacher's own spelling of this class (its config's
+    ``architectures``, compared case-insensitively), else transformers' class name. ``AutoModelForCausalLM`` picks the
+    class from ``model_type``, so the spelling changes nothing for transformers; vLLM and llama.cpp's converter pick
+    their model from it."""
+    name = hf_architecture(model)
+    family = family_of_type(getattr(model.config, "model_type", ""))
+    if family is not None and family.architecture:
+        return family.architecture
+    given = [a for a in getattr(model.config, "architectures", None) or [] if a.lower() == name.lower()]
+    return given[0] if given else name
+
+
+def is_mla(config: dict) -> bool:
+    """Multi-head latent attention (DeepSeek-V2/V3, GLM-4.7-Flash): no single per-head width to write."""
+    return all(config.get(k) is not None for k in ("qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"))
+
+
+def save_tokenizer(tokenizer, directory: str | Path) -> None:
+    """``tokenizer.save_pretrained(directory)``, plus the vocabulary files it was read from that the save did not
+    write again (a SentencePiece ``tokenizer.model`` beside a ``tokenizer.json``): llama.cpp's GGUF converter reads
+    some families' vocabularies (PhiMoE, Llama) only from ``tokenizer.model``."""
+    import shutil
+
+    directory = Path(directory)
+    tokenizer.save_pretrained(directory)
+    for attribute, name in (getattr(tokenizer, "vocab_files_names", None) or {}).items():
+        source = getattr(tokenizer, attribute, None)
+        if isinstance(source, (str, Path)) and Path(source).is_file() and not (directory / name).exists():
+            shutil.copyfile(source, directory / name)
+
+
+def write_serving_fields(directory: str | Path, architecture: str) -> dict:
+    """Rewrite ``<directory>/config.json`` as serving engines take a hub config: ``architectures`` spelled as their
+    registries spell it (:func:`export_architecture`); ``head_dim`` always written for multi-head attention (vLLM and
+    llama.cpp read it where present; OLMoE's config class has no such field and derives it); no
+    ``quantization_config`` (an export holds plain tensors: an engine told otherwise would look for block scales
+    that were never written). Multi-token-prediction counts are zeroed by ``slimming.slim_config`` already.
+    Returns the config written."""
+    path = Path(directory) / "config.json"
+    config = json.loads(path.read_text())
+    config["architectures"] = [architecture]
+    heads = config.get("num_attention_heads")
+    if config.get("head_dim") is None and heads and config.get("hidden_size") and not is_mla(config):
+        config["head_dim"] = int(config["hidden_size"]) // int(heads)
+    config.pop("quantization_config", None)
+    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    return config
 
 
 class HFDirWriter:
@@ -50,14 +103,16 @@ class HFDirWriter:
         config, tokenizer and extra text files; returns the temporary directory, to be checked."""
         config = copy.deepcopy(config)
         config.dtype = str(dtype).removeprefix("torch.")
+        architecture = export_architecture(self.model)
         config.architectures = [hf_architecture(self.model)]
         with storage.writing("HF export", self.out_dir):
             self._shards.finish()
             config.save_pretrained(self.tmp)
+            write_serving_fields(self.tmp, architecture)
             if self.model.can_generate():
                 self.model.generation_config.save_pretrained(self.tmp)
             if tokenizer is not None:
-                tokenizer.save_pretrained(self.tmp)
+                save_tokenizer(tokenizer, self.tmp)
             for name, text in (extra_files or {}).items():
                 (self.tmp / name).write_text(text)
         return self.tmp

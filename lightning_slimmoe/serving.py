@@ -11,6 +11,10 @@ alone (no weights), for one tensor-parallel size ``tp`` and weight format ``dtyp
 * ``num_attention_heads % tp == 0``, and the KV heads divide ``tp`` or are divisible by it;
 * family rules: PhiMoE in vLLM / SGLang asserts top-2 routing (``num_experts_per_tok == 2``).
 
+With an engine named (``plan --serve vllm|sglang|llamacpp``, ``serving.engine``), :func:`check_engine` adds what that
+engine's support table says about the family and what was pruned (``engines.py``), and applies the width rules above
+only to the engines they are rules of (vLLM, SGLang; llama.cpp has no fused-MoE tensor parallelism to split by).
+
 For each failing width it proposes the nearest widths that do serve (the largest below, the smallest above, up to
 the teacher's width) and the stage's ``round_to`` that yields them. ``plan`` prints :func:`format_serving` for
 every stage; :func:`enforce_serving` (called by ``planning.plan_run``, before any weight) warns, or with
@@ -28,7 +32,7 @@ from lightning_slimmoe.config import ConfigError
 from lightning_slimmoe.families import get_family
 from lightning_slimmoe.slimming import EXPERT_WIDTH_ALIGNMENT
 
-SERVING_DTYPES = ("bf16", "fp8")
+SERVING_DTYPES = ("bf16", "fp16", "fp32", "fp8")  # the width rules: fp8 needs 128-blocks per rank, the rest integers
 FP8_BLOCK = 128  # block-FP8 quantizes weights in 128 x 128 blocks: every rank's slice must hold whole blocks
 DOC = 'docs/families-2026.md "Serving constraints"'
 
@@ -37,8 +41,9 @@ DOC = 'docs/families-2026.md "Serving constraints"'
 class ServingCheck:
     """The result of :func:`check_serving` for one model shape (one stage)."""
 
-    tp: int
+    tp: int | None
     dtype: str
+    engine: str | None = None  # vllm | sglang | llamacpp; None: the generic vLLM / SGLang width rules only
     ok: bool = True
     problems: list[str] = field(default_factory=list)
     nearest: dict[str, dict] = field(default_factory=dict)
@@ -48,8 +53,19 @@ class ServingCheck:
 
     @property
     def label(self) -> str:
-        """The ``plan`` table's column header, e.g. ``serves@tp8/fp8``."""
-        return f"serves@tp{self.tp}/{self.dtype}"
+        """The ``plan`` table's column header, e.g. ``serves@tp8/fp8`` or ``serves@vllm/tp8/fp8``."""
+        return "serves@" + "/".join([*([self.engine] if self.engine else []),
+                                     *([f"tp{self.tp}"] if self.tp is not None else []), self.dtype])
+
+    @property
+    def where(self) -> str:
+        """What was checked, for messages: ``tp=8 fp8 (vLLM / SGLang, ...)`` or ``tp=8 fp8 in vLLM (...)``."""
+        from lightning_slimmoe.engines import ENGINE_NAMES
+
+        tp = f"tp={self.tp} " if self.tp is not None else ""
+        if self.engine:
+            return f"{tp}{self.dtype} in {ENGINE_NAMES[self.engine]} (its support table, lightning_slimmoe/engines.py)"
+        return f"{tp}{self.dtype} (vLLM / SGLang, {DOC})"
 
     def to_json(self) -> dict:
         return {"ok": self.ok, "problems": list(self.problems), "nearest": {k: dict(v) for k, v in self.nearest.items()}}
@@ -124,6 +140,26 @@ def check_serving(config, tp: int, dtype: str = "bf16", reference=None) -> Servi
     return check
 
 
+def check_engine(config, engine: str, tp: int | None = None, dtype: str = "bf16", reference=None) -> ServingCheck:
+    """Whether ``engine`` (vllm | sglang | llamacpp) serves a model of ``config``, pruned from ``reference`` (the
+    teacher's config), at ``tp`` in ``dtype``: the engine's support table and dtype rules (engines.py), and for vLLM /
+    SGLang the width and head rules of :func:`check_serving` at ``tp`` (1 when not given)."""
+    from lightning_slimmoe.engines import ALL_DTYPES, ENGINES, engine_problems
+
+    if engine not in ENGINES:
+        raise ValueError(f"engine={engine!r}: must be one of {list(ENGINES)}")
+    if dtype not in ALL_DTYPES:
+        raise ValueError(f"dtype={dtype!r}: must be one of {list(ALL_DTYPES)}")
+    check = ServingCheck(tp=tp, dtype=dtype, engine=engine)
+    check.problems = engine_problems(engine, config, reference if reference is not None else config, dtype)
+    if engine in ("vllm", "sglang"):
+        widths = check_serving(config, tp or 1, dtype if dtype in SERVING_DTYPES else "bf16", reference=reference)
+        check.problems += widths.problems
+        check.nearest = widths.nearest
+    check.ok = not check.problems
+    return check
+
+
 def _nearest_line(name: str, near: dict) -> str:
     below = (f"below none (no positive multiple of {near['round_to']} <= {near['width']})" if near["below"] is None
              else f"below {near['below']}")
@@ -144,19 +180,29 @@ def format_serving(name: str, check: ServingCheck) -> list[str]:
 
 def final_stage_message(name: str, check: ServingCheck) -> str:
     """The whole message for a final stage that does not serve (warning or error)."""
-    return "\n".join([f"serving: the final stage {name!r} cannot be served at tp={check.tp} {check.dtype} "
-                      f"(vLLM / SGLang, {DOC}):", *format_serving(name, check)])
+    return "\n".join([f"serving: the final stage {name!r} cannot be served at {check.where}:",
+                      *format_serving(name, check)])
 
 
 def enforce_serving(serving, stage_name: str, final_config, teacher_config) -> ServingCheck | None:
-    """``serving`` (a :class:`~lightning_slimmoe.config.ServingConfig`): with ``tp`` set, check the final stage's
-    config; if it does not serve, ``rank_zero_warn`` (or raise :class:`ConfigError` with ``strict``)."""
-    if serving.tp is None:
+    """``serving`` (a :class:`~lightning_slimmoe.config.ServingConfig`): with ``engine`` or ``tp`` set, check the final
+    stage's config; if it does not serve, ``rank_zero_warn`` (or raise :class:`ConfigError` with ``strict``)."""
+    check = stage_check(serving, final_config, teacher_config)
+    if check is None:
         return None
-    check = check_serving(final_config, serving.tp, serving.dtype, reference=teacher_config)
     if not check.ok:
         message = final_stage_message(stage_name, check)
         if serving.strict:
             raise ConfigError(message + "\n(serving.strict: true; set it false to only warn)")
         rank_zero_warn(message)
     return check
+
+
+def stage_check(serving, config, teacher_config) -> ServingCheck | None:
+    """The check ``serving`` asks for, of one stage's ``config``: the engine's (``serving.engine``), else the generic
+    vLLM / SGLang rules at ``serving.tp``; None when neither is set."""
+    if serving.engine is not None:
+        return check_engine(config, serving.engine, serving.tp, serving.dtype, reference=teacher_config)
+    if serving.tp is None:
+        return None
+    return check_serving(config, serving.tp, serving.dtype, reference=teacher_config)

@@ -13,13 +13,18 @@ from helpers import FAMILIES, make_teacher_dir
 
 
 def pytest_collection_modifyitems(config, items):
-    """``@pytest.mark.gpu`` tests are skipped (not failed) on a machine without a CUDA device."""
-    if torch.cuda.is_available():
-        return
-    skip = pytest.mark.skip(reason="needs a CUDA device")
+    """``@pytest.mark.gpu`` tests are skipped (not failed) on a machine without a CUDA device; ``@pytest.mark.serving``
+    tests without the engines' environments (helpers.serving_envs)."""
+    from helpers import SERVING_SKIP, serving_envs
+
+    envs = serving_envs()
     for item in items:
-        if "gpu" in item.keywords:
-            item.add_marker(skip)
+        if "gpu" in item.keywords and not torch.cuda.is_available():
+            item.add_marker(pytest.mark.skip(reason="needs a CUDA device"))
+        if "serving" in item.keywords:
+            missing = [e for e in ("vllm", "llamacpp", "tokenizer") if e in item.keywords and e not in envs]
+            if missing:
+                item.add_marker(pytest.mark.skip(reason=SERVING_SKIP.format(missing=", ".join(missing))))
 
 
 @pytest.fixture(params=FAMILIES)

@@ -454,3 +454,26 @@ def train_torchrun_many(runs: list[list[str]], ranks: int) -> None:
                str(ROOT / "tests" / "train_runs_worker.py"), *worker_args]
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+
+
+# ---------------------------------------------------------------------------------------------------
+# The serving engines' environments (pytest -m serving): made by bench/serving.py
+# ---------------------------------------------------------------------------------------------------
+SERVING_SKIP = ("needs the serving engines' environments ({missing}): run `python bench/serving.py --cache DIR` once, "
+                "then `SLIMMOE_SERVING_CACHE=DIR python -m pytest -q -m serving` (or set SLIMMOE_VLLM_PYTHON / "
+                "SLIMMOE_LLAMA_CPP / SLIMMOE_QWEN_TOKENIZER to your own)")
+
+
+def serving_envs() -> dict[str, str]:
+    """What exists of ``vllm`` (a vLLM environment's python), ``llamacpp`` (a llama.cpp build dir) and ``tokenizer``
+    (a tokenizer dir llama.cpp's converter knows: the Qwen vocabulary): from SLIMMOE_VLLM_PYTHON / SLIMMOE_LLAMA_CPP /
+    SLIMMOE_QWEN_TOKENIZER, else under SLIMMOE_SERVING_CACHE laid out as bench/serving.py lays it out."""
+    import os
+
+    cache = os.environ.get("SLIMMOE_SERVING_CACHE")
+    paths = {"vllm": os.environ.get("SLIMMOE_VLLM_PYTHON") or (cache and f"{cache}/vllm-venv/bin/python"),
+             "llamacpp": os.environ.get("SLIMMOE_LLAMA_CPP") or (cache and f"{cache}/llamacpp/build"),
+             "llamacpp_python": os.environ.get("SLIMMOE_LLAMA_CPP_PYTHON") or (
+                 cache and f"{cache}/llamacpp/venv/bin/python"),
+             "tokenizer": os.environ.get("SLIMMOE_QWEN_TOKENIZER") or (cache and f"{cache}/qwen-tokenizer")}
+    return {k: v for k, v in paths.items() if v and Path(v).exists()}

@@ -62,3 +62,74 @@ def test_bf16_true_run_exports_and_a_resume_at_another_precision_names_it(tmp_pa
     assert other.returncode == 2
     assert 'precision.trainer: "bf16-true" -> "32-true"' in other.stderr
     assert "fingerprint" not in other.stderr
+
+
+# ---------------------------------------------------------------------------------------------------
+# What serving engines read from an export's config.json (issue 24): both writers agree
+# ---------------------------------------------------------------------------------------------------
+MLA = ("deepseek_v2", "deepseek_v3", "glm4_moe_lite")
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_export_config_holds_what_serving_engines_read_and_reloads_identically(family, tmp_path):
+    import json
+
+    from lightning_slimmoe.export import export_sharded_hf
+    from lightning_slimmoe.families import head_dim
+
+    model = tiny_model(family)
+    model.config.quantization_config = {"quant_method": "fp8"}  # a teacher's, left on a config: never exported
+    ids = random_batch()["input_ids"]
+    export_hf(model, tmp_path / "hf", probe_ids=ids)  # raises unless stock from_pretrained gives identical logits
+    del model.config.quantization_config
+    export_sharded_hf(model, tmp_path / "sharded")  # the tensor-by-tensor writer (one process: no process group)
+    written = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert json.loads((tmp_path / "sharded" / "config.json").read_text()) == written
+    expected = "PhiMoEForCausalLM" if family == "phimoe" else type(model).__name__  # as the hub and vLLM spell it
+    assert written["architectures"] == [expected]
+    assert "quantization_config" not in written
+    if family in MLA:  # no single per-head width: the q/k and v widths are written
+        assert all(k in written for k in ("qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"))
+    else:
+        assert written["head_dim"] == head_dim(model.config)  # OLMoE's config class has none: derived
+    for directory in ("hf", "sharded"):
+        reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / directory).eval()
+        with torch.no_grad():
+            assert torch.equal(reloaded(input_ids=ids).logits, model(input_ids=ids).logits)
+
+
+def test_a_slimmed_phimoe_keeps_the_hub_spelling_and_a_teachers_own_spelling_is_kept(tmp_path):
+    import json
+
+    from lightning_slimmoe.slimming import slim_model_
+
+    from helpers import random_keep
+
+    model = tiny_model("phimoe")
+    slim_model_(model, random_keep(model, width=16, groups=1))
+    export_hf(model, tmp_path / "phimoe", probe_ids=random_batch()["input_ids"])
+    config = json.loads((tmp_path / "phimoe" / "config.json").read_text())
+    assert config["architectures"] == ["PhiMoEForCausalLM"] and config["head_dim"] == 8
+    assert config["num_attention_heads"] == 2 and config["num_key_value_heads"] == 1
+    mixtral = tiny_model("mixtral")
+    mixtral.config.architectures = ["MIXTRALForCausalLM"]  # a teacher's own spelling of the same class
+    export_hf(mixtral, tmp_path / "mixtral")
+    assert json.loads((tmp_path / "mixtral" / "config.json").read_text())["architectures"] == ["MIXTRALForCausalLM"]
+    mixtral.config.architectures = ["MixtralForSequenceClassification"]  # another class: not ours to write
+    export_hf(mixtral, tmp_path / "mixtral2")
+    assert json.loads((tmp_path / "mixtral2" / "config.json").read_text())["architectures"] == ["MixtralForCausalLM"]
+
+
+def test_the_export_carries_the_vocabulary_files_the_tokenizer_was_read_from(tmp_path):
+    """A SentencePiece ``tokenizer.model`` that ``save_pretrained`` does not write again is copied beside the saved
+    tokenizer: llama.cpp's converter reads PhiMoE's and Llama's vocabularies from it."""
+    from transformers import PreTrainedTokenizerFast
+    from tokenizers import Tokenizer, models
+
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({"a": 0, "<unk>": 1}, "<unk>")))
+    (tmp_path / "tokenizer.model").write_bytes(b"sentencepiece model bytes")
+    tokenizer.vocab_files_names = {**tokenizer.vocab_files_names, "vocab_file": "tokenizer.model"}
+    tokenizer.vocab_file = str(tmp_path / "tokenizer.model")
+    export_hf(tiny_model("mixtral"), tmp_path / "hf", tokenizer=tokenizer)
+    assert (tmp_path / "hf" / "tokenizer.model").read_bytes() == b"sentencepiece model bytes"
+    assert (tmp_path / "hf" / "tokenizer.json").exists()

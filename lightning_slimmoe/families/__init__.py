@@ -88,6 +88,10 @@ class MoEFamily:
     # read, slimmed nor exported, and summary.json says so. Qwen3-Next's hub config counts its `mtp.*` layer nowhere.
     mtp_layers_field: str | None = None
     export_note: str = ""  # what the exported model is, where the teacher's hub checkpoint holds more (model card)
+    # The causal LM's class name as the hub's config.json and the serving engines' registries spell it, where
+    # transformers' class is spelled otherwise (PhiMoE: transformers `PhimoeForCausalLM`, the hub and vLLM /
+    # llama.cpp `PhiMoEForCausalLM`; vLLM falls back to its generic backend for a name it has not registered).
+    architecture: str | None = None
 
     # --- where things live -------------------------------------------------------------------
     def decoder_layers(self, model: nn.Module) -> nn.ModuleList:
