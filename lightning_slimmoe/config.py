@@ -111,7 +111,7 @@ class ParallelConfig:
     reduce_dtype: Optional[str] = "float32"
     """gradient reduce-scatter dtype"""
     activation_checkpointing: bool = False
-    """recompute each student decoder layer in backward (FSDP2 and FSDP1)"""
+    """recompute each student decoder layer in backward: the KD step (FSDP2 and FSDP1) and, under any strategy, the backward of `kd_taylor` / `kd_fisher` scoring"""
     reshard_after_forward: bool = True
     """FSDP2: ZeRO-3 (true) or keep gathered params until backward (ZeRO-2)"""
 
@@ -168,7 +168,7 @@ class RunConfig:
     teacher_8bit: bool = False
     """hold the frozen teacher in 8-bit (bitsandbytes): attention `Linear8bitLt` + int8 fused experts; ~43% of its fp32 bytes, KD loss drift ~0.1% (`docs/scaling.md`); not with `ModelParallelStrategy` or `*-true` half precision"""
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
-    """FSDP settings: `param_dtype`, `reduce_dtype` (`float32`), `activation_checkpointing` (FSDP2 and FSDP1), `reshard_after_forward` (FSDP2)"""
+    """FSDP settings: `param_dtype`, `reduce_dtype` (`float32`), `activation_checkpointing` (KD steps under FSDP2 and FSDP1, importance scoring always), `reshard_after_forward` (FSDP2)"""
     teacher_cache: Optional[str] = None
     """directory for the teacher's top-k of the training blocks: computed once before the first KD stage, then read by every KD stage instead of the teacher forward; a cache built for another teacher, data, `seq_len` or `top_k` is refused (`docs/scaling.md`)"""
     teacher_cache_dtype: Literal["float32", "bfloat16"] = "float32"
