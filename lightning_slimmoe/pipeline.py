@@ -358,6 +358,10 @@ def load_teacher(ctx: RunContext):
     # Before any sharding changes state_dict(); a meta-built teacher's is read from its checkpoint and is the
     # one a single process records, so resume and the teacher cache see the same teacher either way.
     teacher.slimmoe_fingerprint = model_fingerprint(teacher)
+    # Frozen from the start: the teacher's own validation (summarize_teacher) wraps it as a module's model, and FSDP2
+    # requires one dtype among a unit's *trainable* parameters, which a bf16 teacher with fp32-kept parameters (ERNIE's
+    # moe_statics) does not have.
+    teacher.requires_grad_(False)
     return teacher
 
 
