@@ -79,6 +79,8 @@ class ExpertSlimming(Callback):
         progress = lambda it: tqdm(it, desc=f"[{self.stage.name}] calibration ({self.stage.criterion})",
                                    disable=trainer.global_rank != 0, leave=False)
         kept_experts = None
+        # the scoring backward recomputes each layer as training does (memory.py plans the score phase so)
+        checkpoint_layers = pl_module.parallel.activation_checkpointing
         if self.stage.remove_experts_to is not None:
             saliency = expert_saliency(student, calibration, progress=progress)
             kept_experts = {layer: s.topk(self.stage.remove_experts_to).indices.sort().values
@@ -96,7 +98,7 @@ class ExpertSlimming(Callback):
             # each rank scores the rows it holds; structure_scores all-reduces the tables (docs/design.md §5).
             scores = compute_scores(student, calibration, self.stage.criterion, teacher=pl_module.teacher,
                                     kd=self.stage.kd, seed=self.seed, progress=progress,
-                                    fisher_draws=self.stage.fisher_draws)
+                                    fisher_draws=self.stage.fisher_draws, checkpoint_layers=checkpoint_layers)
         elif self.stage.criterion in ("kd_taylor", "kd_fisher") and trainer.world_size > 1:
             # Each rank scores its share of the calibration batches; the fp64 sums are all-reduced so every
             # rank keeps exactly the neurons a single process would.
@@ -108,7 +110,7 @@ class ExpertSlimming(Callback):
             # kd_fisher's draws are seeded per sequence from its tokens: the same as a single process's.
             scores = compute_scores(student, mine, self.stage.criterion, teacher=pl_module.teacher, kd=self.stage.kd,
                                     seed=self.seed, progress=progress, counted=counted,
-                                    fisher_draws=self.stage.fisher_draws)
+                                    fisher_draws=self.stage.fisher_draws, checkpoint_layers=checkpoint_layers)
             all_reduce_scores_([scores.experts, scores.shared, scores.groups])
             scores.num_tokens = sum(int(b["input_ids"].numel()) for b in calibration)
         else:  # activation means, magnitude and random are computed whole on every rank

@@ -29,7 +29,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from lightning_slimmoe.checkpoint_io import AtomicCheckpointIO
 from lightning_slimmoe.config import RunConfig, ServingConfig
 from lightning_slimmoe.data import TextDataModule
-from lightning_slimmoe.errors import UserError
+from lightning_slimmoe.errors import ConfigError, UserError
 from lightning_slimmoe.quiet import quiet_lightning
 from lightning_slimmoe.run_dir import RunDir
 from lightning_slimmoe.sources import resolve_path, shipped_conf_dir
@@ -42,7 +42,8 @@ USAGE = """usage: slimmoe {train,plan,eval,export,check-serving} [--help] ...   
 
   train --config X [overrides]    the stage pipeline (the same as `python train.py`)
   plan --config X [--json] [--memory] [--serve vllm|sglang|llamacpp] [--serve-tp N] [--serve-dtype fp8] [--strict]
-                                  shapes and parameter counts of every stage, from configs alone (no weights)
+                                  shapes, parameter counts, FLOPs and GPU-hours of every stage (--memory: GiB per
+                                  rank of every phase), from configs alone (no weights)
   eval --model DIR --ppl-file F   held-out perplexity (+ teacher agreement, lm-evaluation-harness tasks)
   export --checkpoint C --out D   a stage checkpoint (sharded DCP dir or single file) -> a stock HF dir
   check-serving --model DIR --engine vllm|llamacpp [--python PY] [--llama-cpp BUILD]
@@ -144,9 +145,17 @@ class PlanCLI(SlimMoECLI):
         super().add_arguments_to_parser(parser)
         group = parser.add_argument_group("plan options")
         group.add_argument("--json", action="store_true", help="print the plan as JSON")
-        group.add_argument("--memory", action="store_true", help="add a per-GPU memory plan of every stage")
-        group.add_argument("--gpus", type=int, default=64, help="GPUs of the memory plan")
-        group.add_argument("--gpu-memory-gib", type=float, default=80.0, help="memory of one GPU (GiB)")
+        group.add_argument("--memory", action="store_true",
+                           help="add the memory plan: GiB per rank of every phase of every stage (docs/scaling.md)")
+        group.add_argument("--gpus", type=Optional[int], default=None,
+                           help="devices of the memory plan in all (default: trainer.devices x trainer.num_nodes); "
+                                "a multiple of trainer.devices sets trainer.num_nodes")
+        group.add_argument("--gpu-memory-gib", type=Optional[float], default=None,
+                           help="memory of one device in GiB (default: memory_plan.device_memory_gib)")
+        group.add_argument("--mfu", type=float, default=0.4,
+                           help="model FLOPs utilisation the GPU-hours assume")
+        group.add_argument("--peak-tflops", type=float, default=989.0,
+                           help="dense bf16 TFLOP/s of one GPU the GPU-hours assume (H100 SXM: 989)")
         group.add_argument("--serve", type=Optional[Literal["vllm", "sglang", "llamacpp"]], default=None,
                            help="check every stage against this engine's support table (family x what was pruned x "
                                 "dtype, lightning_slimmoe/engines.py); overrides serving.engine")
@@ -291,7 +300,8 @@ def main(args: list[str] | None = None) -> dict:
 
 def plan(args: list[str]) -> dict:
     """``plan``: shapes and parameter counts of every stage, on the meta device from configs alone."""
-    from lightning_slimmoe.memory import MemoryPlanInputs, memory_plan
+    from lightning_slimmoe.flops import compute_json, format_compute, stage_compute
+    from lightning_slimmoe.memory import format_memory, recipe_memory_plan
     from lightning_slimmoe.planning import plan_shapes, plan_summary
     from lightning_slimmoe.serving import format_serving, stage_check
 
@@ -313,14 +323,14 @@ def plan(args: list[str]) -> dict:
                              "dtype": serving.dtype}
         for row, check in zip(result["stages"], checks):
             row["serving"] = check.to_json()
+    setup = planned_setup(opts, config)
+    recompute = config.parallel.activation_checkpointing and setup.strategy in ("fsdp1", "fsdp2")
+    compute = stage_compute(config, shapes, cli.datamodule.hparams.seq_len, recompute)
+    result["compute"] = compute_json(compute, opts["mfu"], opts["peak_tflops"], recompute)
+    memory = None
     if opts["memory"]:
-        hp = cli.datamodule.hparams
-        for stage, stage_config, row in zip(config.stages, shapes.configs, result["stages"]):
-            inputs = MemoryPlanInputs(
-                gpus=opts["gpus"], gpu_memory_gib=opts["gpu_memory_gib"], micro_batch=hp.batch_size,
-                seq_len=hp.seq_len, activation_checkpointing=config.parallel.activation_checkpointing,
-                optimizer=stage.optimizer.name, chunk_tokens=stage.kd.chunk_tokens)
-            row["memory_gib_per_gpu"] = memory_plan(stage_config, shapes.teacher_config, inputs)
+        memory = recipe_memory_plan(config, shapes, setup, cli.datamodule.hparams)
+        result["memory"] = memory.to_json()
     if opts["json"]:
         print(json.dumps(result, indent=2))
         _refuse_unservable(serving, config.stages[-1].name, checks)
@@ -341,12 +351,33 @@ def plan(args: list[str]) -> dict:
         lines = [line for stage, check in zip(config.stages, checks) for line in format_serving(stage.name, check)]
         print(f"\nserving at {checks[-1].where}:"
               + (" every stage serves" if not lines else "\n" + "\n".join(lines)))
-    if opts["memory"]:
-        print(f"\nper-GPU memory plan (GiB, {opts['gpus']} GPUs x {opts['gpu_memory_gib']:g} GiB, FSDP2 full shard):")
-        for row in result["stages"]:
-            print(f"  {row['name']}: " + ", ".join(f"{k} {v}" for k, v in row["memory_gib_per_gpu"].items()))
+    print("\n" + format_compute(compute, opts["mfu"], opts["peak_tflops"], recompute))
+    if memory is not None:
+        print("\n" + format_memory(memory))
     _refuse_unservable(serving, config.stages[-1].name, checks)
     return result
+
+
+def planned_setup(opts, config: RunConfig):
+    """The hardware and strategy ``plan`` plans for: the recipe's ``trainer`` section, ``--gpus`` and
+    ``--gpu-memory-gib`` applied."""
+    import dataclasses
+
+    from lightning_slimmoe.memory import setup_from_section
+
+    setup = setup_from_section(opts["trainer"])
+    if opts["gpus"] is not None:
+        gpus = opts["gpus"]
+        if gpus < 1:
+            raise ConfigError(f"--gpus={gpus}: must be >= 1")
+        nodes = gpus // setup.devices if gpus % setup.devices == 0 else None
+        setup = dataclasses.replace(setup, **({"num_nodes": nodes} if nodes else {"devices": gpus, "num_nodes": 1}))
+    if opts["gpu_memory_gib"] is not None:
+        try:
+            config.memory_plan = dataclasses.replace(config.memory_plan, device_memory_gib=opts["gpu_memory_gib"])
+        except ValueError as err:
+            raise ConfigError(f"--gpu-memory-gib: {err}") from err
+    return setup
 
 
 def _refuse_unservable(serving, final_name: str, checks: list) -> None:

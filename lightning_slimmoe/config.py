@@ -136,7 +136,7 @@ class ParallelConfig:
     reduce_dtype: Optional[str] = "float32"
     """gradient reduce-scatter dtype"""
     activation_checkpointing: bool = False
-    """recompute each student decoder layer in backward (FSDP2 and FSDP1)"""
+    """recompute each student decoder layer in backward: the KD step (FSDP2 and FSDP1) and, under any strategy, the backward of `kd_taylor` / `kd_fisher` scoring"""
     reshard_after_forward: bool = True
     """FSDP2: ZeRO-3 (true) or keep gathered params until backward (ZeRO-2)"""
 
@@ -179,6 +179,23 @@ class ServingConfig:
 
 
 @dataclass
+class MemoryPlanConfig:
+    """The memory plan of the run (``lightning_slimmoe/memory.py``, ``plan --memory``), checked by ``train`` before
+    any weight is read."""
+
+    check: Literal["error", "warn", "off"] = "error"
+    """a phase that does not fit: `error` refuses the run naming the stage, phase, term, numbers and fixes; `warn` logs that and runs; `off` does not plan"""
+    device_memory_gib: Optional[float] = None
+    """memory of one device in GiB, the hardware the recipe is sized for (a phase may use 90% of it); null = 80 for GPUs (`train`: the visible GPU's own, which also caps a larger value), for accelerator cpu the host's RAM shared by the node's ranks"""
+
+    def __post_init__(self):
+        _check(self.check in ("error", "warn", "off"), "memory_plan.check", self.check, "must be error, warn or off")
+        if self.device_memory_gib is not None:
+            _check(not isinstance(self.device_memory_gib, bool) and self.device_memory_gib > 0,
+                   "memory_plan.device_memory_gib", self.device_memory_gib, "must be > 0 or null")
+
+
+@dataclass
 class RunConfig:
     """The top-level keys of a recipe (besides ``seed_everything``, ``trainer`` and ``data``)."""
 
@@ -201,7 +218,7 @@ class RunConfig:
     teacher_8bit: bool = False
     """hold the frozen teacher in 8-bit (bitsandbytes): attention `Linear8bitLt` + int8 fused experts; ~43% of its fp32 bytes, KD loss drift ~0.1% (`docs/scaling.md`); not with `ModelParallelStrategy` or `*-true` half precision"""
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
-    """FSDP settings: `param_dtype`, `reduce_dtype` (`float32`), `activation_checkpointing` (FSDP2 and FSDP1), `reshard_after_forward` (FSDP2)"""
+    """FSDP settings: `param_dtype`, `reduce_dtype` (`float32`), `activation_checkpointing` (KD steps under FSDP2 and FSDP1, importance scoring always), `reshard_after_forward` (FSDP2)"""
     teacher_cache: Optional[str] = None
     """directory for the teacher's top-k of the training blocks: computed once before the first KD stage, then read by every KD stage instead of the teacher forward; a cache built for another teacher, data, `seq_len` or `top_k` is refused (`docs/scaling.md`)"""
     teacher_cache_dtype: Literal["float32", "bfloat16"] = "float32"
@@ -212,6 +229,8 @@ class RunConfig:
     """`stage`: every stage warms up and decays over its own steps; `run`: one warm-up at the start of the first KD stage and one cosine decay across all KD stages (each stage's `optimizer.lr` scales the shared curve; a `pretrain` stage keeps its own); `warmup_ratio` / `min_lr_ratio` are read from the first KD stage"""
     experts_implementation: Optional[Literal["grouped_mm", "batched_mm", "eager"]] = None
     """transformers' fused-experts kernel of teacher and student; null = transformers' `grouped_mm` on CPU (`eager` measured faster there but is not bitwise-equal to it) and on CUDA compute capability >= 8.0, else `eager`, logged once per run (`docs/results.md` "Speed")"""
+    memory_plan: MemoryPlanConfig = field(default_factory=MemoryPlanConfig)
+    """the memory plan per rank, checked by `train` before any weight is read: `check` (`error`, `warn` or `off`), `device_memory_gib` (the GPU's memory the recipe is sized for; null = 80, or in `train` the visible GPU's; accelerator cpu: the host's RAM shared by its ranks); `plan --memory` prints it (`docs/scaling.md`)"""
 
     @classmethod
     def from_parsed(cls, values) -> "RunConfig":

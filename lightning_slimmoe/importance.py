@@ -295,6 +295,30 @@ class _gradients_only_for:
             p.grad = None
 
 
+class _checkpointed_layers:
+    """Within the block every decoder layer of ``model`` runs under non-reentrant activation checkpointing: its forward
+    keeps only its inputs for backward and is recomputed there, so a scoring backward holds one layer's activations
+    instead of every layer's (``parallel.activation_checkpointing``; memory.py plans it). transformers' own
+    checkpointing acts in train mode only, and scoring runs in eval mode (no dropout, no router jitter), so the layer's
+    ``forward`` is wrapped here, below its ``__call__``: FSDP2's hooks stay outside and gather the layer's shards for
+    the recompute, as they do for transformers' training-mode checkpointing. The recomputed forward is the same
+    eval-mode computation, so the scores are the same. Disabled (``enabled=False``) it changes nothing."""
+
+    def __init__(self, model: nn.Module, enabled: bool):
+        self.layers = list(get_family(model).decoder_layers(model)) if enabled else []
+
+    def __enter__(self):
+        for layer in self.layers:
+            forward = layer.forward
+            layer.forward = lambda *args, _forward=forward, **kwargs: checkpoint(_forward, *args, use_reentrant=False,
+                                                                                 **kwargs)
+        return self
+
+    def __exit__(self, *exc):
+        for layer in self.layers:
+            del layer.forward  # the class's forward again
+
+
 def _kd_taylor(student, teacher, batches, kd: KDConfig, progress, counted) -> tuple[dict, dict, dict]:
     if teacher is None:
         raise ValueError("criterion='kd_taylor' needs a teacher (the KD loss is taken against it)")
@@ -311,7 +335,7 @@ def _kd_taylor(student, teacher, batches, kd: KDConfig, progress, counted) -> tu
             t_vals_NK, t_ids_NK = teacher_targets(teacher, batch["input_ids"], kd)
             # The loss is distill_loss's fused path where the student's head is a plain nn.Linear: the head is frozen
             # here, so it computes only d(hidden) and no [V, H] gradient.
-            s_hidden_NH = student.model(input_ids=batch["input_ids"]).last_hidden_state.flatten(0, 1)
+            s_hidden_NH = student.model(input_ids=batch["input_ids"], use_cache=False).last_hidden_state.flatten(0, 1)
             out = distill_loss(s_hidden_NH, student.get_output_embeddings(), batch["labels"].flatten(), t_vals_NK, t_ids_NK, kd)
             out.loss.backward()
             with torch.no_grad():
@@ -434,7 +458,7 @@ def _kd_fisher(student, teacher, batches, kd: KDConfig, progress, counted, seed:
             t_vals_NK, t_ids_NK = teacher_targets(teacher, batch["input_ids"], kd)
             labels_N = batch["labels"].flatten()
             # First order: the stage's KD loss (0 gradient at student == teacher for an exact divergence).
-            s_hidden_NH = student.model(input_ids=batch["input_ids"]).last_hidden_state.flatten(0, 1)
+            s_hidden_NH = student.model(input_ids=batch["input_ids"], use_cache=False).last_hidden_state.flatten(0, 1)
             # fused=False: autograd through the head module, the path a sharded head takes, so sharded and
             # single-process scores round alike (the score can cancel to near 0 against the second-order term).
             out = distill_loss(s_hidden_NH, student.get_output_embeddings(), labels_N, t_vals_NK, t_ids_NK, kd,
@@ -456,7 +480,7 @@ def _kd_fisher(student, teacher, batches, kd: KDConfig, progress, counted, seed:
             for draw in range(draws):
                 for row in range(input_ids_BT.shape[0]):
                     ids_1T, mask_T = input_ids_BT[row:row + 1], labels_BT[row] != IGNORE_INDEX
-                    s_hidden_TH = student.model(input_ids=ids_1T).last_hidden_state[0]
+                    s_hidden_TH = student.model(input_ids=ids_1T, use_cache=False).last_hidden_state[0]
                     sketch = _fisher_sketch(s_hidden_TH[mask_T], t_ids_BTK[row][mask_T] if kd.tail_bucket else None,
                                             student.get_output_embeddings(), kd, batch_seed(seed + 7919 * draw, ids_1T))
                     sketch.backward()
@@ -526,7 +550,7 @@ def _activation(student, batches, progress) -> tuple[dict, dict, dict]:
     try:
         with torch.no_grad():
             for batch in progress(batches):
-                student.model(input_ids=_to_device(batch, device)["input_ids"])
+                student.model(input_ids=_to_device(batch, device)["input_ids"], use_cache=False)
     finally:
         for h in hooks:
             h.remove()
@@ -548,6 +572,7 @@ def compute_scores(
     progress: Callable[[Iterable], Iterable] = lambda it: it,
     counted: list[bool] | None = None,
     fisher_draws: int = 1,
+    checkpoint_layers: bool = False,
 ) -> ImportanceScores:
     """Score every expert neuron, shared-expert neuron and GQA group of ``student``.
 
@@ -555,6 +580,8 @@ def compute_scores(
     ``fisher_draws`` (kd_fisher): sketches per calibration sequence, each one student forward + backward.
     ``counted`` (kd_taylor, kd_fisher): batches marked False are run but not added — a sharded teacher's forward is
     collective, so every rank must run as many batches as the others even when it has fewer to score.
+    ``checkpoint_layers`` (kd_taylor, kd_fisher): recompute each decoder layer in the scoring backward instead of
+    holding every layer's activations (:class:`_checkpointed_layers`); the scores are the same.
     """
     if criterion not in CRITERIA:
         raise ValueError(f"criterion={criterion!r}: must be one of {list(CRITERIA)}")
@@ -569,13 +596,15 @@ def compute_scores(
             # KL (a recovery-loss option) is an exact divergence whose gradient vanishes while the student still
             # equals the teacher — every stage that starts from the teacher — so all scores would be 0.
             kd = replace(kd or KDConfig(), tail_bucket=False)
-            experts, shared, groups = _kd_taylor(student, teacher, batches, kd, progress, counted)
+            with _checkpointed_layers(student, checkpoint_layers):
+                experts, shared, groups = _kd_taylor(student, teacher, batches, kd, progress, counted)
             if counted is not None:
                 num_tokens = sum(int(b["input_ids"].numel()) for b, c in zip(batches, counted) if c)
         elif criterion == "kd_fisher":
             # The stage's own KD loss (tail bucket included): its rise on removal is what the recovery must undo.
-            experts, shared, groups = _kd_fisher(student, teacher, batches, kd or KDConfig(), progress, counted, seed,
-                                                 fisher_draws)
+            with _checkpointed_layers(student, checkpoint_layers):
+                experts, shared, groups = _kd_fisher(student, teacher, batches, kd or KDConfig(), progress, counted,
+                                                     seed, fisher_draws)
             if counted is not None:
                 num_tokens = sum(int(b["input_ids"].numel()) for b, c in zip(batches, counted) if c)
         elif criterion == "activation":
@@ -628,7 +657,7 @@ def expert_saliency(model: nn.Module, batches: Iterable[dict], progress=lambda i
     try:
         with _EvalMode(model):
             for batch in progress(batches):
-                model.model(input_ids=batch["input_ids"].to(device))
+                model.model(input_ids=batch["input_ids"].to(device), use_cache=False)
     finally:
         for h in hooks:
             h.remove()

@@ -1,6 +1,7 @@
 """The SlimMoE stage pipeline — read this file to know what a run does.
 
-    plan everything (config, targets of every stage, teacher, tokenizer, data, schedule)   — before any weight
+    plan everything (config, targets of every stage, memory per rank, teacher, tokenizer, data, schedule)
+                                                                                           — before any weight
     for each stage k:
         student = previous stage's export (stage 1: the teacher, or a pretrain stage's random init)
         Trainer.fit(StageModule(student, frozen original teacher), callbacks=[ExpertSlimming, ...])
@@ -41,6 +42,7 @@ from lightning_slimmoe.config import ConfigError, RunConfig
 from lightning_slimmoe.data import TextDataModule
 from lightning_slimmoe.distributed import gather_fsdp1_model, is_fsdp1_sharded, is_sharded
 from lightning_slimmoe.export import TRAINING_FILE, export_hf, export_sharded_hf, model_card, training_file_text
+from lightning_slimmoe.memory import check_run_memory, gib_text
 from lightning_slimmoe.module import StageModule, model_fingerprint
 from lightning_slimmoe.params import count_params
 from lightning_slimmoe.planning import RunPlan, StagePlan, lr_window, plan_run, plan_shapes
@@ -110,8 +112,14 @@ class Pipeline:
         run_dir = RunDir(config.output_dir, [s.name for s in config.stages])
         if rank_zero_only.rank == 0:  # the other ranks run the same script; rank 0 owns run.json
             run_dir.check(run_record(config), config.resume)
-        tokenizer, new_tokenizer = prepare_data(config, dm, run_dir, shapes.teacher_config)  # still no writes
         eval_trainer = self.make_trainer(default_root_dir=str(run_dir.path), logger=False, enable_checkpointing=False)
+        # every phase of every stage against the devices' memory, before the data is read or any weight loaded
+        memory = check_run_memory(config, shapes, eval_trainer, dm.hparams)
+        if memory is not None:
+            worst = max(memory.stages, key=lambda s: s.peak_gib)
+            rank_zero_info(f"memory plan: peak {gib_text(worst.peak_gib)} GiB per rank ({worst.name}, {worst.peak_phase}) "
+                           f"of {gib_text(memory.limit_gib)} GiB usable; {memory.inputs.setup.describe()}")
+        tokenizer, new_tokenizer = prepare_data(config, dm, run_dir, shapes.teacher_config)  # still no writes
         plan = plan_run(config, shapes, dm, eval_trainer)
         cache = open_teacher_cache(config, dm, plan, tokenizer, eval_trainer.precision)
         record = run_record(config, plan.batch, data_identity(dm, tokenizer), numerics(plan, eval_trainer))
@@ -392,6 +400,10 @@ def load_teacher(ctx: RunContext):
     # Before any sharding changes state_dict(); a meta-built teacher's is read from its checkpoint and is the
     # one a single process records, so resume and the teacher cache see the same teacher either way.
     teacher.slimmoe_fingerprint = model_fingerprint(teacher)
+    # Frozen from the start: the teacher's own validation (summarize_teacher) wraps it as a module's model, and FSDP2
+    # requires one dtype among a unit's *trainable* parameters, which a bf16 teacher with fp32-kept parameters (ERNIE's
+    # moe_statics) does not have.
+    teacher.requires_grad_(False)
     return teacher
 
 

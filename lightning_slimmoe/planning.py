@@ -31,6 +31,7 @@ from lightning_slimmoe.sources import load_config, offline_config, quantization_
 class Shapes:
     teacher_config: object
     configs: tuple  # the student's config after each stage
+    initial_config: object = None  # the student before the first stage: student_init's config (None: the teacher's)
 
 
 @dataclass(frozen=True)
@@ -101,19 +102,20 @@ def plan_shapes(config: RunConfig, seq_len: int | None = None) -> Shapes:
     teacher_config = language_config(teacher_config)
     check_seq_len(seq_len, f"teacher={config.teacher!r}" if config.teacher is not None
                   else f"stages[0].pretrain.model_config={stages[0].pretrain.model_config!r}", teacher_config)
-    model = teacher_config
+    model, initial = teacher_config, None
     if config.student_init:
         model = language_config(load_config("student_init", config.student_init, config.trust_remote_code))
         if model.vocab_size != teacher_config.vocab_size:
             raise ConfigError(f"student_init vocab_size={model.vocab_size} != teacher vocab_size="
                               f"{teacher_config.vocab_size}: KD needs the same vocabulary")
         check_seq_len(seq_len, f"student_init={config.student_init!r}", model)
+        initial = model
     configs = []
     for k, stage in enumerate(stages):
         if stage.prunes:
             model = _slimmed(k, stage, model, teacher_config)
         configs.append(model)
-    return Shapes(teacher_config, tuple(configs))
+    return Shapes(teacher_config, tuple(configs), initial)
 
 
 def _teacher_config(config: RunConfig):

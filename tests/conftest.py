@@ -53,16 +53,21 @@ def phimoe_teacher(tmp_path_factory, corpus_file) -> str:
 
 @pytest.fixture
 def no_weights(monkeypatch):
-    """Any attempt to load (or build) model weights fails the test; the list records the attempts."""
+    """Any attempt to load (or build) model weights fails the test; the list records the attempts. A model built on
+    the meta device (shapes only, as the memory plan builds one) holds no weights and is allowed."""
     import lightning_slimmoe.pipeline as pipeline
 
     calls = []
+    build = AutoModelForCausalLM.from_config
 
     def refuse(*args, **kwargs):
         calls.append(args[:1])
         raise AssertionError(f"model weights were loaded: {args[:1]}")
 
+    def build_on_meta_only(*args, **kwargs):
+        return build(*args, **kwargs) if torch.get_default_device().type == "meta" else refuse(*args, **kwargs)
+
     monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", refuse)
-    monkeypatch.setattr(AutoModelForCausalLM, "from_config", refuse)
+    monkeypatch.setattr(AutoModelForCausalLM, "from_config", build_on_meta_only)
     monkeypatch.setattr(pipeline, "load_model", refuse)
     return calls

@@ -93,6 +93,41 @@ def test_kd_taylor_equals_brute_force(family_name):
     assert all(p.requires_grad and p.grad is None for p in student.parameters())
 
 
+@pytest.mark.parametrize("criterion", ["kd_taylor", "kd_fisher"])
+@pytest.mark.parametrize("family_name", ["phimoe", "qwen3_next"])
+def test_checkpointed_scoring_holds_less_for_backward_and_scores_the_same(criterion, family_name):
+    """``checkpoint_layers`` (``parallel.activation_checkpointing``, what memory.py plans for the score phase): the
+    scoring backward keeps only each layer's input and recomputes the layer (its MLP starts twice), so the tensors
+    held for backward outside the recompute shrink to a fraction; the scores are bit for bit the same."""
+    student, teacher = tiny_model(family_name, seed=1), tiny_model(family_name, seed=2)
+    batches = [random_batch(seed=s) for s in range(2)]
+    kd = KDConfig(top_k=5, temperature=2.0, chunk_tokens=5)
+    results = {}
+    for checkpointed in (False, True):
+        held, mlp_calls = [0], [0]
+
+        def pack(t):
+            held[0] += t.numel() * t.element_size()
+            return t
+
+        hooks = [layer.mlp.register_forward_pre_hook(lambda *_: mlp_calls.__setitem__(0, mlp_calls[0] + 1))
+                 for layer in get_family(student).decoder_layers(student)]
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            results[checkpointed] = compute_scores(student, batches, criterion, teacher=teacher, kd=kd,
+                                                   checkpoint_layers=checkpointed)
+        for hook in hooks:
+            hook.remove()
+        results[checkpointed] = (results[checkpointed], held[0], mlp_calls[0])
+    (plain, plain_held, plain_calls), (ckpt, ckpt_held, ckpt_calls) = results[False], results[True]
+    for kind in ("experts", "shared", "groups"):
+        ours, reference = getattr(ckpt, kind), getattr(plain, kind)
+        assert ours.keys() == reference.keys()
+        assert all(torch.equal(ours[k], reference[k]) for k in ours), kind
+    assert ckpt_held < plain_held / 2, (ckpt_held, plain_held)
+    assert ckpt_calls == 2 * plain_calls  # each layer's MLP starts again in backward
+    assert "forward" not in vars(get_family(student).decoder_layers(student)[0])  # the class's forward again
+
+
 def test_activation_scores_match_manual_mean():
     model = tiny_model("mixtral")
     batch = random_batch()

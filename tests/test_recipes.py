@@ -352,16 +352,47 @@ def test_demo_recipe_runs_a_few_steps(tmp_path, corpus_file):
     assert summary["stages"][-1]["num_key_value_heads"] == 2
 
 
-def test_plan_memory_for_64_a100s():
+def test_plan_memory_of_a_recipe_at_another_size():
+    """`plan --memory --gpus N --gpu-memory-gib G` plans the recipe on N devices of G GiB (the recipe's own settings
+    otherwise): conf/phi_tiny.yaml fits 64 80 GiB GPUs with the biggest student first, and not 2."""
     out = subprocess.run([sys.executable, "-m", "lightning_slimmoe", "plan", "--config", "conf/phi_tiny.yaml", "--json",
                           "--memory", "--gpus", "64", "--gpu-memory-gib", "80"],
                          cwd=ROOT, capture_output=True, text=True, timeout=120, check=True)
-    plan = json.loads(out.stdout[out.stdout.index("{"):])
-    first = plan["stages"][0]["memory_gib_per_gpu"]
-    assert first["fits"] and 0 < first["total"] < 80
-    assert first["optimizer_state"] == pytest.approx(2 * first["student_weights"], rel=0.02)
-    totals = [s["memory_gib_per_gpu"]["total"] for s in plan["stages"]]
-    assert totals == sorted(totals, reverse=True)  # the biggest student is the first stage's
+    memory = json.loads(out.stdout[out.stdout.index("{"):])["memory"]
+    assert memory["setup"]["world_size"] == 64 and memory["setup"]["limit_gib"] == 72.0
+    first = memory["stages"][0]
+    assert first["fits"] and 0 < first["peak_gib"] < 72
+    train = first["phases"]["train"]
+    assert train["optimizer_state"] == pytest.approx(2 * train["student_weights"], rel=0.02)
+    peaks = [s["phases"]["train"]["total"] for s in memory["stages"]]
+    assert peaks == sorted(peaks, reverse=True)  # the biggest student is the first stage's
     few = subprocess.run([sys.executable, "-m", "lightning_slimmoe", "plan", "--config", "conf/phi_tiny.yaml", "--json",
                           "--memory", "--gpus", "2"], cwd=ROOT, capture_output=True, text=True, timeout=120, check=True)
-    assert not json.loads(few.stdout[few.stdout.index("{"):])["stages"][0]["memory_gib_per_gpu"]["fits"]
+    assert not json.loads(few.stdout[few.stdout.index("{"):])["memory"]["stages"][0]["fits"]
+
+
+def _header(recipe: str) -> str:
+    lines = (ROOT / "conf" / recipe).read_text().splitlines()
+    return "\n".join(line for line in lines[:next(i for i, l in enumerate(lines) if not l.startswith("#"))])
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_every_recipe_fits_the_hardware_it_names(recipe):
+    """Every phase of every stage of every shipped recipe fits its devices with 10% to spare (`plan --memory`: world
+    size, strategy, precision and the rest from the recipe itself), and the recipe's header names that hardware and
+    the plan's peak per device."""
+    from lightning_slimmoe.cli import plan
+
+    memory = plan(["--config", str(ROOT / "conf" / recipe), "--json", "--memory"])["memory"]
+    setup = memory["setup"]
+    limit = 0.9 * setup["device_memory_gib"]
+    assert setup["limit_gib"] == pytest.approx(limit, abs=0.01)
+    for stage in memory["stages"]:
+        for name, phase in stage["phases"].items():
+            assert phase["total"] <= limit, (recipe, stage["name"], name, phase)
+    header = " ".join(line.lstrip("# ") for line in _header(recipe).splitlines())
+    assert f"peak {memory['peak_gib']:.1f} GiB" in header, (recipe, memory["peak_gib"], header)
+    if setup["accelerator"] == "gpu":
+        nodes = setup["num_nodes"]
+        assert f"{nodes} node{'s' if nodes > 1 else ''} x {setup['devices']} " in header
+        assert setup["strategy"] == "fsdp2" and setup["activation_checkpointing"], recipe
