@@ -133,8 +133,9 @@ def _support(engine: str, family: str, pruning: str) -> Support:
         if pruning == "kv_groups":
             return cell("refuses", f"{name} with pruned KV groups: llama.cpp's loader fixes the Q/O projections to "
                                    "n_embd x n_embd", _read(engine, _LLAMA_Q_IS_N_EMBD[family]))
-        return cell("differs", f"{name} in llama.cpp: its routing is not transformers' sparsemixer (logits differ "
-                               "even unpruned)", _read(engine, _LLAMA + "phimoe.cpp"))
+        return cell("differs", f"{name} in llama.cpp: its routing is softmax top-2, renormalized, not transformers' "
+                               "sparsemixer (logits differ even unpruned)",
+                    _read(engine, _LLAMA + "phi3.cpp (build_moe_ffn, GATING_FUNC_SOFTMAX), the graph phimoe.cpp uses"))
     if pruning == "kv_groups" and family in _LLAMA_Q_IS_N_EMBD:
         return cell("refuses", f"{name} with pruned KV groups: llama.cpp's loader fixes the Q/O projections to "
                                "n_embd x n_embd", _read(engine, _LLAMA_Q_IS_N_EMBD[family]))
