@@ -180,8 +180,9 @@ def bench_config(family: str, vocab_size: int):
     if family == "olmoe":
         overrides["num_key_value_heads"] = 4
     if family in ("deepseek_v2", "deepseek_v3", "glm4_moe_lite"):  # vLLM-CPU's MLA needs rank + rope = 576
+        # and a q_lora_rank: llama.cpp takes a DeepSeek-V2 without one for V2-Lite only at 26 or 27 layers
         overrides.update(num_key_value_heads=4, kv_lora_rank=512, qk_rope_head_dim=64, qk_nope_head_dim=64,
-                         v_head_dim=64)
+                         v_head_dim=64, q_lora_rank=64)
     if family == "gpt_oss":
         overrides["sliding_window"] = 8
     if family == "phimoe":  # as Phi-3.5-MoE's config: vLLM's sparsemixer hardcodes jitter_eps 0.01 (transformers reads
@@ -277,6 +278,8 @@ def expected(engine: str, family: str, variant: str) -> tuple[str, str]:
 
 
 def check(engine: str, model_dir: Path, envs: dict, work: Path) -> dict:
+    work = work / engine  # benches of other engines may run beside this one
+    work.mkdir(parents=True, exist_ok=True)
     out = work / "check.json"
     out.unlink(missing_ok=True)
     cmd = [sys.executable, "-m", "lightning_slimmoe", "check-serving", "--model", model_dir, "--engine", engine,

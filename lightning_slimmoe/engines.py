@@ -133,8 +133,9 @@ def _support(engine: str, family: str, pruning: str) -> Support:
         if pruning == "kv_groups":
             return cell("refuses", f"{name} with pruned KV groups: llama.cpp's loader fixes the Q/O projections to "
                                    "n_embd x n_embd", _read(engine, _LLAMA_Q_IS_N_EMBD[family]))
-        return cell("differs", f"{name} in llama.cpp: its routing is not transformers' sparsemixer (logits differ "
-                               "even unpruned)", _read(engine, _LLAMA + "phimoe.cpp"))
+        return cell("differs", f"{name} in llama.cpp: its routing is softmax top-2, renormalized, not transformers' "
+                               "sparsemixer (logits differ even unpruned)",
+                    _read(engine, _LLAMA + "phi3.cpp (build_moe_ffn, GATING_FUNC_SOFTMAX), the graph phimoe.cpp uses"))
     if pruning == "kv_groups" and family in _LLAMA_Q_IS_N_EMBD:
         return cell("refuses", f"{name} with pruned KV groups: llama.cpp's loader fixes the Q/O projections to "
                                "n_embd x n_embd", _read(engine, _LLAMA_Q_IS_N_EMBD[family]))
@@ -208,8 +209,14 @@ def config_problems(engine: str, config) -> list[str]:
             problems.append("PhiMoE without rope_parameters.original_max_position_embeddings (Phi-3.5-MoE's longrope "
                             "config has it): llama.cpp's converter requires it [refuses; "
                             f"{_read(engine, 'conversion/phi.py')}]")
-        # the converter reads a PhiMoE vocabulary from tokenizer.model (SentencePiece) unless tokenizer_config says
-        # GPT2Tokenizer: the export carries the teacher's tokenizer.model (export.py), a run's own BPE one has none
+    if engine == "llamacpp" and family in ("deepseek_v2", "deepseek_v3") and not getattr(config, "q_lora_rank", None):
+        layers = int(config.num_hidden_layers)
+        if layers not in (26, 27):
+            problems.append(f"DeepSeek without q_lora_rank at {layers} layers: llama.cpp takes a model without one "
+                            "for DeepSeek-V2-Lite only when it has 26 or 27 layers (and needs q_lora_rank otherwise) "
+                            f"[refuses; {_read(engine, _LLAMA + 'deepseek2.cpp')}, checked: bench/serving.py]")
+    # (llama.cpp's converter reads a PhiMoE vocabulary from tokenizer.model (SentencePiece) unless tokenizer_config
+    # says GPT2Tokenizer: an export carries the teacher's tokenizer.model, hf_dir.save_tokenizer)
     return problems
 
 

@@ -200,3 +200,12 @@ def test_readme_family_table_says_where_each_family_serves():
             if line.startswith("| `") and line.count(" | ") >= 8}
     for family in FAMILY_NAMES:
         assert rows[family].endswith(f" {serves_in(family)} |"), family
+
+
+def test_llamacpp_takes_a_deepseek_without_q_lora_only_at_v2_lite_depth():
+    lite = tiny_config("deepseek_v2")  # q_lora_rank None (as V2-Lite), 3 layers
+    assert any("DeepSeek without q_lora_rank at 3 layers" in p for p in engine_problems("llamacpp", lite, lite))
+    assert engine_problems("llamacpp", tiny_config("deepseek_v2", q_lora_rank=16),
+                           tiny_config("deepseek_v2", q_lora_rank=16)) == []
+    assert not engine_problems("llamacpp", tiny_config("deepseek_v2", num_hidden_layers=27),
+                               tiny_config("deepseek_v2", num_hidden_layers=27))
