@@ -41,8 +41,8 @@ def test_plan_help_shows_the_plan_options_first():
     lines = out.stdout.splitlines()
     assert lines[0].startswith("usage: slimmoe plan --config RECIPE") and len(lines[0]) < 120
     options = [line.split()[0] for line in lines if line.startswith("  -")]
-    assert options[:8] == ["--json", "--memory", "--gpus", "--gpu-memory-gib", "--serve", "--serve-tp",
-                           "--serve-dtype", "--strict"], options[:9]
+    assert options[:10] == ["--json", "--memory", "--gpus", "--gpu-memory-gib", "--mfu", "--peak-tflops", "--serve",
+                            "--serve-tp", "--serve-dtype", "--strict"], options[:11]
     headings = [line for line in lines if line and not line.startswith(" ") and line.endswith(":")]
     assert headings[0] == "plan options:" and headings[1].startswith("recipe options"), headings[:3]
     assert out.stdout.index("recipe options") < out.stdout.index("--trainer.devices")
