@@ -147,7 +147,8 @@ def test_plan_serve_vllm_names_the_reason_per_stage_and_strict_refuses(tmp_path,
     recipe = tiny_recipe(tmp_path, qwen2_teacher, corpus_file)  # slim1: width 16; slim2: width 8, 1 KV group
     out = _plan(recipe, "--serve", "vllm")
     assert out.returncode == 0, out.stderr
-    rows = {line.split()[0]: line.split()[-1] for line in out.stdout.splitlines() if line.split()[:1] in (["slim1"], ["slim2"])}
+    shapes = out.stdout.split("\n\n")[0]  # the shapes table (the compute table follows, one row per stage too)
+    rows = {line.split()[0]: line.split()[-1] for line in shapes.splitlines() if line.split()[:1] in (["slim1"], ["slim2"])}
     assert rows == {"slim1": "yes", "slim2": "no"}
     assert "serves@vllm/bf16" in out.stdout
     assert ("slim2: Qwen2-MoE with pruned KV groups: vLLM derives the head size from hidden_size / "

@@ -164,7 +164,8 @@ def test_plan_says_so_when_every_stage_serves():
     out = run_plan("--serve-tp", "1", "--serve-dtype", "bf16", "--strict")
     assert out.returncode == 0, out.stderr
     assert "serves@tp1/bf16" in out.stdout and "every stage serves" in out.stdout
-    stage_rows = [line for line in out.stdout.splitlines() if line.strip().startswith("width")]
+    shapes = out.stdout.split("\n\n")[0]  # the shapes table (the compute table follows, one row per stage too)
+    stage_rows = [line for line in shapes.splitlines() if line.strip().startswith("width")]
     assert len(stage_rows) == 3 and all(row.split()[-1] == "yes" for row in stage_rows)
 
 
