@@ -362,8 +362,8 @@ def main(argv: list[str] | None = None) -> dict:
                 # both directions: a cell the table serves must decode identically; one it does not must not serve
                 # (an engine that refuses what the table says differs, or the reverse, is recorded as such)
                 agrees = got["verdict"] == want or (want != "serves" and got["verdict"] in ("refuses", "differs"))
-                cell = {"engine": engine, "family": family, "variant": variant, "expected": want,
-                        "expected_reason": why, "agrees": agrees, **got}
+                cell = {**got, "engine": engine, "family": family, "variant": variant, "expected": want,
+                        "expected_reason": why, "agrees": agrees}
                 cells[key] = cell
                 log(f"  -> {got['verdict']} ({'as the table says' if cell['agrees'] else 'NOT as the table says'}; "
                     f"{got.get('reason', '')[:200]}) in {got.get('wall_s')}s")

@@ -91,9 +91,14 @@ def _runner_result(done: subprocess.CompletedProcess, out: Path) -> dict:
     if "error" not in result and done.returncode != 0:
         result["error"] = _last_error(done.stderr) + f" (exit status {done.returncode})"
     if "error" in result:
-        result["log_tail"] = (done.stderr or "")[-3000:]
-        result["reason"] = _last_error(result.get("traceback", "") + "\n" + (done.stderr or "")
-                                       if not result.get("loaded") else result["error"])
+        log = (done.stdout or "") + "\n" + (done.stderr or "")  # an engine's worker processes log to either
+        result["log_tail"] = log[-4000:]
+        # the root cause, where the engine names it (vLLM's EngineCore raises a generic one at the end)
+        causes = [line.strip() for line in log.splitlines() if re.match(r"\s*(\w+Error|AssertionError|"
+                                                                        r"NotImplementedError)\b", line)]
+        result["reason"] = (causes[-1][:500] if causes else
+                            _last_error(result.get("traceback", "") + "\n" + log) if not result.get("loaded")
+                            else result["error"])
     return result
 
 
