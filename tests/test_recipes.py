@@ -302,27 +302,47 @@ def _sharded(recipe: dict) -> bool:
 REAL_RECIPES = [r for r in RECIPES if r != "demo.yaml"]
 
 
+def _stand_in_args(recipe_name: str, recipe: dict, tmp_path: Path, corpus: str) -> list[str]:
+    """The recipe as written, its teacher a stand-in (``_stand_in_teacher``), its budgets shrunk, on CPU."""
+    teacher = _stand_in_teacher(recipe_name, recipe, tmp_path, corpus)
+    args = ["--config", str(ROOT / "conf" / recipe_name), "--teacher", teacher, "--teacher_config", "null",
+            "--output_dir", str(tmp_path / "run"), "--trainer.accelerator", "cpu", "--trainer.num_nodes", "1",
+            "--trainer.limit_val_batches", "1", "--trainer.enable_progress_bar", "false",
+            "--data.init_args.hub_dataset", "null", "--data.init_args.files", json.dumps([corpus]),
+            "--data.init_args.seq_len", "16", "--data.init_args.batch_size", "2"]
+    for i in range(len(recipe["stages"])):
+        args += [f"--stages.{i}.max_tokens", "64", f"--stages.{i}.calibration_tokens", "32",
+                 f"--stages.{i}.kd.chunk_tokens", "16", f"--stages.{i}.val_every_n_steps", "2"]
+    return args
+
+
+@pytest.fixture(scope="module")
+def sharded_recipe_runs(tmp_path_factory, corpus_file) -> dict[str, Path]:
+    """Every sharded recipe's stand-in run, all on 2 gloo ranks in ONE torchrun launch (the ranks start and import
+    once for all of them: most of a tiny run's time). recipe name -> its directory (the run is under ``run/``)."""
+    dirs, runs = {}, []
+    for recipe_name in REAL_RECIPES:
+        recipe = yaml.safe_load((ROOT / "conf" / recipe_name).read_text())
+        if _sharded(recipe):
+            dirs[recipe_name] = tmp_path_factory.mktemp(recipe_name.removesuffix(".yaml"))
+            runs.append(_stand_in_args(recipe_name, recipe, dirs[recipe_name], corpus_file))
+    if runs:
+        train_torchrun_many(runs, ranks=2)
+    return dirs
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("recipe_name", REAL_RECIPES)
-def test_recipe_runs_end_to_end_on_a_stand_in(recipe_name, tmp_path, corpus_file):
+def test_recipe_runs_end_to_end_on_a_stand_in(recipe_name, tmp_path, corpus_file, request):
     """Every shipped recipe as written — its precision, strategy (2 gloo ranks for the sharded ones), parallel
     settings, stages, criteria and KD settings — with its teacher replaced by a tiny same-family stand-in in the hub's
     layout and its budgets shrunk: every stage trains, exports (reload-checked at the recipe's precision) and the final
     model loads with stock transformers in the dtype the recipe trains in."""
     recipe = yaml.safe_load((ROOT / "conf" / recipe_name).read_text())
-    teacher = _stand_in_teacher(recipe_name, recipe, tmp_path, corpus_file)
-    args = ["--config", str(ROOT / "conf" / recipe_name), "--teacher", teacher, "--teacher_config", "null",
-            "--output_dir", str(tmp_path / "run"), "--trainer.accelerator", "cpu", "--trainer.num_nodes", "1",
-            "--trainer.limit_val_batches", "1", "--trainer.enable_progress_bar", "false",
-            "--data.init_args.hub_dataset", "null", "--data.init_args.files", json.dumps([corpus_file]),
-            "--data.init_args.seq_len", "16", "--data.init_args.batch_size", "2"]
-    for i in range(len(recipe["stages"])):
-        args += [f"--stages.{i}.max_tokens", "64", f"--stages.{i}.calibration_tokens", "32",
-                 f"--stages.{i}.kd.chunk_tokens", "16", f"--stages.{i}.val_every_n_steps", "2"]
     if _sharded(recipe):
-        train_torchrun_many([args], ranks=2)
+        tmp_path = request.getfixturevalue("sharded_recipe_runs")[recipe_name]
     else:
-        main([*args, "--trainer.devices", "1"])
+        main([*_stand_in_args(recipe_name, recipe, tmp_path, corpus_file), "--trainer.devices", "1"])
     summary = read_summary(tmp_path / "run")
     assert [s["name"] for s in summary["stages"]] == [s["name"] for s in recipe["stages"]]
     expected = [s.get("expert_width") for s in recipe["stages"]]
