@@ -265,15 +265,26 @@ def _export_family(family: str, base: Path, cache: Path, tokenizer_dir: Path) ->
 # ---------------------------------------------------------------------------------------------------
 # 4. check-serving on every cell, against the support table
 # ---------------------------------------------------------------------------------------------------
-def expected(engine: str, family: str, variant: str) -> tuple[str, str]:
-    """What the support table expects of a variant: the worst of its prunings' cells, and why."""
-    from lightning_slimmoe.engines import support
+def expected(engine: str, family: str, variant: str, model_dir: Path | None = None,
+             teacher_dir: Path | None = None) -> tuple[str, str]:
+    """What the support table expects of a variant: the worst of its prunings' cells and, given the export and its
+    teacher, of the config rules (``engines.engine_problems``, fp32), and why."""
+    from lightning_slimmoe.engines import engine_problems, support
 
     cells = [support(engine, family, p) for p in VARIANTS[variant]]
+    problems = []
+    if model_dir is not None and teacher_dir is not None:
+        from transformers import AutoConfig
+
+        problems = engine_problems(engine, AutoConfig.from_pretrained(model_dir),
+                                   AutoConfig.from_pretrained(teacher_dir), "fp32")
     for status in ("refuses", "differs"):
         for cell in cells:
             if cell.status == status:
                 return status, cell.reason
+        for problem in problems:
+            if f"[{status};" in problem:
+                return status, problem
     return "serves", ""
 
 
@@ -356,7 +367,7 @@ def main(argv: list[str] | None = None) -> dict:
                 key = (engine, family, variant)
                 if key in cells and not opts.redo:
                     continue
-                want, why = expected(engine, family, variant)
+                want, why = expected(engine, family, variant, dirs[variant], cache / "exports" / family / "teacher")
                 log(f"{engine} x {family} x {variant}: expecting {want}")
                 got = check(engine, dirs[variant], envs, work)
                 # both directions: a cell the table serves must decode identically; one it does not must not serve

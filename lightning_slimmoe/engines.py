@@ -90,7 +90,26 @@ _LLAMA_Q_IS_N_EMBD = {"qwen2_moe": _LLAMA + "qwen2moe.cpp", "phimoe": _LLAMA + "
                       "olmoe": _LLAMA + "olmoe.cpp"}
 # The families bench/serving.py ran on the engine, and the variants it ran (docs/results.md); every other cell is read
 # from the engine's code.
-CHECKED: dict[str, dict[str, tuple[str, ...]]] = {}
+CHECKED: dict[str, dict[str, tuple[str, ...]]] = {
+    "llamacpp": {
+        "phimoe": ('none', 'expert_width', 'kv_groups'),
+        "qwen2_moe": ('none', 'expert_width', 'kv_groups'),
+        "qwen3_moe": ('none', 'expert_width', 'kv_groups'),
+        "mixtral": ('none', 'expert_width', 'kv_groups'),
+        "gpt_oss": ('none', 'expert_width', 'kv_groups'),
+        "olmoe": ('none', 'expert_width'),
+        "deepseek_v2": ('none', 'expert_width'),
+    },
+    "vllm": {
+        "phimoe": ('none', 'expert_width', 'kv_groups'),
+        "qwen2_moe": ('none', 'expert_width', 'kv_groups'),
+        "qwen3_moe": ('none', 'expert_width', 'kv_groups'),
+        "mixtral": ('none', 'expert_width', 'kv_groups'),
+        "gpt_oss": ('none', 'expert_width', 'kv_groups'),
+        "olmoe": ('none', 'expert_width'),
+        "deepseek_v2": ('none', 'expert_width'),
+    },
+}
 
 
 def _support(engine: str, family: str, pruning: str) -> Support:
@@ -99,7 +118,7 @@ def _support(engine: str, family: str, pruning: str) -> Support:
     source = BENCH if checked else None
 
     def cell(status: str, reason: str = "", read: str = "") -> Support:
-        return Support(engine, family, pruning, status, reason, source or read)
+        return Support(engine, family, pruning, status, reason, f"{source}; {read}" if source and read else source or read)
 
     family_record = get_family_by_type(family)
     if pruning == "kv_groups" and not family_record.attention_prunable:
@@ -203,6 +222,14 @@ def config_problems(engine: str, config) -> list[str]:
         if not getattr(config, "attention_bias", False):
             problems.append("PhiMoE without attention biases: vLLM builds q/k/v/o with biases whatever the config "
                             f"says [refuses; {_read(engine, _VLLM + 'phimoe.py')}]")
+    if engine == "vllm" and family == "gpt_oss":
+        width = get_family(config).expert_width(config)
+        if width % 32:
+            problems.append(f"gpt-oss expert_width={width}: vLLM's CPU MoE kernel pads other families' widths to a "
+                            "multiple of 32 but not gpt-oss's (SwiGLU-OAI) and then needs one (width per rank % 32; "
+                            "vLLM-CPU only) [refuses; "
+                            f"{_read(engine, 'vllm/model_executor/layers/fused_moe/experts/cpu_moe.py')}, checked: "
+                            "bench/serving.py]")
     if engine == "llamacpp" and family == "phimoe":
         rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
         if "original_max_position_embeddings" not in rope:
@@ -254,7 +281,7 @@ def markdown_table(engines: tuple[str, ...] = ENGINES) -> str:
     for family in FAMILY_NAMES:
         cells = [support(e, family, p) for e, p in cols]
         rows.append(f"| {FAMILY_NAMES[family]} | "
-                    + " | ".join(c.status + ("*" if c.source == BENCH else "") for c in cells) + " |")
+                    + " | ".join(c.status + ("*" if c.source.startswith(BENCH) else "") for c in cells) + " |")
     return "\n".join(rows)
 
 
@@ -265,6 +292,6 @@ def serves_in(family: str) -> str:
     parts = []
     for engine in ("vllm", "llamacpp", "sglang"):
         cells = [support(engine, family, p) for p in labels]
-        served = [labels[c.pruning] + ("*" if c.source == BENCH else "") for c in cells if c.ok]
+        served = [labels[c.pruning] + ("*" if c.source.startswith(BENCH) else "") for c in cells if c.ok]
         parts.append(f"{ENGINE_NAMES[engine]}: {', '.join(served) if served else 'no (' + cells[0].status + ')'}")
     return "; ".join(parts)

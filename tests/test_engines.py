@@ -39,7 +39,7 @@ def test_every_cell_of_every_engine_says_how_it_is_known():
     assert set(FAMILY_NAMES) == set(FAMILIES)  # every family this project slims has a row
     for cell in cells:
         assert cell.status in ("serves", "refuses", "differs", "n/a")
-        assert cell.source == BENCH or cell.source.startswith(("read: ", "assumed: ")) or (
+        assert cell.source.startswith((BENCH, "read: ", "assumed: ")) or (
             cell.status == "n/a" and cell.source.startswith("n/a: ")), cell
         assert cell.ok or cell.reason, cell  # anything but "serves" says why
 
@@ -210,3 +210,11 @@ def test_llamacpp_takes_a_deepseek_without_q_lora_only_at_v2_lite_depth():
                            tiny_config("deepseek_v2", q_lora_rank=16)) == []
     assert not engine_problems("llamacpp", tiny_config("deepseek_v2", num_hidden_layers=27),
                                tiny_config("deepseek_v2", num_hidden_layers=27))
+
+
+def test_vllm_cpu_needs_gpt_oss_widths_in_multiples_of_32():
+    teacher = tiny_config("gpt_oss", intermediate_size=32)
+    assert engine_problems("vllm", teacher, teacher) == []
+    half = _slim(teacher, width=16)
+    assert any("gpt-oss expert_width=16: vLLM's CPU MoE kernel" in p for p in engine_problems("vllm", half, teacher))
+    assert engine_problems("llamacpp", half, teacher) == []
