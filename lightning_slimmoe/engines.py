@@ -90,26 +90,16 @@ _LLAMA_Q_IS_N_EMBD = {"qwen2_moe": _LLAMA + "qwen2moe.cpp", "phimoe": _LLAMA + "
                       "olmoe": _LLAMA + "olmoe.cpp"}
 # The families bench/serving.py ran on the engine, and the variants it ran (docs/results.md); every other cell is read
 # from the engine's code.
-CHECKED: dict[str, dict[str, tuple[str, ...]]] = {
-    "llamacpp": {
-        "phimoe": ('none', 'expert_width', 'kv_groups'),
-        "qwen2_moe": ('none', 'expert_width', 'kv_groups'),
-        "qwen3_moe": ('none', 'expert_width', 'kv_groups'),
-        "mixtral": ('none', 'expert_width', 'kv_groups'),
-        "gpt_oss": ('none', 'expert_width', 'kv_groups'),
-        "olmoe": ('none', 'expert_width'),
-        "deepseek_v2": ('none', 'expert_width'),
-    },
-    "vllm": {
-        "phimoe": ('none', 'expert_width', 'kv_groups'),
-        "qwen2_moe": ('none', 'expert_width', 'kv_groups'),
-        "qwen3_moe": ('none', 'expert_width', 'kv_groups'),
-        "mixtral": ('none', 'expert_width', 'kv_groups'),
-        "gpt_oss": ('none', 'expert_width', 'kv_groups'),
-        "olmoe": ('none', 'expert_width'),
-        "deepseek_v2": ('none', 'expert_width'),
-    },
+_BENCH_CELLS = {  # the same cells ran on both engines
+    "phimoe": ('none', 'expert_width', 'kv_groups'),
+    "qwen2_moe": ('none', 'expert_width', 'kv_groups'),
+    "qwen3_moe": ('none', 'expert_width', 'kv_groups'),
+    "mixtral": ('none', 'expert_width', 'kv_groups'),
+    "gpt_oss": ('none', 'expert_width', 'kv_groups'),
+    "olmoe": ('none', 'expert_width'),
+    "deepseek_v2": ('none', 'expert_width'),
 }
+CHECKED: dict[str, dict[str, tuple[str, ...]]] = {"llamacpp": _BENCH_CELLS, "vllm": _BENCH_CELLS}
 
 
 def _support(engine: str, family: str, pruning: str) -> Support:
