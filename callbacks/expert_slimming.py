@@ -22,6 +22,7 @@ from lightning.pytorch import Callback
 from lightning.pytorch.utilities import rank_zero_info
 from tqdm.auto import tqdm
 
+from lightning_slimmoe import memory_trace
 from lightning_slimmoe.config import StageConfig
 from lightning_slimmoe.distributed import all_reduce_scores_
 from lightning_slimmoe.importance import ImportanceScores, compute_scores, expert_saliency
@@ -63,6 +64,10 @@ class ExpertSlimming(Callback):
             if self.log_scores and trainer.global_rank == 0 and self.stage_dir.scores_file.is_file():
                 self._log_histograms(trainer, ImportanceScores.load(str(self.stage_dir.scores_file)))
             return
+        with memory_trace.phase("score"):  # the loads inside (configure_model) mark themselves "load"
+            self._score_and_slice(trainer, pl_module, student, pending)
+
+    def _score_and_slice(self, trainer, pl_module, student, pending: PendingLoad | None) -> None:
         started = time.time()
         target = resolve_target(student.config, expert_width=self.stage.expert_width,
                                 attention_groups=self.stage.attention_groups,
@@ -133,6 +138,7 @@ class ExpertSlimming(Callback):
                 criterion=self.stage.criterion, widths_before=before, widths=widths_of(student.config),
                 kept_index_hash=keep.digest(), calibration_tokens=scores.num_tokens,
                 scoring_s=round(time.time() - started, 3))
+        memory_trace.release_freed_memory()  # scoring's freed blocks, before the optimizer state is allocated
         rank_zero_info(f"[{self.stage.name}] slimmed {describe_widths(before)} -> {describe_widths(widths_of(student.config))} "
                        f"in {time.time() - started:.1f}s (criterion {self.stage.criterion})")
 

@@ -1,6 +1,6 @@
 """What a stage logs besides its losses: parameter counts and widths, the validation of the sliced student before
-its first step, token throughput (and MFU on GPUs), a progress bar that names the stage and counts its steps, and the
-module summary without its FLOPs."""
+its first step, token throughput (and MFU on GPUs), a progress bar that names the stage and counts its steps, the
+module summary without its FLOPs, and the train / validate phases of the measured memory trace (memory_trace.py)."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from lightning.pytorch.callbacks import ModelSummary, TQDMProgressBar
 from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm
 from lightning.pytorch.utilities.model_summary.model_summary import _format_summary_table
 
+from lightning_slimmoe import memory_trace
 from lightning_slimmoe.families import get_family
 from lightning_slimmoe.params import count_params
 
@@ -99,6 +100,26 @@ class TokenThroughput(Callback):
         pl_module.log("perf/tokens_per_s", tokens_per_s, prog_bar=True)
         if self.peak:
             pl_module.log("perf/mfu", tokens_per_s * self.flops_per_token / (self.peak * trainer.world_size))
+
+
+class MemoryPhases(Callback):
+    """Marks the KD steps ``train`` and every validation pass ``validate`` in the memory trace (``SLIMMOE_MEMORY_TRACE``,
+    memory_trace.py); does nothing when it is off."""
+
+    def __init__(self) -> None:
+        self._outer = None  # the phase a validation pass interrupted (train, or none before the first step)
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        memory_trace.enter("train")
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        memory_trace.enter(None)
+
+    def on_validation_start(self, trainer, pl_module) -> None:
+        self._outer = memory_trace.enter("validate")
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        memory_trace.enter(self._outer)
 
 
 class StageProgressBar(TQDMProgressBar):

@@ -32,7 +32,7 @@ def fsdp_mesh(device: torch.device):
 
 
 def shard_model(model: nn.Module, mesh, cfg: ParallelConfig, trainable: bool) -> nn.Module:
-    """``fully_shard`` every decoder layer, then the base model (embeddings, final norm) and the lm_head."""
+    """``fully_shard`` every decoder layer, the input embeddings, then the base model (final norm) and the lm_head."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     if is_sharded(model):
@@ -45,6 +45,12 @@ def shard_model(model: nn.Module, mesh, cfg: ParallelConfig, trainable: bool) ->
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     for layer in layers:
         fully_shard(layer, mesh=mesh, mp_policy=mp, reshard_after_forward=cfg.reshard_after_forward or not trainable)
+    # The input embeddings are a unit of their own, gathered for the lookup only (and the student's backward): in the
+    # base model's unit they stayed gathered through every step, a whole [V, H] table per model and rank (0.58 GiB
+    # each for Qwen3-30B-A3B, bench/memory.py). Tied to the head they stay with it (one parameter, one unit).
+    embeddings = model.get_input_embeddings()
+    if embeddings is not None and not getattr(model.config, "tie_word_embeddings", False):
+        fully_shard(embeddings, mesh=mesh, mp_policy=mp, reshard_after_forward=True)
     # The pipeline calls `model.model` (hidden states) and `lm_head` chunk by chunk (distill.py), never the
     # *ForCausalLM forward, so the base model (embeddings + final norm) and the head are units of their own.
     # The head is called once per chunk: it stays gathered for the step (resharded by its backward, or by

@@ -21,6 +21,8 @@ without recalibrating; a file from another model or shape is refused.
 
 from __future__ import annotations
 
+import math
+
 import os
 import zlib
 from dataclasses import dataclass, field, replace
@@ -130,29 +132,58 @@ def _attention_tensors(attn: nn.Module) -> list[tuple[str, Tensor]]:
     return names
 
 
-def _summed(p: Tensor, contrib: Callable[[Tensor], Tensor], dims: tuple[int, ...]) -> Tensor:
-    """``contrib(p)`` in fp32, summed over ``dims``: a full-size table on every rank.
+Contribution = Callable[[Tensor, Tensor, "Tensor | None"], Tensor]
+"""``contrib(param, w, g)``: the per-element contribution of rows ``w`` of ``param``'s (local) values, ``g`` the
+same rows of its (local) gradient or None; ``param`` itself only names which parameter the rows are of."""
 
-    Under FSDP2 ``p`` is a DTensor whose dim-0 rows are spread over the ranks, and so is ``contrib(p)``
-    (elementwise). Only the local rows are reduced: when dim 0 survives the sum they are placed at their
+CONTRIBUTION_CHUNK_ELEMENTS = 1 << 24  # rows of a parameter per contribution: 64 MiB in fp32 at most
+
+
+def _summed(p: Tensor, contrib: Contribution, dims: tuple[int, ...]) -> Tensor:
+    """``contrib`` of ``p`` in fp32 (fp64 where it is fp64), summed over ``dims``: a full-size table on every rank.
+
+    The contribution is made and reduced a chunk of dim-0 rows at a time (``CONTRIBUTION_CHUNK_ELEMENTS``): an
+    expert tensor's ``θ ⊙ g`` in fp32 would otherwise be a transient twice the parameter's own bytes (a 128-expert
+    Qwen3 layer: 1.5 GiB on top of its gradient; bench/memory.py). Under FSDP2 ``p`` is a DTensor whose dim-0 rows
+    are spread over the ranks. Only the local rows are reduced: when dim 0 survives the sum they are placed at their
     row offset in a zero table (every row has exactly one owner); when dim 0 is summed over (o_proj
     columns, shared-expert down columns) the local sum is a partial sum. :func:`structure_scores` then
     all-reduces its tables once, so every rank ends with the single-process sums (owned rows exactly, the
     partial sums up to summation order) without gathering any parameter (docs/design.md §5).
     """
-    c = contrib(p)
-    local, start, stop = local_rows(c)
-    dims = tuple(d % c.dim() for d in dims)
-    local = local if local.dtype == torch.float64 else local.float()  # fp64 contributions are summed in fp64
-    reduced = local.sum(dims) if dims else local
-    if not isinstance(c, DTensor) or 0 in dims:
+    w, start, _ = local_rows(p.detach())
+    g = local_rows(p.grad)[0] if p.grad is not None else None
+    dims = tuple(d % p.dim() for d in dims)
+    rows = w.shape[0] if w.dim() else 1
+    step = max(1, CONTRIBUTION_CHUNK_ELEMENTS // max(1, math.prod(w.shape[1:])))
+    partial, pieces = None, []
+    for r in range(0, max(rows, 1), step):  # an empty local shard still makes one (empty) piece
+        w_r = w[r:r + step] if w.dim() else w
+        c = contrib(p, w_r, None if g is None else (g[r:r + step] if g.dim() else g))
+        c = c if c.dtype == torch.float64 else c.float()  # fp64 contributions are summed in fp64
+        reduced = c.sum(dims) if dims else c
+        if 0 in dims:
+            partial = reduced if partial is None else partial + reduced
+        else:
+            pieces.append(reduced)
+    reduced = partial if 0 in dims else torch.cat(pieces) if w.dim() else pieces[0]
+    if not isinstance(p, DTensor) or 0 in dims:
         return reduced
-    full = reduced.new_zeros((c.shape[0], *reduced.shape[1:]))
-    full[start:stop] = reduced
+    full = reduced.new_zeros((p.shape[0], *reduced.shape[1:]))
+    full[start:start + reduced.shape[0]] = reduced
     return full
 
 
-def _group_reduce(attn: nn.Module, contrib: Callable[[Tensor], Tensor], num_groups: int) -> Tensor:
+def zero_contribution(p: Tensor, w: Tensor, g: Tensor | None) -> Tensor:
+    return torch.zeros_like(w)
+
+
+def taylor_contribution(p: Tensor, w: Tensor, g: Tensor | None) -> Tensor:
+    """``|θ ⊙ ∇θ|`` (zero where the parameter has no gradient)."""
+    return (w * g).abs_() if g is not None else torch.zeros_like(w)
+
+
+def _group_reduce(attn: nn.Module, contrib: Contribution, num_groups: int) -> Tensor:
     """Sum a per-element contribution over each GQA group's q/k/v rows (+biases) and o_proj columns."""
     total_G = None
     for tag, p in _attention_tensors(attn):
@@ -167,7 +198,7 @@ def _group_reduce(attn: nn.Module, contrib: Callable[[Tensor], Tensor], num_grou
     return total_G
 
 
-def structure_scores(model: nn.Module, contrib: Callable[[Tensor], Tensor]):
+def structure_scores(model: nn.Module, contrib: Contribution):
     """(experts, shared, groups) dicts of per-structure sums of ``contrib(param)``.
 
     Collective when the model is FSDP2-sharded: every rank calls it (see :func:`_summed`).
@@ -185,7 +216,7 @@ def structure_scores(model: nn.Module, contrib: Callable[[Tensor], Tensor]):
     return experts, shared, groups
 
 
-def _shared_neuron_sums(mlp: nn.Module, contrib: Callable[[Tensor], Tensor]) -> Tensor:
+def _shared_neuron_sums(mlp: nn.Module, contrib: Contribution) -> Tensor:
     """``(I,)``: per shared-expert neuron, ``contrib`` summed over its gate, up and down weights. ``contrib`` runs on
     the stored parameters (their gradients are there, not on views): gate then up rows, ``2I`` in all whether they are
     two parameters or Granite's one fused ``input_linear``, then the down columns."""
@@ -195,7 +226,7 @@ def _shared_neuron_sums(mlp: nn.Module, contrib: Callable[[Tensor], Tensor]) -> 
     return gate_up_2I[:width] + gate_up_2I[width:] + _summed(w_down_HI, contrib, (0,))
 
 
-def _expert_neuron_sums(experts: nn.Module, contrib: Callable[[Tensor], Tensor]) -> Tensor:
+def _expert_neuron_sums(experts: nn.Module, contrib: Contribution) -> Tensor:
     """``(E, I)``: per expert neuron, ``contrib`` summed over its gate and up weights, its down weights and, in
     gpt-oss's layout, its gate and up biases (``down_proj_bias`` belongs to the expert, not to a neuron)."""
     layout = check_expert_layout(experts)
@@ -327,7 +358,7 @@ def _kd_taylor(student, teacher, batches, kd: KDConfig, progress, counted) -> tu
     # Every structure starts at zero, so a rank with no calibration batch still holds (and all-reduces)
     # exactly the same tables as the others.
     with torch.no_grad():
-        experts, shared, groups = structure_scores(student, torch.zeros_like)
+        experts, shared, groups = structure_scores(student, zero_contribution)
     device = next(student.parameters()).device
     with _gradients_only_for(student, scored):
         for i, batch in enumerate(progress(batches)):
@@ -339,7 +370,7 @@ def _kd_taylor(student, teacher, batches, kd: KDConfig, progress, counted) -> tu
             out = distill_loss(s_hidden_NH, student.get_output_embeddings(), batch["labels"].flatten(), t_vals_NK, t_ids_NK, kd)
             out.loss.backward()
             with torch.no_grad():
-                e, s, g = structure_scores(student, lambda p: (p * p.grad).abs() if p.grad is not None else torch.zeros_like(p))
+                e, s, g = structure_scores(student, taylor_contribution)
             if counted is None or counted[i]:
                 _accumulate(experts, e), _accumulate(shared, s), _accumulate(groups, g)
             for p in scored:
@@ -441,16 +472,16 @@ def _kd_fisher(student, teacher, batches, kd: KDConfig, progress, counted, seed:
     removal = removal_parameters(student)
     removal_ids = {id(p) for p in removal}
 
-    def theta_dot_grad(p):  # θ ⊙ ∇ over the removal weights only (in fp64, see below); zero elsewhere
-        if id(p) not in removal_ids or p.grad is None:
-            return torch.zeros_like(p)
-        return p.double() * p.grad.double()
+    def theta_dot_grad(p, w, g):  # θ ⊙ ∇ over the removal weights only (in fp64, see below); zero elsewhere
+        if id(p) not in removal_ids or g is None:
+            return torch.zeros_like(w)
+        return w.double() * g.double()
 
     # The sums run in fp64: the score is a difference (−first order + second order) that can cancel to near 0,
     # where the order of an fp32 sum (a sharded model's partial sums, docs/design.md §5) would show. It costs one
-    # fp64 copy of one removal weight at a time.
+    # fp64 copy of a chunk of one removal weight at a time.
     with torch.no_grad():
-        experts, shared, groups = structure_scores(student, lambda p: torch.zeros_like(p, dtype=torch.float64))
+        experts, shared, groups = structure_scores(student, lambda p, w, g: torch.zeros_like(w, dtype=torch.float64))
     device = next(student.parameters()).device
     with _gradients_only_for(student, removal):
         for i, batch in enumerate(progress(batches)):
@@ -611,13 +642,13 @@ def compute_scores(
             experts, shared, groups = _activation(student, batches, progress)
         elif criterion == "magnitude":
             with torch.no_grad():
-                experts, shared, groups = structure_scores(student, lambda p: p.float() ** 2)
+                experts, shared, groups = structure_scores(student, lambda p, w, g: w.float() ** 2)
             experts, shared, groups = ({k: v.sqrt() for k, v in d.items()} for d in (experts, shared, groups))
             num_tokens = 0
         else:  # random: a seeded baseline; shapes from the model
             gen = torch.Generator().manual_seed(seed)
             with torch.no_grad():
-                experts, shared, groups = structure_scores(student, lambda p: torch.zeros_like(p, device="cpu"))
+                experts, shared, groups = structure_scores(student, lambda p, w, g: torch.zeros_like(w, device="cpu"))
             experts, shared, groups = ({k: torch.rand(v.shape, generator=gen) for k, v in d.items()}
                                        for d in (experts, shared, groups))
             num_tokens = 0

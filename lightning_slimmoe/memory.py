@@ -12,7 +12,8 @@ Phases of a stage, and what each holds per rank (``P`` parameters, ``/S`` sharde
 
 * ``load`` — the teacher (loaded once, kept for the whole run) and the incoming student. FSDP2 builds both on the
   meta device and reads each rank's rows (its shards plus one tensor's rows); every other strategy loads whole
-  models (FSDP1 on the host, then wraps them; ``host_gib_per_node`` in the JSON).
+  models (FSDP1 on the host, then wraps them; ``host_gib_per_node`` in the JSON) with ``from_pretrained``, whose
+  zero-copy views of the checkpoint file (embeddings, head) are copied once loaded (loading.own_mapped_tensors_).
 * ``score`` — a pruning stage's importance scoring of the full-size incoming student on calibration batches of
   ``calibration_batch_size`` sequences, every rank the whole batch. ``kd_taylor`` / ``kd_fisher`` run the teacher
   and a student backward: the gradients of the scored weights (experts, shared experts, attention; ``kd_fisher``:
@@ -27,9 +28,10 @@ Phases of a stage, and what each holds per rank (``P`` parameters, ``/S`` sharde
   and FSDP1 only — each layer's input plus one layer's recompute; without it every layer's saved tensors), and
   three fp32 ``[kd.chunk_tokens, V]`` blocks of the KD loss. With ``teacher_cache`` no teacher forward runs in a
   KD step, but the teacher stays loaded (validation, scoring and agreement run it).
-* ``validate`` — forward only at ``val_batch_size``; the optimizer state is still held.
-* ``export`` — FSDP2 gathers one tensor at a time; the others hold a whole copy of the student on rank 0 (and,
-  unsharded, the reloaded export it is compared with).
+* ``validate`` — forward only at ``val_batch_size``; the optimizer state is still held (validation inside the fit).
+* ``export`` — after the fit, whose optimizer state and gradients are freed (pipeline.run_stage). FSDP2 gathers one
+  tensor at a time; the others hold a whole copy of the student on rank 0 (and, unsharded, the reloaded export it
+  is compared with).
 
 Activations per token and layer (saved for backward, compute dtype): attention ``4 H + 3 q + 2 k + v + o`` (the two
 norms' inputs and outputs, the projections and their rotated copies, the attention output), routed experts
@@ -472,8 +474,10 @@ def stage_memory(x: MemoryInputs, k: int) -> StageMemory:
             phases["load"] = {"teacher_weights": on_device * teacher_bytes(shards),
                               "student_weights": on_device * s_in.params * sb / shards,
                               "load_buffer": s_in.largest_layer * sb}
-        else:
-            phases["load"] = {"teacher_weights": teacher_bytes(1), "student_weights": s_in.params * sb}
+        else:  # from_pretrained, then the copies of its zero-copy views of the file (loading.own_mapped_tensors_);
+            # a quantized checkpoint is read tensor by tensor and dequantized in fp32 instead
+            phases["load"] = {"teacher_weights": teacher_bytes(1), "student_weights": s_in.params * sb,
+                              "load_buffer": max((s_in.embedding + s_in.head) * sb, 4 * s_in.largest_tensor)}
     # --- score ----------------------------------------------------------------------------------------
     if stage.prunes and not stage.scores_file:
         score_shards = shards if setup.strategy == "fsdp2" else 1  # only FSDP2 scores the sharded student
@@ -522,7 +526,7 @@ def stage_memory(x: MemoryInputs, k: int) -> StageMemory:
     validate["kd_logits"] = kd_blocks(tokens, 2)
     phases["validate"] = validate
     # --- export ---------------------------------------------------------------------------------------
-    export = {key: train[key] for key in ("student_weights", "optimizer_state", "teacher_weights")}
+    export = {key: train[key] for key in ("student_weights", "teacher_weights")}  # optimizer state freed by then
     if setup.strategy == "fsdp2":
         export["gathered_params"] = s_out.largest_tensor * sb  # one tensor at a time, on every rank
         if setup.accelerator == "cpu":

@@ -33,11 +33,11 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from callbacks import (ExpertSlimming, ParamAndWidthLogger, StageProgressBar, StudentConfigWriter, TokenThroughput,
-                       ValidateAfterSlicing)
+from callbacks import (ExpertSlimming, MemoryPhases, ParamAndWidthLogger, StageProgressBar, StudentConfigWriter,
+                       TokenThroughput, ValidateAfterSlicing)
 from callbacks.preemption import CheckpointOnSignal
 from callbacks.teacher_cache import TeacherCacheCallback
-from lightning_slimmoe import corpora
+from lightning_slimmoe import corpora, memory_trace
 from lightning_slimmoe.config import ConfigError, RunConfig
 from lightning_slimmoe.data import TextDataModule
 from lightning_slimmoe.distributed import gather_fsdp1_model, is_fsdp1_sharded, is_sharded
@@ -106,6 +106,7 @@ class Pipeline:
         config, dm = self.config, self.dm
         # The CLI seeded already and said so; seeded again here (quietly) for a Pipeline run without the CLI
         pl.seed_everything(self.seed, workers=True, verbose=False)
+        memory_trace.trace()  # SLIMMOE_MEMORY_TRACE: its baseline, before any model (memory_trace.py)
         shapes = plan_shapes(config, seq_len=dm.hparams.seq_len)  # configs, targets, scores files: no weights
         for field in ("teacher", "student_init"):
             check_weight_files(field, getattr(config, field))
@@ -160,13 +161,21 @@ class Pipeline:
                     keep_one_checkpoint(stage_dir)
                 results.append(StageResult(stage_dir.read_meta()["summary"]))
                 continue
+            memory_trace.set_stage(stage_plan.stage.name)
             if stage_plan.distils and teacher is None:
-                teacher = load_teacher(ctx)
-                teacher_summary = teacher_summary or summarize_teacher(ctx, teacher, eval_trainer)
-            student = incoming_student(ctx, stage_plan)
+                with memory_trace.phase("load"):
+                    teacher = load_teacher(ctx)
+                if teacher_summary is None:
+                    memory_trace.set_stage("teacher")
+                    with memory_trace.phase("validate"):
+                        teacher_summary = summarize_teacher(ctx, teacher, eval_trainer)
+                    memory_trace.set_stage(stage_plan.stage.name)
+            with memory_trace.phase("load"):
+                student = incoming_student(ctx, stage_plan)
             results.append(run_stage(ctx, stage_plan, stage_dir, student, teacher if stage_plan.distils else None))
         if teacher_summary is None:
             teacher_summary = summarize_teacher(ctx, teacher or load_teacher(ctx), eval_trainer)
+        memory_trace.set_stage(None)  # the last phase's line
 
         summary = {"teacher": teacher_summary, "stages": [r.summary for r in results],
                    "final_dir": str(run_dir.final_dir)}
@@ -214,6 +223,7 @@ def run_stage(ctx: RunContext, stage_plan: StagePlan, stage_dir: StageDir, stude
         # Ctrl-C / SIGTERM: finish the step, write last.ckpt, print the resume command, exit 130 / 143
         CheckpointOnSignal(str(stage_dir.last_checkpoint), ctx.resume_command),
         StudentConfigWriter(stage_dir),  # <stage_dir>/config.json: a sharded checkpoint's architecture
+        MemoryPhases(),  # SLIMMOE_MEMORY_TRACE: the measured memory of the KD steps and validations (memory_trace.py)
         *([first_validation] if first_validation is not None else []),
     ]
     cache_callback = None  # KD stages with `teacher_cache:` build it (first one) and read their targets from it
@@ -245,6 +255,11 @@ def run_stage(ctx: RunContext, stage_plan: StagePlan, stage_dir: StageDir, stude
     first_validation_s = first_validation.seconds if first_validation is not None else 0.0
     if trainer.interrupted:
         raise KeyboardInterrupt(f"[{stage.name}] interrupted; continue with --resume true")
+    # The fit is over and its last checkpoint written: the optimizer state (two moments per weight) and the last
+    # step's gradients are dead weight for the validation and the export below (memory.py plans them without).
+    trainer.strategy.optimizers, trainer.strategy.lr_scheduler_configs = [], []
+    module.student.zero_grad(set_to_none=True)
+    memory_trace.release_freed_memory()
     # The stage's result (summary.json) is a validation of the weights the fit's last step left. Lightning would log
     # this stand-alone validation one step late, on the next stage's first step, where that stage's first point
     # goes; so it is logged here, at the last step, unless the fit validated there already (the same numbers) or
@@ -254,33 +269,36 @@ def run_stage(ctx: RunContext, stage_plan: StagePlan, stage_dir: StageDir, stude
     if span.steps % val_every and start_step < span.steps:
         ctx.logger.log_metrics({k: v for k, v in metrics.items() if k.startswith("val/")}, step=span.steps - 1)
         ctx.logger.save()
-    sharded = is_sharded(module.student)
-    if is_fsdp1_sharded(module.student):  # collective: rank 0 gets a plain copy, gathered unit by unit
-        student = gather_fsdp1_model(module.student)
-    else:
-        student = None if sharded else module.student.to("cpu")
-    counts = count_params(module.student)
-    meta = stage_dir.read_meta()
-    summary = {
-        "name": stage.name, "model_type": module.student.config.model_type, **widths_of(module.student.config),
-        "total_params": counts.total, "active_params": counts.active,
-        "tokens": tokens, "val_loss": metrics["val/loss"], "val_ppl": metrics["val/ppl"],
-        "teacher_top1_agreement": metrics.get("val/teacher_agreement"),
-        "tokens_per_s": (round(tokens / max(fit_s - build_s - first_validation_s, 1e-9), 1)
-                         if ckpt_path is None else None),
-        "wall_s": round(time.time() - started + meta.get("scoring_s", 0.0), 3),
-        "kept_index_hash": meta.get("kept_index_hash"), "criterion": stage.criterion if stage.prunes else None,
-    }
-    extra_files = {TRAINING_FILE: training_file_text(ctx.plan.seq_len, stage.name)}  # eval's default window
-    if sharded:  # collective, streamed tensor by tensor: no rank gathers the whole student
-        export_sharded_hf(module.student, stage_dir.hf, tokenizer=ctx.tokenizer, extra_files=extra_files)
-    if trainer.global_rank == 0:
-        if not sharded:
-            export_hf(student, stage_dir.hf, tokenizer=ctx.tokenizer, probe_ids=ctx.probe_ids, extra_files=extra_files)
-        stage_dir.record_complete(widths=widths_of(module.student.config), steps=span.steps, tokens=tokens,
-                                  fit_s=round(fit_s, 3), summary=summary, teacher_cache_build_s=round(build_s, 3),
-                                  **({"resumed_with_data_change": list(ctx.data_change)} if ctx.data_change else {}))
-        keep_one_checkpoint(stage_dir)  # only now: hf/ is verified and meta.json says complete
+    with memory_trace.phase("export"):  # gathering or streaming the student, writing and reload-checking hf/
+        sharded = is_sharded(module.student)
+        if is_fsdp1_sharded(module.student):  # collective: rank 0 gets a plain copy, gathered unit by unit
+            student = gather_fsdp1_model(module.student)
+        else:
+            student = None if sharded else module.student.to("cpu")
+        counts = count_params(module.student)
+        meta = stage_dir.read_meta()
+        summary = {
+            "name": stage.name, "model_type": module.student.config.model_type, **widths_of(module.student.config),
+            "total_params": counts.total, "active_params": counts.active,
+            "tokens": tokens, "val_loss": metrics["val/loss"], "val_ppl": metrics["val/ppl"],
+            "teacher_top1_agreement": metrics.get("val/teacher_agreement"),
+            "tokens_per_s": (round(tokens / max(fit_s - build_s - first_validation_s, 1e-9), 1)
+                             if ckpt_path is None else None),
+            "wall_s": round(time.time() - started + meta.get("scoring_s", 0.0), 3),
+            "kept_index_hash": meta.get("kept_index_hash"), "criterion": stage.criterion if stage.prunes else None,
+        }
+        extra_files = {TRAINING_FILE: training_file_text(ctx.plan.seq_len, stage.name)}  # eval's default window
+        if sharded:  # collective, streamed tensor by tensor: no rank gathers the whole student
+            export_sharded_hf(module.student, stage_dir.hf, tokenizer=ctx.tokenizer, extra_files=extra_files)
+        if trainer.global_rank == 0:
+            if not sharded:
+                export_hf(student, stage_dir.hf, tokenizer=ctx.tokenizer, probe_ids=ctx.probe_ids,
+                          extra_files=extra_files)
+            changed = {"resumed_with_data_change": list(ctx.data_change)} if ctx.data_change else {}
+            stage_dir.record_complete(widths=widths_of(module.student.config), steps=span.steps, tokens=tokens,
+                                      fit_s=round(fit_s, 3), summary=summary, teacher_cache_build_s=round(build_s, 3),
+                                      **changed)
+            keep_one_checkpoint(stage_dir)  # only now: hf/ is verified and meta.json says complete
     trainer.strategy.barrier()
     rank_zero_info(f"[{stage.name}] done: val ppl {summary['val_ppl']:.3f}, "
                    f"{counts.total:,} params ({counts.active:,} active)")

@@ -23,7 +23,7 @@ from lightning_slimmoe.dequantize import (Fp8Blocks, Mxfp4Experts, UnsupportedQu
                                           checkpoint_mxfp4, hub_quantization, without_quantization)
 from lightning_slimmoe.errors import InputNotFoundError
 from lightning_slimmoe.families import UnsupportedModelError, get_family
-from lightning_slimmoe.loading import materialize_, meta_model
+from lightning_slimmoe.loading import materialize_, meta_model, own_mapped_tensors_
 from lightning_slimmoe.storage import model_weights_problem
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -147,8 +147,10 @@ def load_model(source: str, dtype: torch.dtype, trust_remote_code: bool = False,
         model = meta_model(source, dtype, trust_remote_code=trust_remote_code)
         materialize_(model, "cpu")
         return model.eval()
-    return AutoModelForCausalLM.from_pretrained(source, dtype=dtype, trust_remote_code=trust_remote_code,
-                                                use_safetensors=True)
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, trust_remote_code=trust_remote_code,
+                                                 use_safetensors=True)
+    own_mapped_tensors_(model)  # no checkpoint pages stay resident for the run (loading.py)
+    return model
 
 
 def tokenizer_signature(tokenizer) -> dict:
