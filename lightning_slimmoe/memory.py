@@ -26,7 +26,8 @@ Phases of a stage, and what each holds per rank (``P`` parameters, ``/S`` sharde
   the output head, the unsharded gradient of one layer; every student layer where parameters stay gathered from
   forward to backward), the activations at ``batch_size x seq_len`` tokens (with per-layer checkpointing — FSDP2
   and FSDP1 only — each layer's input plus one layer's recompute; without it every layer's saved tensors), and
-  three fp32 ``[kd.chunk_tokens, V]`` blocks of the KD loss. With ``teacher_cache`` no teacher forward runs in a
+  three fp32 ``[kd.chunk_tokens, V]`` blocks of the KD loss and its fp32 ``[V, H]`` head-gradient accumulator (with
+  its cast to the weights' dtype). With ``teacher_cache`` no teacher forward runs in a
   KD step, but the teacher stays loaded (validation, scoring and agreement run it).
 * ``validate`` — forward only at ``val_batch_size``; the optimizer state is still held (validation inside the fit).
 * ``export`` — after the fit, whose optimizer state and gradients are freed (pipeline.run_stage). FSDP2 gathers one
@@ -516,6 +517,9 @@ def stage_memory(x: MemoryInputs, k: int) -> StageMemory:
     train["activations"] = max(saved_activations(s_out, tokens, ac_train),
                                forward_working_set(t, tokens) if live_teacher else 0.0)
     train["kd_logits"] = kd_blocks(tokens, 3)
+    # The fused KD head accumulates the [V, H] weight gradient in fp32 over the chunks, then casts it to the weights'
+    # dtype (distill.py): the whole head, gathered under FSDP too (bench/memory.py measured it in every KD step).
+    train["head_grad"] = s_out.vocab * s_out.hidden * (4 + (sb if sb != 4 else 0))
     phases["train"] = train
     # --- validate -------------------------------------------------------------------------------------
     tokens = x.val_batch_size * x.seq_len

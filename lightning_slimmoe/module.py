@@ -276,6 +276,7 @@ class StageModule(pl.LightningModule):
 
     def validation_step(self, batch, batch_idx):
         out = self.forward_loss(batch)
+        reshard_head(self.student)  # FSDP2: no backward frees the gathered head here (0.58 GiB for Qwen3's vocab)
         self.val_lm_loss.update(out.lm_loss, weight=out.num_tokens)
         if self.teacher is not None:
             self.val_kd_loss.update(out.kd_loss, weight=out.num_tokens)
