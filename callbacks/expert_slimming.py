@@ -54,10 +54,9 @@ class ExpertSlimming(Callback):
     def setup(self, trainer, pl_module, stage: str) -> None:
         if stage != "fit" or not self.stage.prunes:
             return
-        student = pl_module.student
         # Under ModelParallelStrategy the pipeline hands over the student on the meta device, its weights still
         # on disk (loading.py): it is scored sharded and the slice is applied while loading, never in memory.
-        pending = pending_load(student)
+        pending = pending_load(pl_module.student)
         # One decision for all ranks (rank 0 may already have written keep.pt when another rank looks).
         if trainer.strategy.broadcast(self.stage_dir.has_keep()):
             self._reapply(pl_module, pending)
@@ -65,9 +64,12 @@ class ExpertSlimming(Callback):
                 self._log_histograms(trainer, ImportanceScores.load(str(self.stage_dir.scores_file)))
             return
         with memory_trace.phase("score"):  # the loads inside (configure_model) mark themselves "load"
-            self._score_and_slice(trainer, pl_module, student, pending)
+            self._score_and_slice(trainer, pl_module, pending)
 
-    def _score_and_slice(self, trainer, pl_module, student, pending: PendingLoad | None) -> None:
+    def _score_and_slice(self, trainer, pl_module, pending: PendingLoad | None) -> None:
+        """Score the incoming student, select the kept indices and slice (FSDP2: load the sliced one). The unsliced
+        student is referenced from here only (``student``), so that it is freed before its sliced successor loads."""
+        student = pl_module.student
         started = time.time()
         target = resolve_target(student.config, expert_width=self.stage.expert_width,
                                 attention_groups=self.stage.attention_groups,
