@@ -126,7 +126,7 @@ def write_safetensors(path: Path, entries: list, gen: torch.Generator, rows_per_
     of ``rows_per_piece`` rows: the writer holds one piece at a time. Returns the bytes written."""
     header, offset = {"__metadata__": {"format": "pt"}}, 0
     for key, dtype, shape, _ in entries:
-        size = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        size = math.prod(shape) * dtype.itemsize
         header[key] = {"dtype": DTYPE_CODES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
         offset += size
     text = json.dumps(header, separators=(",", ":")).encode()
@@ -156,7 +156,7 @@ def write_checkpoint(directory: Path, config: dict, corpus: str, seed: int = 0, 
     directory.mkdir(parents=True, exist_ok=True)
     shards, current, size = [], [], 0
     for entry in entries:
-        nbytes = math.prod(entry[2]) * torch.empty((), dtype=entry[1]).element_size()
+        nbytes = math.prod(entry[2]) * entry[1].itemsize
         if current and size + nbytes > SHARD_BYTES:
             shards.append(current)
             current, size = [], 0
@@ -218,7 +218,8 @@ def planned(recipe_path: Path) -> dict:
 
 
 def run_train(recipe_path: Path, ranks: int, trace_dir: Path, log: Path) -> dict:
-    env = {**os.environ, "SLIMMOE_MEMORY_TRACE": str(trace_dir), "OMP_NUM_THREADS": str(max(1, os.cpu_count() // ranks))}
+    threads = str(max(1, os.cpu_count() // ranks))
+    env = {**os.environ, "SLIMMOE_MEMORY_TRACE": str(trace_dir), "OMP_NUM_THREADS": threads}
     if ranks == 1:
         cmd = [sys.executable, "train.py", "--config", str(recipe_path)]
     else:
@@ -247,7 +248,8 @@ def read_trace(trace_dir: Path, ranks: int) -> list[dict]:
             p["seconds"] += r["seconds"]
         teacher_val = [r for r in lines if r["stage"] == "teacher"]
         result.append({"rank": rank, "baseline_rss_gib": baseline, "phases": phases,
-                       "teacher_validation": {"peak_rss_gib": max((r["peak_rss_gib"] for r in teacher_val), default=None),
+                       "teacher_validation": {"peak_rss_gib": max((r["peak_rss_gib"] for r in teacher_val),
+                                                                  default=None),
                                               "seconds": sum(r["seconds"] for r in teacher_val)},
                        "last_phase": lines[-1]["phase"] if lines else None})
     return result
@@ -308,7 +310,8 @@ def compare(plan: dict, trace: list[dict]) -> list[dict]:
                 continue
             net = got["peak_rss_gib"] - (rank["baseline_rss_gib"] or 0.0)
             rows.append({"rank": rank["rank"], "phase": phase, "planned_gib": want,
-                         "measured_peak_rss_gib": round(got["peak_rss_gib"], 3), "measured_over_baseline_gib": round(net, 3),
+                         "measured_peak_rss_gib": round(got["peak_rss_gib"], 3),
+                         "measured_over_baseline_gib": round(net, 3),
                          "ratio": round(net / want, 3) if want else None, "seconds": round(got["seconds"], 2)})
     return rows
 
@@ -319,15 +322,16 @@ def summarize(report: dict) -> dict:
     disk."""
     runs = [r for r in report["runs"] if r["rc"] == 0]
     ratios = [row["ratio"] for r in runs for row in r["rows"] if row["ratio"] is not None]
-    whole = {(r["config"], r["layers"]): max(t["phases"][p]["peak_rss_gib"] for t in r["trace"] for p in t["phases"])
-             for r in runs if r["ranks"] == 1}
+    def peak(run: dict) -> float:  # the largest peak RSS of any rank in any phase
+        return max(t["phases"][p]["peak_rss_gib"] for t in run["trace"] for p in t["phases"])
+
+    whole = {(r["config"], r["layers"]): peak(r) for r in runs if r["ranks"] == 1}
     sharded = []
     for r in runs:
         if r["ranks"] > 1 and (r["config"], r["layers"]) in whole:
-            peak = max(t["phases"][p]["peak_rss_gib"] for t in r["trace"] for p in t["phases"])
-            sharded.append({"config": r["config"], "layers": r["layers"], "ranks": r["ranks"], "rank_peak_gib": peak,
-                            "whole_peak_gib": whole[(r["config"], r["layers"])],
-                            "ratio": round(peak / whole[(r["config"], r["layers"])], 3)})
+            one = whole[(r["config"], r["layers"])]
+            sharded.append({"config": r["config"], "layers": r["layers"], "ranks": r["ranks"], "rank_peak_gib": peak(r),
+                            "whole_peak_gib": one, "ratio": round(peak(r) / one, 3)})
     by_l = {}
     for r in runs:
         for row in r["rows"]:
@@ -346,7 +350,8 @@ def summarize(report: dict) -> dict:
         if "export" in t0 and r["export_bytes"]:
             io.append({"config": r["config"], "layers": r["layers"], "ranks": r["ranks"], "phase": "export",
                        "gib_per_s": round(r["export_bytes"] / GiB / t0["export"]["seconds"], 3),
-                       "of_disk_write": round(r["export_bytes"] / GiB / t0["export"]["seconds"] / disk["write_gib_per_s"], 3)})
+                       "of_disk_write": round(r["export_bytes"] / GiB / t0["export"]["seconds"]
+                                              / disk["write_gib_per_s"], 3)})
     return {"runs_ok": len(runs), "runs_failed": [f"{r['config']}-L{r['layers']}-r{r['ranks']}: rc {r['rc']}"
                                                   for r in report["runs"] if r["rc"] != 0],
             "ratio_min": min(ratios, default=None), "ratio_max": max(ratios, default=None),
@@ -422,7 +427,7 @@ def main(argv=None) -> int:
                 outcome = run_train(path, ranks, work / "trace", work / "train.log")
                 trace = read_trace(work / "trace", ranks)
                 export_dir = work / "run" / "stage_0_width50" / "hf"
-                export_bytes = sum(p.stat().st_size for p in export_dir.glob("*.safetensors")) if export_dir.exists() else 0
+                export_bytes = sum(p.stat().st_size for p in export_dir.glob("*.safetensors"))  # none if it failed
                 run = {"config": name, "layers": layers, "ranks": ranks, "checkpoint": written, **outcome,
                        "load_avg_before": load_before, "load_avg_after": os.getloadavg(), "plan": plan,
                        "trace": trace, "rows": compare(plan, trace), "export_bytes": export_bytes}

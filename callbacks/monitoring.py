@@ -103,8 +103,8 @@ class TokenThroughput(Callback):
 
 
 class MemoryPhases(Callback):
-    """Marks the KD steps ``train`` and every validation pass ``validate`` in the memory trace (``SLIMMOE_MEMORY_TRACE``,
-    memory_trace.py); does nothing when it is off."""
+    """Marks the KD steps ``train`` and every validation pass ``validate`` in the memory trace
+    (``SLIMMOE_MEMORY_TRACE``, memory_trace.py); does nothing when it is off."""
 
     def __init__(self) -> None:
         self._outer = None  # the phase a validation pass interrupted (train, or none before the first step)

@@ -22,7 +22,6 @@ without recalibrating; a file from another model or shape is refused.
 from __future__ import annotations
 
 import math
-
 import os
 import zlib
 from dataclasses import dataclass, field, replace

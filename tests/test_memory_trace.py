@@ -38,7 +38,8 @@ def test_nested_phases_resume_the_outer_one_and_record_peak_and_seconds(trace_di
         del held
     memory_trace.set_stage(None)
     got = lines(trace_dir / "rank0.jsonl")
-    assert [(r["stage"], r["phase"]) for r in got] == [(None, "baseline"), ("s", "score"), ("s", "load"), ("s", "score")]
+    assert [(r["stage"], r["phase"]) for r in got] == [(None, "baseline"), ("s", "score"), ("s", "load"),
+                                                       ("s", "score")]
     load = got[2]
     assert load["peak_rss_gib"] - load["start_rss_gib"] >= 60 / 1024  # the 64 MiB, seen by the sampler or at exit
     assert all(r["seconds"] >= 0 and r["peak_rss_gib"] >= r["start_rss_gib"] for r in got)
